@@ -1,0 +1,35 @@
+# ConvNeXt-Tiny fine-tuned from ImageNet on CheXpert (the seeds' recipe: AdamW, warmup + cosine,
+# BCE, selection on validation macro AUC).
+# Hardware: 4 GPUs (A100/H100 class), bf16. Time: not measured here (no GPU in the session that wrote it).
+# Expected: CheXpert 5-task (Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion) mean AUC
+#   ~0.90 on the official validation set (Irvin et al. 2019 report 0.907 for their best single-policy model).
+# Prepare first:
+#   python data.py --dataset=chexpert --root=/data/CheXpert-v1.0-small --out_dir=data/chexpert --image_size=256 \
+#       --uncertain_policy=ones --views=frontal
+# Run:
+#   torchrun --standalone --nproc_per_node=4 train.py config/convnext_chexpert.py
+out_dir = "out/convnext_chexpert"
+data_dir = "data/chexpert"
+dataset = "chexpert"
+model = "convnext_tiny"
+image_size = 256
+in_chans = 1  # ImageNet RGB stem summed to one channel at load time
+init_from = "pretrained"
+pretrained_path = "torchvision:ConvNeXt_Tiny_Weights.IMAGENET1K_V1"
+norm = "imagenet"
+drop_path = 0.1
+batch_size = 32  # per GPU
+gradient_accumulation_steps = 4  # global: 4 GPUs x 1 -> global batch 128
+max_iters = 6000  # ~3.5 epochs of the 191k frontal training images at batch 128
+lr_decay_iters = 6000
+warmup_iters = 300
+learning_rate = 2e-4
+min_lr = 2e-6
+layer_decay = 0.8
+weight_decay = 0.05
+loss = "bce"
+eval_interval = 500
+select_metric = "auc_macro"
+ema_decay = 0.9998
+compile = True
+channels_last = True

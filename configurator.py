@@ -1,0 +1,86 @@
+"""
+nanoGPT's command line, as an importable function.
+
+    python train.py config/convnext_chexpert.py --batch_size=32 --compile=False
+
+`load(defaults, argv)` applies, in order: each config file (a plain Python file, run in its own
+namespace; its module-level names become overrides), then each `--key=value`. Every key must
+already exist in `defaults` and keep its type (an int may become a float; bools take
+True/False/true/false/1/0). A mistake is an error that names the key and the closest valid ones.
+
+Scripts call it as `cfg = configurator.load(defaults, argv)` where `defaults` is the dict of their
+module-level knobs, then read everything from `cfg`.
+"""
+
+import ast
+import difflib
+import os
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _closest(key, valid):
+    near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(near)}?" if near else ""
+
+
+def _coerce(key, value, default, source):
+    """Return `value` converted to the type of `default`, or raise naming the key."""
+    if default is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(value, type(default)):
+        return value
+    elif isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    elif isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(default)(value)
+    raise ConfigError(f"{source}: {key} expects {type(default).__name__} (default {default!r}), "
+                      f"got {type(value).__name__} {value!r}")
+
+
+def _parse_literal(text, default):
+    if isinstance(default, bool) and text.lower() in ("true", "false", "1", "0"):
+        return text.lower() in ("true", "1")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word is a string; _coerce reports a mismatch with the key's name
+    return text if isinstance(default, str) and not isinstance(value, str) else value
+
+
+def load(defaults, argv=None):
+    """Return a new dict: `defaults` updated by config files and --key=value arguments in argv."""
+    cfg = dict(defaults)
+    valid = sorted(cfg)
+    for arg in (argv or []):
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg!r} not found (config files live in config/, e.g. config/quickstart.py)")
+            ns = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), ns)
+            for key, value in ns.items():
+                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                    continue
+                if key not in cfg:
+                    raise ConfigError(f"{arg}: unknown config key {key!r}.{_closest(key, valid)}")
+                cfg[key] = _coerce(key, value, defaults[key], arg)
+            continue
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r} must look like --key=value")
+        key, text = arg[2:].split("=", 1)
+        if key not in cfg:
+            raise ConfigError(f"unknown config key {key!r}.{_closest(key, valid)} "
+                              f"Valid keys: {', '.join(valid)}")
+        cfg[key] = _coerce(key, _parse_literal(text, defaults[key]), defaults[key], f"--{key}")
+    return cfg
+
+
+def format_config(cfg):
+    width = max(len(k) for k in cfg) if cfg else 0
+    return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in cfg.items())
