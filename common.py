@@ -130,9 +130,22 @@ def grad_norm(parameters):
 # checkpoints: atomic, plain types, loadable with weights_only=True
 
 
+def plain(obj):
+    """numpy scalars/arrays -> Python numbers/lists, recursively, so torch.load(weights_only=True) accepts the file."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
 def save_checkpoint(obj, path):
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
+    torch.save(plain(obj), tmp)
     os.replace(tmp, path)
 
 
@@ -141,7 +154,7 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1]), "python": random.getstate()[1]}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate()[1]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -107,6 +107,10 @@ pos_weight = "none"  # none | auto (negatives/positives per class, from the trai
 mixup_alpha = 0.0  # 0 = off; 0.2-0.4 typical
 augment = True  # on-device random affine / crop / contrast / gamma / noise
 hflip = False  # left-right flips move the heart: off for chest X-rays
+# distillation: a trained train.py checkpoint teaches this model (Hinton et al. 2015)
+teacher_ckpt = ""  # path to a train.py checkpoint, e.g. out/convnext_tiny/best.pt; "" = off
+distill_alpha = 0.5  # loss = (1 - alpha) * task loss + alpha * distillation loss
+distill_temperature = 2.0  # softens teacher and student outputs; the distillation term is scaled by T^2
 # selection
 select_metric = "auc_macro"  # auc_macro | loss | any key of the eval record (acc, f1_macro, ap_macro, ...)
 early_stop_patience = 0  # stop after this many evals without improvement; 0 = off
@@ -154,6 +158,24 @@ def make_loss_fn(cfg, task, pos_w):
         w = cfg["bce_weight"]
         return lambda logits, y: w * masked_bce(logits, y, pos_w) + (1 - w) * masked_focal(logits, y, cfg["focal_alpha"], cfg["focal_gamma"])
     raise ValueError(f"unknown loss {kind!r}: choose auto, bce, focal, bce+focal or ce")
+
+
+def distill_loss(student_logits, teacher_logits, task, T):
+    """Soft BCE against the teacher's tempered sigmoids (multi-label), KL to its tempered softmax (multi-class)."""
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(student_logits / T, torch.sigmoid(teacher_logits / T)) * T * T
+    return F.kl_div(F.log_softmax(student_logits / T, 1), F.log_softmax(teacher_logits / T, 1),
+                    reduction="batchmean", log_target=True) * T * T
+
+
+def load_teacher(path, device, classes):
+    ckpt = common.load_checkpoint(path)
+    if ckpt["meta"]["classes"] != classes:
+        raise ValueError(f"teacher {path} was trained on classes {ckpt['meta']['classes']}, this data has {classes}")
+    teacher = models.build_model(**ckpt["model_args"])
+    teacher.load_state_dict(ckpt["model"])
+    teacher.to(device).eval().requires_grad_(False)
+    return teacher, ckpt["meta"]
 
 
 def mixup(x, y, alpha, gen, task, num_classes):
@@ -290,6 +312,12 @@ def _train(cfg, dist, log):
     log.line(f"model: {cfg['model']} | {models.get_num_params(raw) / 1e6:.2f}M params | "
              f"{flops_per_img / 3 / 1e9:.3f} GFLOPs/img forward at {cfg['image_size']}px")
 
+    teacher = None
+    if cfg["teacher_ckpt"]:
+        teacher, teacher_meta = load_teacher(cfg["teacher_ckpt"], dist.device, classes)
+        log.line(f"distilling from {cfg['teacher_ckpt']} ({teacher.model_args['model']}, "
+                 f"alpha {cfg['distill_alpha']}, T {cfg['distill_temperature']})")
+
     # --- optimizer (built over every parameter, then the fine-tune mode freezes some: AdamW skips params without grads)
     mode = cfg["finetune_mode"]
     if mode not in ("full", "linear_probe", "two_stage"):
@@ -348,7 +376,7 @@ def _train(cfg, dist, log):
     # --- the loop
     log.line(f"training {cfg['max_iters']} iterations from iter {iter_num}")
     timer = common.Timer(dist.device)
-    t_start, iters_done = time.time(), 0
+    t_start, iters_done, iters_since = time.time(), 0, 0
     resumed_at = iter_num if cfg["init_from"] == "resume" and iter_num > 0 else -1
     rng_all = None
     while True:
@@ -386,6 +414,8 @@ def _train(cfg, dist, log):
             if master:
                 _tensorboard_eval(log, record, probs, val_split, meta, iter_num)
             rng_all = _gather_rng(dist)
+            timer.lap()  # the step timing below excludes evaluation
+            iters_since = 0
             if master and not cfg["eval_only"]:
                 save("ckpt.pt", iter_num)
                 if improved:
@@ -413,18 +443,28 @@ def _train(cfg, dist, log):
             sync = k == len(micro) - 1
             ctx = net.no_sync() if dist.ddp and not sync else contextlib.nullcontext()
             with ctx:
-                x = data.to_float(x, meta["mean"], meta["std"], cfg["in_chans"], cfg["norm"] == "imagenet")
-                gen = torch.Generator(device=x.device)
+                # augmentation on [0, 1] pixels, a pure function of (seed, iter, rank, micro-step); then normalize
+                x01 = x.float() / 255.0
+                gen = torch.Generator(device=x01.device)
                 gen.manual_seed(((cfg["seed"] * 1_000_003 + iter_num) * 1009 + dist.rank) * 131 + k)
                 if cfg["augment"]:
-                    x = data.augment(x, gen, hflip=cfg["hflip"])
+                    x01 = data.augment(x01, gen, hflip=cfg["hflip"])
                 if cfg["mixup_alpha"] > 0:
-                    x, y = mixup(x, y, cfg["mixup_alpha"], gen, task, len(classes))
+                    x01, y = mixup(x01, y, cfg["mixup_alpha"], gen, task, len(classes))
+                x = data.to_float(x01, meta["mean"], meta["std"], cfg["in_chans"], cfg["norm"] == "imagenet")
                 if cfg["channels_last"]:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with common.autocast(dist.device, cfg["dtype"]):
                     logits = net(x)
-                loss = loss_fn(logits.float(), y) / len(micro)
+                loss = loss_fn(logits.float(), y)
+                if teacher is not None:
+                    xt = data.to_float(x01, teacher_meta["mean"], teacher_meta["std"], teacher.model_args["in_chans"],
+                                       teacher_meta["imagenet_norm"])
+                    with torch.no_grad(), common.autocast(dist.device, cfg["dtype"]):
+                        t_logits = teacher(xt)
+                    a = cfg["distill_alpha"]
+                    loss = (1 - a) * loss + a * distill_loss(logits.float(), t_logits.float(), task, cfg["distill_temperature"])
+                loss = loss / len(micro)
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
         if not torch.isfinite(loss_sum).all():
@@ -448,8 +488,10 @@ def _train(cfg, dist, log):
         # log
         iter_num += 1
         iters_done += 1
+        iters_since += 1
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
-            dt = timer.lap() / cfg["log_interval"] if iters_done > 1 else timer.lap()
+            dt = timer.lap() / iters_since
+            iters_since = 0
             loss_val = float(common.all_reduce_mean(loss_sum.reshape(1), dist)[0])
             img_s = global_batch / dt
             mfu = "-" if peak is None else f"{100 * flops_per_img * img_s / (peak * dist.world_size):.1f}%"
@@ -503,7 +545,7 @@ def _tensorboard_eval(log, record, probs, split, meta, it):
                 log.tb.add_pr_curve(f"pr/{c}", labels[known, j].astype(bool), probs[known, j].numpy(), it)
     # a grid of the first 16 validation images, captioned with true and top predicted findings
     n = min(16, len(split))
-    imgs = torch.as_tensor(np.asarray(split.images[:n])).unsqueeze(1)
+    imgs = torch.from_numpy(np.array(split.images[:n])).unsqueeze(1)
     log.tb.add_images("val/images", imgs, it, dataformats="NCHW")
     lines = []
     for i in range(n):

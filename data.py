@@ -1,0 +1,709 @@
+"""
+Datasets for nanorad: read the real formats, prepare them once into uint8 memmaps, and feed
+training with batches that are a pure function of (seed, step).
+
+    python data.py --dataset=phantom                                   # 12,000 generated 64px images, seconds
+    python data.py --dataset=chexpert --root=/data/CheXpert-v1.0-small --views=frontal --image_size=256
+    python data.py --dataset=nih --root=/data/nih --views=PA,AP        # Data_Entry_2017*.csv + images*/
+    python data.py --dataset=vinbigdata --root=/data/vinbigdata --binary=True
+    python data.py --dataset=folder --root=/data/lung9 --patient_pattern='-(\\d+)-'  # root/<class>/*.png
+    python data.py --dataset=covidx --root=/data/covidx                # train.txt / test.txt + train/ test/
+    python data.py --dataset=roco --root=/data/roco-dataset/data       # {train,validation,test}/radiology/
+    python data.py --bench --image_size=224 --batch_size=64            # memmap loader vs torchvision+PIL
+
+Writes out_dir (default data/<dataset>): meta.json, {split}_images.u8 (N x H x W uint8),
+{split}_labels.npy, {split}_index.csv for split in train/val/test (layout: CONTRACT.md).
+Splits are patient-level (asserted disjoint) and stratified by label. Decoding uses every core;
+a killed prepare resumes where it stopped when rerun with the same arguments, and meta.json is
+written last, so a folder without it is never read. A folder prepared from other inputs (another
+CSV, other knobs) is refused unless --overwrite=True, which re-prepares it.
+"""
+
+import csv
+import functools
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from readers import (CHEXPERT_CLASSES, IMAGE_EXTS, NIH_CLASSES, READER_KNOBS, Source, _record,  # noqa: F401
+                     decode_image, load_gray, read_chexpert, read_covidx, read_dataset, read_folder,
+                     read_nih, read_phantom, read_roco, read_vinbigdata, resize_square)
+
+# -----------------------------------------------------------------------------
+# config: python data.py --key=value overrides these (configurator.load)
+
+DEFAULTS = dict(
+    dataset="phantom",         # phantom | chexpert | nih | vinbigdata | folder | covidx | roco
+    root="",                   # raw dataset folder (chexpert/nih/vinbigdata also accept the csv itself)
+    out_dir="",                # "" -> data/<dataset>
+    image_size=0,              # output side in pixels; 0 -> 64 for phantom, 256 for real data, 224 for --bench
+    resize_mode="pad",         # pad: whole image, black borders | center_crop: fill the square, cut the long side
+    val_frac=0.15,             # fraction of patients (pooled images) for val, unless the dataset ships a val split
+    test_frac=0.15,            # same for test
+    seed=0,                    # split seed (and phantom seed)
+    official_split=True,       # use the dataset's own split (CheXpert valid.csv, NIH test_list.txt, COVIDx test.txt, ...)
+    uncertain_policy="ignore", # CheXpert -1: ignore (NaN, masked) | zeros | ones  (U-Ignore/U-Zeros/U-Ones, Irvin et al. 2019)
+    blank_policy="zeros",      # CheXpert empty cell: zeros (the paper: not mentioned = negative) | ignore (NaN, torchxrayvision)
+    views="all",               # chexpert/nih: all | frontal | lateral | AP | PA | comma list, e.g. AP,PA
+    binary=False,              # vinbigdata: one 'Abnormal' label instead of 14 findings + No finding
+    patient_pattern="",        # folder: regex on the file stem; group 1 (or the match) is the patient id; "" -> stem
+    n_images=12000,            # phantom: number of generated images
+    on_bad_image="error",      # error: stop naming the file | skip: drop it from its split, count it, list it in meta.json
+    overwrite=False,           # re-prepare an out_dir that was prepared from other inputs
+    num_workers=0,             # decode processes; 0 -> all cores
+    chunk_size=256,            # images per work unit = per checkpoint of a resumable prepare
+    bench=False,               # run the loader benchmark instead of preparing
+    batch_size=64,             # --bench batch size
+    _stop_after_chunks=0,      # test hook: stop (as if killed) after this many chunks
+)
+
+SPLITS = ("train", "val", "test")
+INDEX_COLUMNS = ["row", "path", "patient_id", "study_id", "view", "age", "sex", "text", "indication"]
+COMMON_KNOBS = ["dataset", "image_size", "resize_mode", "val_frac", "test_frac", "seed", "on_bad_image"]
+
+# -----------------------------------------------------------------------------
+# patient-level split, stratified by label
+
+
+def split_patients(records, labels, task, val_frac, test_frac, seed=0):
+    """-> {split: sorted row indices}. The dataset's own split hints are kept; the remaining pool of patients
+    is dealt greedily, rarest label first, to the split that most lacks that label (iterative stratification,
+    Sechidis et al. 2011, applied to whole patients), so every patient lands in exactly one split."""
+    n = len(records)
+    if n == 0:
+        return {s: np.zeros(0, np.int64) for s in SPLITS}
+    pids, inv = np.unique(np.array([r["patient_id"] for r in records], dtype=object).astype(str), return_inverse=True)
+    hints = np.array([SPLITS.index(r["split"]) if r["split"] else -1 for r in records])
+    forced = np.full(len(pids), -1)
+    for p, h in zip(inv[hints >= 0], hints[hints >= 0]):
+        if forced[p] not in (-1, h):
+            raise ValueError(f"patient {pids[p]} is in both the {SPLITS[forced[p]]} and {SPLITS[h]} split files of "
+                             f"the dataset; patients must not cross splits: rerun with --official_split=False")
+        forced[p] = h
+    has_hinted = set(hints[hints >= 0].tolist())
+    fracs = np.array([0.0, 0.0 if 1 in has_hinted else val_frac, 0.0 if 2 in has_hinted else test_frac])
+    fracs[0] = 1.0 - fracs[1:].sum()
+    assert fracs[0] >= 0, f"val_frac + test_frac = {fracs[1:].sum()} must be <= 1"
+
+    if task == "multiclass":
+        pos = np.eye(int(labels.max()) + 1)[labels]  # one-hot, so classes stratify like labels
+    else:
+        pos = (labels == 1).astype(np.float64)  # NaN (unknown) counts as not positive
+    C = pos.shape[1]
+    P = np.zeros((len(pids), C))
+    for c in range(C):
+        P[:, c] = np.bincount(inv, weights=pos[:, c], minlength=len(pids))
+    size = np.bincount(inv, minlength=len(pids)).astype(np.float64)
+
+    pool = np.flatnonzero(forced < 0)
+    rng = np.random.default_rng(seed)
+    pool = pool[rng.permutation(len(pool))]
+    total = P[pool].sum(0)
+    rank_of = np.argsort(np.argsort(np.where(total > 0, total, np.inf), kind="stable"), kind="stable")
+    rarest = np.full(len(pids), -1)
+    key = np.full(len(pids), np.inf)
+    if C:
+        has = P > 0
+        r = np.where(has, rank_of[None, :], C + 1).argmin(1)
+        rarest = np.where(has.any(1), r, -1)
+        key = np.where(rarest >= 0, total[np.maximum(rarest, 0)], np.inf)
+    pool = pool[np.argsort(key[pool], kind="stable")]
+    need_pos = (fracs[:, None] * total[None, :]).tolist()
+    need_n = (fracs * size[pool].sum()).tolist()
+    active = [s for s in range(3) if fracs[s] > 0]
+    assign = forced.copy()
+    for p in pool.tolist():
+        c = rarest[p]
+        s = max(active, key=(lambda s: (need_pos[s][c], need_n[s])) if c >= 0 else (lambda s: need_n[s]))
+        assign[p] = s
+        need_n[s] -= size[p]
+        for c2 in np.flatnonzero(P[p]).tolist():
+            need_pos[s][c2] -= P[p, c2]
+    row_split = assign[inv]
+    out = {name: np.flatnonzero(row_split == s).astype(np.int64) for s, name in enumerate(SPLITS)}
+    assert_patients_disjoint(records, out)
+    return out
+
+
+def assert_patients_disjoint(records, split_rows):
+    seen = {s: {records[i]["patient_id"] for i in rows} for s, rows in split_rows.items()}
+    names = list(seen)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = seen[a] & seen[b]
+            assert not both, f"patients in both {a} and {b}: {sorted(both)[:5]}"
+
+
+# -----------------------------------------------------------------------------
+# the prepared layout: writing, meta.json, reading
+
+
+def _atomic_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _pos_counts(labels, task, classes):
+    if task == "multiclass":
+        counts = np.bincount(labels, minlength=len(classes)) if len(labels) else np.zeros(len(classes), int)
+        return {c: int(counts[j]) for j, c in enumerate(classes)}
+    return {c: int((labels[:, j] == 1).sum()) for j, c in enumerate(classes)}
+
+
+def _pixel_sums(images):
+    """Exact integer sums (sum, sum of squares, count of pixels) so that mean/std do not depend on chunking."""
+    s = ss = 0
+    for i in range(0, len(images), 256):
+        a = np.asarray(images[i:i + 256])
+        s += int(a.sum(dtype=np.uint64))
+        ss += int((a.astype(np.uint32) ** 2).sum(dtype=np.uint64))
+    return s, ss, int(np.prod(images.shape))
+
+
+def _mean_std(s, ss, n):
+    if n == 0:
+        return 0.5, 0.25
+    mean = s / n
+    return mean / 255.0, math.sqrt(max(ss / n - mean * mean, 0.0)) / 255.0
+
+
+def _write_tables(out, split, labels, records):
+    tmp = out / f"{split}_labels.npy.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, labels)
+    os.replace(tmp, out / f"{split}_labels.npy")
+    tmp = out / f"{split}_index.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(INDEX_COLUMNS)
+        for i, r in enumerate(records):
+            w.writerow([i] + [r.get(k, "") for k in INDEX_COLUMNS[1:]])
+    os.replace(tmp, out / f"{split}_index.csv")
+
+
+def _finish_meta(out, meta, split_labels, pixel_sums):
+    """Fill the derived fields, then write meta.json atomically: its presence marks a finished folder."""
+    meta = dict(meta)
+    meta.setdefault("name", Path(out).name)
+    meta["splits"] = {s: int(len(y)) for s, y in split_labels.items()}
+    meta["pos_counts"] = {s: _pos_counts(y, meta["task"], meta["classes"]) for s, y in split_labels.items()}
+    meta["mean"], meta["std"] = _mean_std(*pixel_sums)
+    meta.setdefault("bad_images", [])
+    meta["index_columns"] = INDEX_COLUMNS
+    meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    _atomic_json(Path(out) / "meta.json", meta)
+    return meta
+
+
+def write_prepared(out_dir, splits, meta):
+    """splits: {name: (images (N,H,W) uint8, labels, records)}; meta needs task, classes (+ anything else).
+    Every file goes through tmp + os.replace and meta.json comes last."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
+    sizes = {images.shape[1:] for images, _, _ in splits.values()}
+    assert len(sizes) == 1 and sizes.pop()[0] > 0, "all splits need square images of one size"
+    for name, (images, labels, records) in splits.items():
+        assert images.dtype == np.uint8 and images.ndim == 3 and images.shape[1] == images.shape[2], \
+            f"{name}: images must be (N, S, S) uint8, got {images.dtype} {images.shape}"
+        assert len(images) == len(labels) == len(records), f"{name}: images/labels/records lengths differ"
+        tmp = out / f"{name}_images.u8.tmp"
+        np.ascontiguousarray(images).tofile(tmp)
+        os.replace(tmp, out / f"{name}_images.u8")
+        _write_tables(out, name, labels, records)
+    meta = dict(meta, image_size=int(next(iter(splits.values()))[0].shape[1]))
+    train = splits.get("train", next(iter(splits.values())))[0]
+    return _finish_meta(out, meta, {s: v[1] for s, v in splits.items()}, _pixel_sums(train))
+
+
+def load_meta(data_dir):
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        name = Path(data_dir).name
+        cmd = f"python data.py --dataset={name} --out_dir={data_dir}" if name == "phantom" else \
+            f"python data.py --dataset=<chexpert|nih|...> --root=<raw data> --out_dir={data_dir}"
+        raise FileNotFoundError(f"{path} not found: prepare the data first with `{cmd}` (a folder without "
+                                f"meta.json is an unfinished prepare; rerunning the same command resumes it)")
+    with open(path) as f:
+        return json.load(f)
+
+
+class PreparedSplit:
+    """One split of a prepared folder: .images (N,H,W) uint8 memmap, .labels, .index (list of dicts), .meta."""
+
+    def __init__(self, data_dir, split):
+        self.data_dir, self.split = Path(data_dir), split
+        self.meta = meta = load_meta(data_dir)
+        if split not in meta["splits"]:
+            raise KeyError(f"split {split!r} not in {self.data_dir}/meta.json; splits: {list(meta['splits'])}")
+        n, S = meta["splits"][split], meta["image_size"]
+        path = self.data_dir / f"{split}_images.u8"
+        if os.path.getsize(path) != n * S * S:
+            raise ValueError(f"{path} holds {os.path.getsize(path)} bytes, meta.json says {n}x{S}x{S}: the folder is "
+                             f"damaged; prepare it again with --overwrite=True")
+        self.images = np.memmap(path, np.uint8, "r", shape=(n, S, S)) if n else np.zeros((0, S, S), np.uint8)
+        self.labels = np.load(self.data_dir / f"{split}_labels.npy")
+        assert len(self.labels) == n, f"{split}_labels.npy has {len(self.labels)} rows, meta.json says {n}"
+        self._index = None
+
+    @property
+    def index(self):
+        if self._index is None:
+            with open(self.data_dir / f"{self.split}_index.csv", newline="", encoding="utf-8") as f:
+                self._index = list(csv.DictReader(f))
+        return self._index
+
+    def __len__(self):
+        return len(self.labels)
+
+
+# -----------------------------------------------------------------------------
+# prepare: read -> split -> decode every image once (all cores, resumable) -> write
+
+
+_PREPARED_NAMES = ["meta.json", "prepare_state.json"] + [f"{s}_{x}" for s in SPLITS for x in
+                   ("images.u8", "images.u8.partial", "images.u8.tmp", "labels.npy", "index.csv")]
+
+
+def _clear(out):
+    for name in _PREPARED_NAMES:
+        (out / name).unlink(missing_ok=True)
+
+
+def input_hash(src, cfg):
+    h = hashlib.sha256()
+    h.update(json.dumps({k: cfg[k] for k in COMMON_KNOBS + READER_KNOBS[cfg["dataset"]]}, sort_keys=True).encode())
+    for path in src.hash_files:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    h.update("\n".join(r["path"] for r in src.records).encode())
+    return h.hexdigest()[:16]
+
+
+def _decode_chunk(task):
+    """Worker: decode one chunk of paths straight into the split's partial memmap; return bad files + sums."""
+    cid, partial, start, paths, S, resize_mode, on_bad = task
+    mm = np.memmap(partial, np.uint8, "r+", offset=start * S * S, shape=(len(paths), S, S))
+    bad, s, ss, n = [], 0, 0, 0
+    for j, path in enumerate(paths):
+        try:
+            a = decode_image(path, S, resize_mode)
+        except ImportError as e:  # a missing optional package is never a bad image
+            return cid, "error", (path, str(e))
+        except Exception as e:  # noqa: BLE001 - any decode failure is this file's problem, reported by path
+            if on_bad == "error":
+                return cid, "error", (path, f"{type(e).__name__}: {e}")
+            bad.append([j, path, f"{type(e).__name__}: {e}"])
+            a = np.zeros((S, S), np.uint8)
+        else:
+            s += int(a.sum(dtype=np.uint64))
+            ss += int((a.astype(np.uint32) ** 2).sum(dtype=np.uint64))
+            n += a.size
+        mm[j] = a
+    mm.flush()
+    del mm
+    return cid, "ok", dict(bad=bad, s=s, ss=ss, n=n)
+
+
+def _decode_all(out, src, split_rows, cfg, digest):
+    """Decode into {split}_images.u8.partial; prepare_state.json records finished chunks (after their flush),
+    so a rerun redoes only the rest and, each chunk being deterministic, ends with identical bytes."""
+    S, cs = cfg["image_size"], cfg["chunk_size"]
+    chunks = [(s, a, min(a + cs, len(split_rows[s]))) for s in SPLITS for a in range(0, len(split_rows[s]), cs)]
+    state_path = out / "prepare_state.json"
+    state = json.load(open(state_path)) if state_path.is_file() else None
+    if state is not None and (state.get("input_hash") != digest or state.get("n_chunks") != len(chunks)):
+        print(f"{out}: discarding an unfinished prepare of other inputs")
+        _clear(out)
+        state = None
+    if state is None:
+        state = dict(input_hash=digest, n_chunks=len(chunks), done={})
+    for s in SPLITS:
+        partial, size = out / f"{s}_images.u8.partial", len(split_rows[s]) * S * S
+        if not partial.is_file() or os.path.getsize(partial) != size:
+            with open(partial, "wb") as f:
+                f.truncate(size)  # sparse zeros; every row gets written exactly once per chunk
+    _atomic_json(state_path, state)
+    todo = [c for c in range(len(chunks)) if str(c) not in state["done"]]
+    n_todo = sum(chunks[c][2] - chunks[c][1] for c in todo)
+    if len(todo) < len(chunks):
+        print(f"resuming: {len(chunks) - len(todo)}/{len(chunks)} chunks already done")
+    tasks = ((c, str(out / f"{chunks[c][0]}_images.u8.partial"), chunks[c][1],
+              [src.records[i]["path"] for i in split_rows[chunks[c][0]][chunks[c][1]:chunks[c][2]]],
+              S, cfg["resize_mode"], cfg["on_bad_image"]) for c in todo)
+    workers = cfg["num_workers"] or os.cpu_count() or 1
+    pool = None
+    if workers > 1 and len(todo) > 1:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(min(workers, len(todo)))
+        results = pool.imap_unordered(_decode_chunk, tasks)
+    else:
+        results = map(_decode_chunk, tasks)
+    t0, done, last = time.time(), 0, 0.0
+    try:
+        for k, (cid, status, res) in enumerate(results, start=1):
+            if status == "error":
+                path, reason = res
+                raise ValueError(f"cannot decode {path}: {reason}. Fix or remove the file, or rerun with "
+                                 f"--on_bad_image=skip to drop it (finished chunks are kept; the rerun resumes)")
+            state["done"][str(cid)] = res
+            _atomic_json(state_path, state)
+            done += chunks[cid][2] - chunks[cid][1]
+            now = time.time()
+            if now - last > 0.5 or done == n_todo:
+                rate = done / max(now - t0, 1e-9)
+                eta = (n_todo - done) / max(rate, 1e-9)
+                print(f"\rdecode {done}/{n_todo} images | {rate:.0f} img/s | ETA {eta / 60:.1f} min ", end="", flush=True)
+                last = now
+            if cfg["_stop_after_chunks"] and k >= cfg["_stop_after_chunks"]:
+                print(f"\nstopped after {k} chunks (_stop_after_chunks); rerun to resume")
+                return None
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    print()
+    return chunks, state, max(time.time() - t0, 1e-9), n_todo
+
+
+def prepare(cfg):
+    """Prepare cfg['dataset'] into cfg['out_dir']; returns meta (None if stopped by _stop_after_chunks)."""
+    unknown = set(cfg) - set(DEFAULTS)
+    assert not unknown, f"unknown prepare keys {sorted(unknown)}; valid: {sorted(DEFAULTS)}"
+    cfg = {**DEFAULTS, **cfg}
+    cfg["image_size"] = cfg["image_size"] or (64 if cfg["dataset"] == "phantom" else 256)
+    if cfg["on_bad_image"] not in ("error", "skip"):
+        raise ValueError(f"on_bad_image={cfg['on_bad_image']!r} must be 'error' or 'skip'")
+    out = Path(cfg["out_dir"] or f"data/{cfg['dataset']}")
+    t0 = time.time()
+    src = read_dataset(cfg)
+    print(f"read {len(src.records)} records from {src.source} in {time.time() - t0:.1f}s")
+    digest = input_hash(src, cfg)
+    if (out / "meta.json").is_file():
+        old = load_meta(out).get("input_hash")
+        if old == digest and not cfg["overwrite"]:
+            print(f"{out} is already prepared from these inputs (hash {digest}); nothing to do")
+            (out / "prepare_state.json").unlink(missing_ok=True)
+            return load_meta(out)
+        if old != digest and not cfg["overwrite"]:
+            raise FileExistsError(f"{out} was prepared from other inputs (hash {old}, now {digest}): rerun with "
+                                  f"--overwrite=True to re-prepare it, or choose another --out_dir")
+        print(f"{out}: re-preparing (--overwrite=True)")
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    split_rows = split_patients(src.records, src.labels, src.task, cfg["val_frac"], cfg["test_frac"], cfg["seed"])
+    meta = dict(name=out.name, source=src.source, task=src.task, classes=src.classes, resize_mode=cfg["resize_mode"],
+                label_policy=src.label_policy, input_hash=digest,
+                config={k: cfg[k] for k in COMMON_KNOBS + READER_KNOBS[cfg["dataset"]]})
+
+    if src.images is not None:  # the phantom: pixels already made, same split and write path
+        assert src.images.shape[1:] == (cfg["image_size"],) * 2, "generator image size differs from image_size"
+        splits = {s: (src.images[r], src.labels[r], [src.records[i] for i in r]) for s, r in split_rows.items()}
+        meta = write_prepared(out, splits, meta)
+        n_done, seconds = len(src.records), time.time() - t0
+    else:
+        result = _decode_all(out, src, split_rows, cfg, digest)
+        if result is None:
+            return None
+        chunks, state, seconds, n_done = result
+        S, bad_all, labels_by_split = cfg["image_size"], [], {}
+        for s in SPLITS:
+            rows = split_rows[s]
+            bad = {a + j: (p, why) for c, (cs, a, _) in enumerate(chunks) if cs == s
+                   for j, p, why in state["done"][str(c)]["bad"]}
+            keep = np.array([i for i in range(len(rows)) if i not in bad], np.int64)
+            partial, final = out / f"{s}_images.u8.partial", out / f"{s}_images.u8"
+            if partial.is_file() and not bad:
+                os.replace(partial, final)
+            elif partial.is_file():  # drop the bad rows: copy the good ones into a fresh file
+                src_mm = np.memmap(partial, np.uint8, "r", shape=(len(rows), S, S))
+                with open(out / f"{s}_images.u8.tmp", "wb") as f:
+                    for a in range(0, len(keep), 1024):
+                        f.write(np.ascontiguousarray(src_mm[keep[a:a + 1024]]).tobytes())
+                del src_mm
+                os.replace(out / f"{s}_images.u8.tmp", final)
+                partial.unlink()
+            assert final.is_file(), f"{final} missing after decoding; rerun with --overwrite=True"
+            labels_by_split[s] = src.labels[rows][keep]
+            _write_tables(out, s, labels_by_split[s], [src.records[rows[i]] for i in keep])
+            bad_all += [bad[i][0] for i in sorted(bad)]
+        sums = [sum(state["done"][str(c)][k] for c, ch in enumerate(chunks) if ch[0] == "train") for k in ("s", "ss", "n")]
+        meta = _finish_meta(out, dict(meta, image_size=S, bad_images=bad_all), labels_by_split, sums)
+        (out / "prepare_state.json").unlink(missing_ok=True)
+    _report(out, meta, n_done, seconds)
+    return meta
+
+
+def _report(out, meta, n_done, seconds):
+    print(f"wrote {out}/: meta.json, {{split}}_images.u8 / _labels.npy / _index.csv at {meta['image_size']}px")
+    print("  " + " | ".join(f"{s} {meta['splits'][s]}" for s in SPLITS) +
+          f" | mean {meta['mean']:.4f} std {meta['std']:.4f} | {n_done / max(seconds, 1e-9):.0f} img/s")
+    if meta["bad_images"]:
+        print(f"  skipped {len(meta['bad_images'])} bad images (listed in meta.json bad_images)")
+    if meta["classes"]:
+        width = max(13, *(len(c) for c in meta["classes"]))
+        print(f"  {'positives (%)':<{width}}  " + "  ".join(f"{s:>7}" for s in SPLITS))
+        for c in meta["classes"]:
+            cells = [100.0 * meta["pos_counts"][s][c] / max(meta["splits"][s], 1) for s in SPLITS]
+            print(f"  {c:<{width}}  " + "  ".join(f"{v:7.2f}" for v in cells))
+
+
+def prepare_phantom(out_dir, n_images=12000, image_size=64, seed=0, val_frac=0.15, test_frac=0.15):
+    return prepare(dict(dataset="phantom", out_dir=str(out_dir), n_images=n_images, image_size=image_size, seed=seed,
+                        val_frac=val_frac, test_frac=test_frac))
+
+
+# -----------------------------------------------------------------------------
+# the sampler: the global batch at step s is a pure function of (seed, s)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(n, seed, epoch):
+    p = np.random.default_rng([seed, epoch]).permutation(n)
+    p.flags.writeable = False
+    return p
+
+
+def global_batch_indices(n, global_batch, seed, step):
+    """Positions [step*B, (step+1)*B) of the endless stream perm(epoch 0) ++ perm(epoch 1) ++ ...: every epoch
+    visits each index once, and resuming at any step needs nothing but (seed, step)."""
+    assert n > 0 and global_batch > 0 and step >= 0, f"n={n}, global_batch={global_batch}, step={step}"
+    out = np.empty(global_batch, np.int64)
+    pos, k = step * global_batch, 0
+    while k < global_batch:
+        epoch, off = divmod(pos, n)
+        take = min(n - off, global_batch - k)
+        out[k:k + take] = _epoch_permutation(n, seed, epoch)[off:off + take]
+        k, pos = k + take, pos + take
+    return out
+
+
+def rank_micro_indices(global_idx, rank, world, accum_per_rank):
+    """Cut the global batch into world*accum equal micro-batches; rank r takes micro-batches r*accum .. r*accum+accum-1,
+    so W ranks x accum k/W see exactly the micro-batches of 1 rank x accum k (same BatchNorm statistics too)."""
+    B, n_micro = len(global_idx), world * accum_per_rank
+    assert B % n_micro == 0, f"global batch {B} must be divisible by world*accum_per_rank = {n_micro}"
+    assert 0 <= rank < world, f"rank {rank} not in [0, {world})"
+    mb = B // n_micro
+    return [np.asarray(global_idx[(rank * accum_per_rank + j) * mb:(rank * accum_per_rank + j + 1) * mb])
+            for j in range(accum_per_rank)]
+
+
+class Loader:
+    """Training batches from a PreparedSplit. batch_size is the per-rank micro-batch; the global batch is
+    batch_size * accum_per_rank * world. get(step) returns this rank's accum_per_rank micro-batches of step,
+    (x uint8 (B,1,H,W), y, idx np.int64 sorted) on device; any step, in any order. A background thread reads
+    the next `prefetch` steps from the memmap (one sorted fancy-index read per micro-batch, no decoding)."""
+
+    def __init__(self, split, batch_size, accum_per_rank, seed, rank, world, device, start_step=0, prefetch=2):
+        self.split, self.batch_size, self.accum, self.seed = split, batch_size, accum_per_rank, seed
+        self.rank, self.world, self.prefetch = rank, world, prefetch
+        self.global_batch = batch_size * accum_per_rank * world
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.labels = torch.from_numpy(np.asarray(split.labels))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanorad-loader")
+        self._futures = {}
+        for s in range(start_step, start_step + prefetch):
+            self._futures[s] = self._pool.submit(self.host_batch, s)
+
+    def host_batch(self, step):
+        g = global_batch_indices(len(self.split), self.global_batch, self.seed, step)
+        out = []
+        for idx in rank_micro_indices(g, self.rank, self.world, self.accum):
+            idx = np.sort(idx)  # sorted reads walk the file forward; order inside a micro-batch does not matter
+            x = torch.from_numpy(np.take(self.split.images, idx, axis=0)).unsqueeze(1)  # (B, 1, H, W)
+            y = self.labels[torch.from_numpy(idx)]
+            if self.pin:
+                x, y = x.pin_memory(), y.pin_memory()
+            out.append((x, y, idx))
+        return out
+
+    def get(self, step):
+        fut = self._futures.pop(step, None) or self._pool.submit(self.host_batch, step)
+        for s in [s for s in self._futures if not step < s <= step + self.prefetch]:
+            self._futures.pop(s).cancel()
+        for s in range(step + 1, step + 1 + self.prefetch):
+            if s not in self._futures:
+                self._futures[s] = self._pool.submit(self.host_batch, s)
+        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx)
+                for x, y, idx in fut.result()]
+
+    def close(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __del__(self):
+        if hasattr(self, "_pool"):
+            self.close()
+
+
+def eval_shards(split, batch_size, rank, world):
+    """Ordered pass: rank r takes the contiguous shard [n*r//world, n*(r+1)//world) (sizes differ by at most 1),
+    so across ranks every sample comes exactly once. Yields (idx np.int64, x uint8 (B,1,H,W) cpu, y cpu)."""
+    n = len(split)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    labels = torch.from_numpy(np.asarray(split.labels))
+    for a in range(lo, hi, batch_size):
+        b = min(a + batch_size, hi)
+        yield np.arange(a, b, dtype=np.int64), torch.from_numpy(np.array(split.images[a:b])).unsqueeze(1), labels[a:b]
+
+
+# -----------------------------------------------------------------------------
+# on-device float conversion and augmentation
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def to_float(x, mean, std, in_chans, imagenet_norm=False):
+    """uint8 (B,1,H,W) (or float in [0,1]) -> normalized float (B,in_chans,H,W). Dataset mean/std by default;
+    imagenet_norm uses ImageNet's per-channel stats (their average for in_chans=1), for ImageNet-pretrained stems."""
+    assert x.ndim == 4 and x.shape[1] == 1, f"expected (B,1,H,W), got {tuple(x.shape)}"
+    if imagenet_norm:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        m = torch.tensor(IMAGENET_MEAN if in_chans == 3 else [sum(IMAGENET_MEAN) / 3] * in_chans, device=x.device)
+        s = torch.tensor(IMAGENET_STD if in_chans == 3 else [sum(IMAGENET_STD) / 3] * in_chans, device=x.device)
+        return (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
+    x = x.sub(mean).mul_(1.0 / std) if x.dtype != torch.uint8 else x.float().sub_(mean * 255.0).mul_(1.0 / (std * 255.0))
+    return x if in_chans == 1 else x.repeat(1, in_chans, 1, 1)
+
+
+def augment(x, generator, rot=10.0, scale=(0.9, 1.1), translate=0.06, crop_scale=(0.8, 1.0), brightness=0.1,
+            contrast=0.15, gamma=0.15, noise=0.02, hflip=False):
+    """Batched augmentation on x's device, a pure function of the generator's state. x: float (B,C,H,W) in any
+    units (normalized or [0,1]; uint8 becomes [0,1]). One affine_grid/grid_sample does rotation (degrees),
+    scale, translation (fraction of the side) and a random resized crop (area fraction, aspect 3/4..4/3);
+    intensity changes act on each image's own [min, max] range, so they mean the same before or after
+    normalization. Borders fill with the image's minimum (black). No left-right flip unless hflip: the heart
+    is on the left (Rajpurkar et al. 2017 flip; most CXR work does not)."""
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    B, C, H, W = x.shape
+    u = torch.rand(B, 13, generator=generator, device=generator.device).to(x.device)
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    z = (x - lo).mul_(1.0 / (hi - lo).clamp_min(1e-6))  # (B,C,H,W) in [0,1]
+
+    # geometry: output coords -> rotate/scale/translate -> crop window -> input coords (normalized [-1, 1])
+    ang = (u[:, 0] * 2 - 1) * math.radians(rot)
+    s = scale[0] + u[:, 1] * (scale[1] - scale[0])
+    tx, ty = (u[:, 2] * 2 - 1) * translate * 2, (u[:, 3] * 2 - 1) * translate * 2
+    area = crop_scale[0] + u[:, 4] * (crop_scale[1] - crop_scale[0])
+    ratio = torch.exp((u[:, 5] * 2 - 1) * math.log(4 / 3)) if crop_scale != (1.0, 1.0) else torch.ones_like(area)
+    cw, ch = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    cx, cy = (u[:, 6] * 2 - 1) * (1 - cw), (u[:, 7] * 2 - 1) * (1 - ch)
+    flip = torch.where(u[:, 8] < 0.5, -1.0, 1.0) if hflip else torch.ones_like(area)
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+    theta = torch.stack([torch.stack([cw * cos * flip, -cw * sin, cw * tx + cx], 1),
+                         torch.stack([ch * sin * flip, ch * cos, ch * ty + cy], 1)], 1)  # (B, 2, 3)
+    identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]], device=x.device)
+    if not torch.equal(theta, identity.expand_as(theta)):
+        grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
+        z = F.grid_sample(z, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    # intensity: contrast about the image mean, brightness shift, gamma, gaussian noise (same on all channels)
+    # (in place, fused where possible: on a CPU these passes over the batch are the cost)
+    c = (1 + (u[:, 9] * 2 - 1) * contrast).view(B, 1, 1, 1)
+    m = z.mean(dim=(1, 2, 3), keepdim=True)
+    z.mul_(c).add_(m * (1 - c) + ((u[:, 10] * 2 - 1) * brightness).view(B, 1, 1, 1)).clamp_(0, 1)
+    if gamma > 0:
+        z.pow_(torch.exp((u[:, 11] * 2 - 1) * gamma).view(B, 1, 1, 1))
+    if noise > 0:
+        eps = torch.randn(B, 1, H, W, generator=generator, device=generator.device).to(x.device)
+        z.add_(eps.mul_((u[:, 12] * noise).view(B, 1, 1, 1))).clamp_(0, 1)
+    return z.mul_(hi - lo).add_(lo)
+
+
+# -----------------------------------------------------------------------------
+# benchmark: memmap loader vs the torchvision ImageFolder + PIL pipeline on the same images
+
+
+def _bench_images(n, S):
+    try:
+        import phantom
+        return phantom.generate(n, S, 0)["images"]
+    except ImportError:  # smooth synthetic images so PNG sizes resemble radiographs
+        yy, xx = np.mgrid[0:S, 0:S] / S
+        k = np.arange(n)[:, None, None]
+        return (127 + 100 * np.sin(6 * xx + k * 0.1) * np.cos(4 * yy - k * 0.07)).astype(np.uint8)
+
+
+def _rate(fn, min_seconds=1.0):
+    fn()  # warm-up
+    t0, n = time.time(), 0
+    while time.time() - t0 < min_seconds:
+        n += fn()
+    return n / (time.time() - t0)
+
+
+def bench(cfg):
+    import torchvision
+    from torchvision import transforms as T
+    S, B = cfg["image_size"] or 224, cfg["batch_size"]
+    n_mem, n_png = 4096, 512
+    with tempfile.TemporaryDirectory() as tmp:
+        images = _bench_images(n_mem, S)
+        recs = [_record(f"bench/{i}", i) for i in range(n_mem)]
+        write_prepared(tmp, {"train": (images, np.zeros((n_mem, 1), np.float32), recs)},
+                       dict(task="multilabel", classes=["x"], source="bench"))
+        split = PreparedSplit(tmp, "train")
+        loader = Loader(split, B, 1, 0, 0, 1, "cpu", prefetch=0)
+        step = iter(range(10**9))
+        host = _rate(lambda: len(loader.host_batch(next(step))[0][0]))
+        x_u8 = loader.host_batch(0)[0][0]
+        gen = torch.Generator().manual_seed(0)
+        aug = _rate(lambda: len(augment(to_float(x_u8, split.meta["mean"], split.meta["std"], 1), gen)))
+        loader.close()
+        folder = Path(tmp) / "png" / "class0"
+        folder.mkdir(parents=True)
+        for i in range(n_png):
+            Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
+        ds = torchvision.datasets.ImageFolder(str(folder.parent), transform=T.Compose([T.RandomResizedCrop(224),
+                                                                                         T.ToTensor()]))
+        dl = torch.utils.data.DataLoader(ds, batch_size=B, shuffle=True, num_workers=2)
+        t0 = time.time()
+        n_pil = sum(len(xb) for xb, _ in dl)
+        pil = n_pil / (time.time() - t0)
+    print(f"\ndata pipeline throughput, {S}px, batch {B}, {os.cpu_count()} cpu cores, torch {torch.__version__}\n")
+    print("| pipeline | images/s | vs PIL |")
+    print("|---|---:|---:|")
+    rows = [("memmap -> uint8 batch (host side, page cache)", host),
+            ("uint8 -> float + augment (CPU, 1 process)", aug),
+            ("torchvision ImageFolder+PIL+RandomResizedCrop, 2 workers", pil)]
+    for name, r in rows:
+        print(f"| {name} | {r:,.0f} | {r / pil:.1f}x |")
+    return dict(host=host, augment=aug, pil=pil)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    import configurator
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = [f"{a}=True" if a in ("--bench", "--overwrite", "--binary") else a for a in argv]
+    cfg = configurator.load(DEFAULTS, argv)
+    if cfg["bench"]:
+        return bench(cfg)
+    return prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,472 @@
+"""Real-format dataset readers and image decoding; data.py prepares, samples and loads."""
+
+import csv
+import gzip
+import operator
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+
+# knobs that change what a reader produces (they go into the input hash and meta.json)
+READER_KNOBS = {
+    "chexpert": ["uncertain_policy", "blank_policy", "views", "official_split"],
+    "nih": ["views", "official_split"],
+    "vinbigdata": ["binary"],
+    "folder": ["patient_pattern", "official_split"],
+    "covidx": ["official_split"],
+    "roco": ["official_split"],
+    "phantom": ["n_images"],
+}
+
+# -----------------------------------------------------------------------------
+# the common record list every reader returns
+
+
+@dataclass
+class Source:
+    records: list          # one dict per image: path, patient_id, study_id, view, age, sex, text, indication, split
+    labels: np.ndarray     # (N, C) float32 1/0/NaN (multilabel) or (N,) int64 (multiclass)
+    classes: list
+    task: str              # "multilabel" | "multiclass"
+    label_policy: dict     # how the labels were made, recorded in meta.json
+    hash_files: list       # files whose bytes define the inputs (csv, txt, generator source)
+    source: str            # where it came from, for meta.json
+    images: np.ndarray = None  # (N, H, W) uint8 when the reader makes the pixels itself (phantom)
+
+
+def _record(path, patient_id, study_id="", view="", age="", sex="", text="", indication="", split=""):
+    """split is the dataset's own split hint: "" (pool: train, or carved into val/test), "val" or "test"."""
+    return dict(path=str(path), patient_id=str(patient_id), study_id=str(study_id), view=str(view),
+                age=str(age), sex=str(sex), text=text, indication=indication, split=split)
+
+
+def _open_text(path):
+    path = str(path)
+    return gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="")
+
+
+def _first_file(folder, names):
+    for name in names:
+        for ext in ("", ".gz"):
+            if (Path(folder) / (name + ext)).is_file():
+                return Path(folder) / (name + ext)
+    return None
+
+
+def _age(text):
+    digits = re.match(r"\d+", text.strip())  # NIH v2017 writes '058Y'; v2020 and CheXpert write 58
+    return str(int(digits.group())) if digits else ""
+
+
+def _parse_views(views):
+    """'all' -> None (keep everything); else a set of lower-case view names to keep."""
+    wanted = {v.strip().lower() for v in views.split(",") if v.strip()}
+    if not wanted or "all" in wanted:
+        return None
+    unknown = wanted - {"frontal", "lateral", "ap", "pa", "ll", "rl"}
+    if unknown:
+        raise ValueError(f"--views={views}: unknown view(s) {sorted(unknown)}; use all, frontal, lateral, AP, PA, LL, RL "
+                         f"or a comma list such as AP,PA")
+    return wanted
+
+
+def _keep_view(wanted, *names):
+    return wanted is None or any(n.lower() in wanted for n in names if n)
+
+
+# -----------------------------------------------------------------------------
+# reader: CheXpert (Irvin et al. 2019) CheXpert-v1.0[-small]/{train,valid}.csv + jpgs
+
+CHEXPERT_CLASSES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                    "Pleural Other", "Fracture", "Support Devices"]
+_SEX = {"Male": "M", "Female": "F"}
+
+
+def _chexpert_base(csv_path, first_path):
+    """The folder that CSV paths (CheXpert-v1.0-small/train/...) are relative to; csv's grandparent by default."""
+    d = Path(csv_path).parent
+    stripped = Path(*Path(first_path).parts[1:]) if len(Path(first_path).parts) > 1 else Path(first_path)
+    for base, rel in ((d.parent, False), (d, False), (d, True)):
+        if (base / (stripped if rel else first_path)).is_file():
+            return base, rel
+    return d.parent, False
+
+
+def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="all", official_split=True):
+    root = Path(root)
+    if root.is_file():
+        train_csv, folder = root, root.parent
+    else:
+        folder = next((d for d in [root, *sorted(root.glob("CheXpert-v1.0*"))] if _first_file(d, ["train.csv"])), None)
+        if folder is None:
+            raise FileNotFoundError(f"no CheXpert train.csv under {root}: pass --root=<folder holding "
+                                    f"CheXpert-v1.0-small/ or its train.csv>")
+        train_csv = _first_file(folder, ["train.csv"])
+    valid_csv = _first_file(folder, ["valid.csv"]) if official_split else None
+    u_map = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}
+    b_map = {"zeros": 0.0, "ignore": np.nan}
+    if uncertain_policy not in u_map or blank_policy not in b_map:
+        raise ValueError(f"uncertain_policy={uncertain_policy!r} must be one of {list(u_map)}; "
+                         f"blank_policy={blank_policy!r} must be one of {list(b_map)}")
+    wanted = _parse_views(views)
+    records, cells = [], []
+    pid_re = re.compile(r"(patient\d+)/(study\d+)")
+    for csv_path, hint in ((train_csv, ""), (valid_csv, "val")):
+        if csv_path is None:
+            continue
+        with _open_text(csv_path) as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            col = {h: i for i, h in enumerate(header)}
+            missing = [c for c in ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + CHEXPERT_CLASSES if c not in col]
+            if missing:
+                raise ValueError(f"{csv_path}: missing CheXpert columns {missing}")
+            get_labels = operator.itemgetter(*[col[c] for c in CHEXPERT_CLASSES])
+            ip, isex, iage, ifl, iap = (col[c] for c in ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"))
+            prefix = None
+            for line_no, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                fl, ap = row[ifl], row[iap]
+                if wanted is not None and not _keep_view(wanted, fl, ap):
+                    continue
+                path = row[ip]
+                if prefix is None:  # plain string joins: pathlib would cost seconds over 223k rows
+                    base, rel = _chexpert_base(csv_path, path)
+                    prefix, cut = str(base) + os.sep, (len(Path(path).parts[0]) + 1 if rel else 0)
+                m = pid_re.search(path)
+                if m is None:
+                    raise ValueError(f"{csv_path} line {line_no}: no patientNNNNN/studyN in path {path!r}")
+                cells.append(get_labels(row))
+                age = row[iage]
+                records.append(dict(path=prefix + path[cut:], patient_id=m.group(1),
+                                    study_id=f"{m.group(1)}/{m.group(2)}", view=ap or fl,
+                                    age=age if age.isdigit() else _age(age), sex=_SEX.get(row[isex], ""),
+                                    text="", indication="", split=hint))
+    cells = np.array(cells, dtype=str).reshape(-1, len(CHEXPERT_CLASSES))
+    blank = cells == ""
+    cells[blank] = "nan"
+    try:
+        raw = cells.astype(np.float32)
+    except ValueError:
+        bad = sorted({v for v in np.unique(cells) if v not in ("1.0", "1", "0.0", "0", "-1.0", "-1", "nan")})
+        raise ValueError(f"{train_csv}: label cells must be 1.0/0.0/-1.0/blank, found {bad[:10]}") from None
+    bad = ~blank & ~np.isin(raw, (1.0, 0.0, -1.0))
+    if bad.any():
+        raise ValueError(f"{train_csv}: label cells must be 1.0/0.0/-1.0/blank, found {np.unique(raw[bad])[:10]}")
+    labels = raw.copy()
+    labels[raw == -1.0] = u_map[uncertain_policy]
+    labels[blank] = b_map[blank_policy]
+    policy = dict(uncertain=uncertain_policy, blank=blank_policy, views=views,
+                  official_val="valid.csv" if valid_csv else None)
+    return Source(records, labels, list(CHEXPERT_CLASSES), "multilabel", policy,
+                  [p for p in (train_csv, valid_csv) if p], f"chexpert:{root}")
+
+
+# -----------------------------------------------------------------------------
+# reader: NIH ChestX-ray14 (Wang et al. 2017) Data_Entry_2017*.csv + images*/
+
+NIH_CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+               "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+
+
+def _scan_nih_images(folder):
+    """name -> path over images*/ and images*/images/ (the Kaggle and the NIH box layouts)."""
+    found = {}
+    for d in sorted(Path(folder).glob("images*")):
+        for sub in (d, d / "images"):
+            if sub.is_dir():
+                for e in os.scandir(sub):
+                    if e.is_file():
+                        found.setdefault(e.name, e.path)
+    return found
+
+
+def read_nih(root, views="all", official_split=True):
+    root = Path(root)
+    if root.is_file():
+        csv_path, folder = root, root.parent
+    else:
+        csv_path = next(iter(sorted(root.glob("Data_Entry_2017*.csv*"))), None)
+        folder = root
+        if csv_path is None:
+            raise FileNotFoundError(f"no Data_Entry_2017*.csv under {root}: pass --root=<the ChestX-ray14 folder>")
+    test_names = None
+    test_list = _first_file(folder, ["test_list.txt"])
+    if official_split and test_list is not None:
+        with _open_text(test_list) as f:
+            test_names = {line.strip() for line in f if line.strip()}
+    files = _scan_nih_images(folder)
+    wanted = _parse_views(views)
+    cls_index = {c: i for i, c in enumerate(NIH_CLASSES)}
+    records, rows = [], []
+    with _open_text(csv_path) as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        col = {h: i for i, h in enumerate(header)}
+        need = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+                "View Position"]
+        if any(c not in col for c in need):
+            raise ValueError(f"{csv_path}: missing columns {[c for c in need if c not in col]}")
+        ii, il, ifu, ipid, iage, isex, iview = (col[c] for c in need)
+        for line_no, row in enumerate(reader, start=2):
+            if not row or not _keep_view(wanted, row[iview], "frontal"):
+                continue
+            y = np.zeros(len(NIH_CLASSES), np.float32)
+            for finding in row[il].split("|"):
+                if finding == "No Finding":
+                    continue
+                if finding not in cls_index:
+                    raise ValueError(f"{csv_path} line {line_no}: unknown finding {finding!r}; known: {NIH_CLASSES}")
+                y[cls_index[finding]] = 1.0
+            name, pid = row[ii], row[ipid]
+            hint = "test" if test_names is not None and name in test_names else ""
+            records.append(_record(files.get(name, folder / "images" / name), pid, f"{pid}_{row[ifu]}", row[iview],
+                                   _age(row[iage]), row[isex], split=hint))
+            rows.append(y)
+    labels = np.stack(rows) if rows else np.zeros((0, len(NIH_CLASSES)), np.float32)
+    policy = dict(no_finding="all zeros", views=views, official_test="test_list.txt" if test_names else None)
+    hash_files = [csv_path] + ([test_list] if test_names is not None else [])
+    return Source(records, labels, list(NIH_CLASSES), "multilabel", policy, hash_files, f"nih:{root}")
+
+
+# -----------------------------------------------------------------------------
+# reader: VinBigData (Nguyen et al. 2022) train.csv, one row per box per radiologist
+
+
+def read_vinbigdata(root, binary=False):
+    root = Path(root)
+    csv_path = root if root.is_file() else _first_file(root, ["train.csv"])
+    if csv_path is None:
+        raise FileNotFoundError(f"no train.csv under {root}: pass --root=<the vinbigdata folder>")
+    folder = csv_path.parent
+    files = {}
+    img_dir = folder / "train" if (folder / "train").is_dir() else folder
+    for dirpath, _, names in os.walk(img_dir):
+        for name in sorted(names):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_EXTS:
+                files.setdefault(stem, os.path.join(dirpath, name))
+    per_image, class_names = {}, {}
+    with _open_text(csv_path) as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            cid = int(row["class_id"])
+            class_names[cid] = row["class_name"]
+            per_image.setdefault(row["image_id"], set()).add(cid)
+    no_finding = next((c for c, n in class_names.items() if n.lower() == "no finding"), None)
+    classes = [class_names[c] for c in sorted(class_names)]
+    labels = np.zeros((len(per_image), len(classes)), np.float32)
+    col = {c: j for j, c in enumerate(sorted(class_names))}
+    records = []
+    for i, (image_id, cids) in enumerate(per_image.items()):
+        # a finding is positive if any radiologist marked it; "No finding" only when every radiologist said so
+        for c in cids:
+            if c != no_finding:
+                labels[i, col[c]] = 1.0
+        if no_finding is not None:
+            labels[i, col[no_finding]] = float(cids == {no_finding})
+        records.append(_record(files.get(image_id, img_dir / f"{image_id}.dicom"), image_id, image_id))
+    policy = dict(aggregation="positive if any radiologist marked it; No finding only if all did", binary=binary)
+    if binary:
+        nf = labels[:, col[no_finding]] if no_finding is not None else np.zeros(len(labels), np.float32)
+        labels, classes = (1.0 - nf)[:, None].astype(np.float32), ["Abnormal"]
+    return Source(records, labels, classes, "multilabel", policy, [csv_path], f"vinbigdata:{root}")
+
+
+# -----------------------------------------------------------------------------
+# readers: ImageFolder (root/<class>/*.png, optionally root/{train,val,test}/<class>/), COVIDx, ROCO
+
+_SPLIT_DIRS = {"train": "", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def read_folder(root, patient_pattern="", official_split=True):
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--root={root} is not a folder (expected root/<class>/*.png)")
+    subs = sorted(d for d in root.iterdir() if d.is_dir())
+    split_layout = bool(subs) and all(d.name.lower() in _SPLIT_DIRS for d in subs)
+    tops = [(d, _SPLIT_DIRS[d.name.lower()] if official_split else "") for d in subs] if split_layout else [(root, "")]
+    classes = sorted({c.name for top, _ in tops for c in top.iterdir() if c.is_dir()})
+    pattern = re.compile(patient_pattern) if patient_pattern else None
+    records, labels = [], []
+    for top, hint in tops:
+        for j, cls in enumerate(classes):
+            for p in sorted((top / cls).rglob("*")) if (top / cls).is_dir() else []:
+                if p.suffix.lower() not in IMAGE_EXTS:
+                    continue
+                pid = p.stem
+                if pattern is not None:
+                    m = pattern.search(p.stem)
+                    if m is None:
+                        raise ValueError(f"{p}: --patient_pattern={patient_pattern!r} does not match the file stem")
+                    pid = m.group(1) if m.groups() else m.group(0)
+                records.append(_record(p, pid, pid, split=hint))
+                labels.append(j)
+    if not records:
+        raise FileNotFoundError(f"no images ({sorted(IMAGE_EXTS)}) under {root}/<class>/")
+    policy = dict(layout="root/<split>/<class>" if split_layout else "root/<class>", patient_pattern=patient_pattern)
+    return Source(records, np.array(labels, np.int64), classes, "multiclass", policy, [], f"folder:{root}")
+
+
+def read_covidx(root, official_split=True):
+    root = Path(root)
+    rows = []
+    for name, hint in (("train", ""), ("val", "val"), ("test", "test")):
+        txt = _first_file(root, [f"{name}.txt"])
+        if txt is None:
+            continue
+        with _open_text(txt) as f:
+            for line_no, line in enumerate(f, start=1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) < 3:
+                    raise ValueError(f"{txt} line {line_no}: expected 'patient_id filename label [source]', got {line!r}")
+                # 3 columns in COVIDx v1-v7, 4 (with source) from v8; a filename may contain spaces
+                fname, label = (parts[1], parts[2]) if len(parts) == 3 else (" ".join(parts[1:-2]), parts[-2])
+                rows.append((parts[0], root / name / fname, label, hint if official_split else "", txt))
+    if not rows:
+        raise FileNotFoundError(f"no train.txt/test.txt under {root}: pass --root=<the COVIDx folder>")
+    classes = sorted({r[2] for r in rows})
+    records = [_record(path, pid, pid, split=hint) for pid, path, _, hint, _ in rows]
+    labels = np.array([classes.index(r[2]) for r in rows], np.int64)
+    return Source(records, labels, classes, "multiclass", dict(labels=classes), sorted({r[4] for r in rows}),
+                  f"covidx:{root}")
+
+
+def read_roco(root, official_split=True):
+    root = Path(root)
+    records, files = [], []
+    for name, hint in (("train", ""), ("validation", "val"), ("test", "test")):
+        txt = root / name / "radiology" / "captions.txt"
+        if not txt.is_file():
+            continue
+        files.append(txt)
+        with open(txt, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                if "\t" not in line:
+                    raise ValueError(f"{txt} line {line_no}: expected 'ROCO_xxxxx<TAB>caption', got {line[:80]!r}")
+                roco_id, caption = line.rstrip("\n").split("\t", 1)
+                path = root / name / "radiology" / "images" / f"{roco_id.strip()}.jpg"
+                records.append(_record(path, roco_id.strip(), roco_id.strip(), text=caption.strip(),
+                                       split=hint if official_split else ""))
+    if not records:
+        raise FileNotFoundError(f"no {{train,validation,test}}/radiology/captions.txt under {root}")
+    return Source(records, np.zeros((len(records), 0), np.float32), [], "multilabel", dict(labels="none (captions)"),
+                  files, f"roco:{root}")
+
+
+# -----------------------------------------------------------------------------
+# reader: the phantom (phantom.py makes the pixels; they go through the same split/write path)
+
+
+def read_phantom(n_images=12000, image_size=64, seed=0):
+    try:
+        import phantom
+    except ImportError as e:
+        raise ImportError(f"--dataset=phantom needs phantom.py next to data.py ({e})") from e
+    g = phantom.generate(n_images, image_size, seed)
+    keys = ("patient_id", "study_id", "view", "age", "sex", "text", "indication")
+    records = [_record(f"phantom/{i:06d}", **{k: r.get(k, "") for k in keys}) for i, r in enumerate(g["records"])]
+    return Source(records, np.asarray(g["labels"], np.float32), list(g["classes"]), "multilabel",
+                  dict(generator="phantom.generate", seed=seed), [phantom.__file__],
+                  f"phantom.generate(n_images={n_images}, image_size={image_size}, seed={seed})",
+                  images=np.asarray(g["images"], np.uint8))
+
+
+def read_dataset(cfg):
+    name, root = cfg["dataset"], cfg["root"]
+    if name == "phantom":
+        return read_phantom(cfg["n_images"], cfg["image_size"], cfg["seed"])
+    readers = dict(chexpert=read_chexpert, nih=read_nih, vinbigdata=read_vinbigdata, folder=read_folder,
+                   covidx=read_covidx, roco=read_roco)
+    if name not in readers:
+        raise ValueError(f"--dataset={name}: unknown; choose one of phantom, {', '.join(readers)}")
+    if not root:
+        raise ValueError(f"--dataset={name} needs --root=<the raw dataset folder>")
+    return readers[name](root, **{k: cfg[k] for k in READER_KNOBS[name]})
+
+
+# -----------------------------------------------------------------------------
+# image decoding: any PNG/JPEG mode or DICOM -> grayscale uint8 square
+
+
+def _rescale_u8(a, lo=None, hi=None):
+    a = a.astype(np.float32)
+    lo = float(a.min()) if lo is None else lo
+    hi = float(a.max()) if hi is None else hi
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.clip((a - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _read_dicom(path):
+    try:
+        import pydicom
+    except ImportError:
+        raise ImportError(f"{path}: reading DICOM needs pydicom: pip install pydicom "
+                          f"(or convert the images to PNG first)") from None
+    ds = pydicom.dcmread(path)
+    a = ds.pixel_array.astype(np.float32)  # compressed transfer syntaxes may need pylibjpeg/gdcm; pydicom says which
+    if a.ndim == 3:
+        a = a.mean(-1) if int(getattr(ds, "SamplesPerPixel", 1)) == 3 else a[0]
+    a = a * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    lo = hi = None
+    center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
+    if center is not None and width is not None:
+        first = lambda v: float(v[0]) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else float(v)
+        c, w = first(center), first(width)
+        if w > 1:
+            lo, hi = c - w / 2, c + w / 2
+    u8 = _rescale_u8(a, lo, hi)
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+        u8 = 255 - u8  # MONOCHROME1: high values are dark; flip so that bone is bright in every image
+    return u8
+
+
+def load_gray(path, draft_size=None):
+    """Full-resolution grayscale uint8 (H, W). 16-bit/int/float images are min-max scaled: their data often
+    spans 12 bits, so dividing by 65535 would make them nearly black."""
+    if Path(path).suffix.lower() in (".dcm", ".dicom"):
+        return _read_dicom(path)
+    with Image.open(path) as img:
+        if draft_size and img.format == "JPEG":
+            img.draft("L", (draft_size, draft_size))  # DCT-domain downscale: decode at >= the needed size, ~4x faster
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            return _rescale_u8(np.asarray(img))
+        if img.mode not in ("L", "RGB", "RGBA", "LA", "P", "1"):
+            img = img.convert("RGB")
+        return np.asarray(img if img.mode == "L" else img.convert("L"))
+
+
+def resize_square(a, image_size, resize_mode="pad"):
+    """Keep the aspect ratio: 'pad' fits the long side and pads black, 'center_crop' fits the short side."""
+    h, w = a.shape
+    if resize_mode not in ("pad", "center_crop"):
+        raise ValueError(f"resize_mode={resize_mode!r} must be 'pad' or 'center_crop'")
+    s = image_size / (max(h, w) if resize_mode == "pad" else min(h, w))
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    if (nh, nw) != (h, w):
+        a = np.asarray(Image.fromarray(a).resize((nw, nh), Image.BILINEAR))  # PIL filters (antialiases) on downscale
+    if resize_mode == "pad":
+        out = np.zeros((image_size, image_size), np.uint8)
+        top, left = (image_size - nh) // 2, (image_size - nw) // 2
+        out[top:top + nh, left:left + nw] = a
+        return out
+    top, left = (nh - image_size) // 2, (nw - image_size) // 2
+    return np.ascontiguousarray(a[top:top + image_size, left:left + image_size])
+
+
+def decode_image(path, image_size, resize_mode="pad"):
+    return resize_square(load_gray(path, draft_size=image_size), image_size, resize_mode)
