@@ -1,0 +1,817 @@
+"""
+Train a radiology CLIP: contrastive image-caption training with retrieval and zero-shot evaluation.
+
+With no arguments it is the CPU quick start on the phantom (its reports are the captions): generate
+data/phantom if it is missing, train a small ViT + causal text transformer from scratch, and end with
+image->text Recall@5 and zero-shot macro AUC on 1,000 validation pairs (config/clip_phantom.py, ~3 min):
+
+    python train_clip.py config/clip_phantom.py
+
+ROCO from OpenAI's CLIP ViT-B/16 (Hugging Face folder openai/clip-vit-base-patch16, local), 4 GPUs:
+    python data.py --dataset=roco --root=/data/roco --out_dir=data/roco --image_size=224
+    torchrun --standalone --nproc_per_node=4 train_clip.py config/clip_roco.py
+
+BiomedCLIP-style (PubMedBERT text tower): torchrun --standalone --nproc_per_node=4 train_clip.py config/clip_roco_pubmedbert.py
+CPU, 2 processes (gloo), as the tests do: torchrun --standalone --nproc_per_node=2 train_clip.py config/clip_phantom.py --device=cpu
+Two nodes: as train.py (torchrun --nnodes=2 --node_rank=k --master_addr=... train_clip.py config/clip_roco.py).
+
+The loss is the symmetric InfoNCE over the whole global batch: every rank gathers the features of all ranks
+with gradients (each rank's own slice stays its local tensor), so W ranks x batch B == one process with W*B.
+With gradient_accumulation_steps > 1 and feature_cache=True (GradCache, Gao et al. 2021) the negatives
+also span the accumulated micro-batches: features of all micro-batches first (no grad), the full-batch loss
+and its gradient w.r.t. the features, then each micro-batch again with grad, backpropagating the cached
+feature gradients.
+
+Evaluation (every eval_interval, exact across ranks): image->text and text->image Recall@1/5/10, mean and
+median rank and MRR over the validation pool (val_size pairs), and zero-shot classification from prompt
+templates (macro AUC per class, top-1 on single-finding images). A retrieved caption is a match when its
+text equals the query's caption; with labels (phantom) the `lab_` metrics count a caption whose findings
+(label vector) equal the image's as a match, since many reports differ only in the randomly chosen
+negative sentences ("No edema." vs "No nodule."), which no image can predict.
+
+Retrieval from a trained run (validation pool):
+    python train_clip.py --eval_only=True --out_dir=out/clip_phantom --query="left pleural effusion"
+    python train_clip.py --eval_only=True --out_dir=out/clip_phantom --image=xray.png
+"""
+
+import contextlib
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import clip_model
+import clip_tokenizer_wip as ctok
+import common
+import configurator
+import data
+
+# -----------------------------------------------------------------------------
+# config: the defaults are the phantom quick start on a CPU (config/clip_phantom.py sets the same)
+# run
+out_dir = "out/clip_phantom"
+data_dir = "data/phantom"
+dataset = "phantom"  # only used to generate data_dir when it is missing and dataset == 'phantom'
+phantom_images = 12000  # generated phantom size (train/val/test 70/15/15 by patient)
+seed = 1337
+device = "auto"  # auto | cpu | cuda | cuda:1
+dtype = "auto"  # auto (bfloat16 on a CUDA GPU that supports it, else float32) | float32 | bfloat16 | float16
+compile = False  # torch.compile the towers (GPU)
+backend = "auto"  # DDP backend: auto | nccl | gloo
+tensorboard_log = True
+log_interval = 20  # iterations between log lines
+eval_interval = 200  # iterations between evaluations + checkpoints
+eval_only = False  # evaluate (and answer --query / --image) once and exit
+eval_batch_size = 256  # per process
+val_size = 1000  # validation pool: the first val_size pairs of the val split (0 = all); retrieval ranks among them
+keep_last = 0  # also keep the last k periodic checkpoints
+# retrieval tool (with eval_only)
+query = ""  # a caption: print the top_k validation images
+image = ""  # an image file: print the top_k validation captions
+top_k = 5
+# model: image tower
+image_model = "clip_vit"  # clip_vit (ViT with CLIP's switches) | any model.py name (its head = the projection)
+embed_dim = 128  # shared embedding width (512 for ViT-B/16 CLIP)
+image_size = 64  # must equal the prepared data's image_size
+in_chans = 1  # 1 for X-rays (RGB weights are summed); 3 replicates the gray channel
+patch_size = 8
+vision_width = 192
+vision_layers = 4
+vision_heads = 3
+ln_pre = True  # OpenAI CLIP's LayerNorm after patch + position embedding (timm ViTs: False)
+patch_bias = True  # OpenAI CLIP: False
+vision_act = "auto"  # auto (gelu from scratch, read off the weights when pretrained) | gelu | quick_gelu
+drop_path = 0.0
+# model: text tower
+text_model = "causal"  # causal (CLIP) | bert (PubMedBERT / BiomedCLIP)
+tokenizer = "clip"  # clip (CLIP BPE, 49,408 ids) | wordpiece (BERT vocab.txt) | bpe (ours, trained on the train captions)
+tokenizer_path = ""  # clip: '' = open_clip's merges file, or a HF CLIP folder; wordpiece: vocab.txt
+bpe_vocab_size = 1024  # tokenizer='bpe': vocabulary trained on the captions (small: the embedding stays cheap on a CPU)
+context_length = 77  # tokens incl. start/end (CLIP 77; BiomedCLIP 256)
+text_width = 128
+text_layers = 3
+text_heads = 2
+text_act = "auto"  # auto | gelu | quick_gelu
+text_proj = "linear"  # linear | mlp (BiomedCLIP) | none
+grad_checkpoint = False
+# init
+init_from = "scratch"  # scratch | pretrained | resume
+pretrained_path = ""  # open_clip .pt/.bin/.safetensors, a HF CLIPModel folder, or a BiomedCLIP open_clip file
+norm = "dataset"  # dataset (train mean/std) | imagenet | clip (OpenAI CLIP's RGB stats; for its weights)
+# LiT-style locking (Zhai et al. 2022)
+lock_image = False  # freeze the image tower ...
+lock_text = False  # ... or the text tower
+unlock_last_n = 0  # ... except its last n layer groups (final norm + projection = 1 group, then blocks)
+# batch
+batch_size = 128  # micro-batch per process
+gradient_accumulation_steps = 1  # global micro-steps per optimizer step, divided across ranks
+feature_cache = True  # GradCache: the loss sees the whole accumulated batch (else each micro-batch alone)
+max_iters = 600
+# optimizer (CLIP: AdamW, beta2 0.98, wd 0.2, cosine)
+learning_rate = 2e-3
+lr_mult_image = 1.0  # image tower LR = learning_rate x this (e.g. 0.1 for pretrained towers)
+lr_mult_text = 1.0
+layer_decay_image = 1.0  # layer-wise LR decay inside the image tower (0.65-0.8 fine-tuning pretrained ViTs)
+layer_decay_text = 1.0
+weight_decay = 0.2
+beta1 = 0.9
+beta2 = 0.98
+grad_clip = 1.0
+warmup_iters = 50
+plateau_iters = 0
+lr_decay_iters = 600
+min_lr = 2e-5
+max_logit_scale = 100.0  # CLIP clamps the learned temperature at 100 after every step
+# loss: symmetric InfoNCE, optional margin for critical findings
+margin = 0.0  # additive margin on every positive cosine (0 = plain InfoNCE)
+critical_terms = "pneumothorax"  # comma-separated caption terms that mark critical findings
+critical_margin = 0.0  # extra margin for pairs whose caption names a critical term (stricter for them)
+critical_weight = 1.0  # loss weight of those pairs (1 = off)
+augment = True  # on-device affine / crop / contrast (no flips: laterality is in the captions)
+# zero-shot
+zs_templates = "a chest x-ray showing {}.|{} is seen.|there is {}.|findings consistent with {}.|{}."
+zs_negative = "no {}."  # negative prompt: the zs_neg_ metrics use softmax(positive, negative) per class
+# selection
+select_metric = "zs_auc_macro"  # zs_auc_macro | r_mean | i2t_r5 | lab_i2t_r5 | any key of the eval record
+early_stop_patience = 0
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+# how a class name reads in a prompt (others: the lower-cased name)
+FINDING_PHRASES = {"No Finding": "no acute cardiopulmonary abnormality", "Support Devices": "a tube or catheter",
+                   "Edema": "pulmonary edema", "Nodule": "a pulmonary nodule", "Lung Opacity": "lung opacity"}
+
+# -----------------------------------------------------------------------------
+# the contrastive loss, exact under DDP
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for our slice (an all_reduce, so gloo works too)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.B = tdist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
+        tdist.all_gather(parts, x.contiguous())
+        parts[ctx.rank] = x  # not needed for the values; keeps the local rows bit-identical
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad)
+        return grad[ctx.rank * ctx.B:(ctx.rank + 1) * ctx.B]
+
+
+def gather_with_grad(x, dist):
+    return _GatherWithGrad.apply(x) if dist.ddp else x
+
+
+def clip_loss(img, txt, scale, dist, margin=None, weight=None):
+    """Symmetric InfoNCE of this rank's rows against every rank's features: mean over local pairs of
+    (CE(image -> texts) + CE(text -> images)) / 2. With DDP's gradient averaging (and the gathered gradients
+    summed back) the parameter gradients equal those of one process holding the whole batch.
+    margin (B,): subtracted from the positive cosine (AM-softmax); weight (B,): per-pair loss weight."""
+    all_img, all_txt = gather_with_grad(img, dist), gather_with_grad(txt, dist)
+    B = img.shape[0]
+    labels = torch.arange(B, device=img.device) + dist.rank * B
+    logits_i = scale * img @ all_txt.t()  # (B, N)
+    logits_t = scale * txt @ all_img.t()  # (B, N)
+    if margin is not None:
+        rows = torch.arange(B, device=img.device)
+        m = torch.zeros_like(logits_i).index_put_((rows, labels), scale * margin)
+        logits_i, logits_t = logits_i - m, logits_t - m
+    per = 0.5 * (F.cross_entropy(logits_i, labels, reduction="none") + F.cross_entropy(logits_t, labels, reduction="none"))
+    if weight is not None:
+        per = per * weight
+    return per.mean()
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
+
+
+def _set_rng(state, device):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def forward_backward(net, micro, dist, cfg, feature_cache=True):
+    """One optimizer step's forward + backward over this rank's micro-batches, leaving in .grad the gradient
+    of the contrastive loss (feature_cache: over the whole global batch; else: the mean of per-micro-batch
+    losses). micro: list of (images float (B,C,H,W), tokens (B,T), margin (B,) or None, weight (B,) or None).
+    Returns the loss (this rank's, detached)."""
+    ctx_amp = common.autocast(dist.device, cfg["dtype"])
+    k = len(micro)
+
+    def sync_ctx(j):  # DDP all-reduces gradients only on the last micro-step
+        return net.no_sync() if dist.ddp and j < k - 1 else contextlib.nullcontext()
+
+    if k == 1 or not feature_cache:
+        total = 0.0
+        for j, (x, t, m, w) in enumerate(micro):
+            with sync_ctx(j):
+                with ctx_amp:
+                    img, txt, scale = net(x, t)
+                loss = clip_loss(img.float(), txt.float(), scale.float(), dist, m, w) / k
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    # GradCache, pass 1: every micro-batch's features without a graph (remember the RNG for dropout / drop path)
+    fwd = net.module if dist.ddp else net
+    rngs, imgs, txts = [], [], []
+    with torch.no_grad():
+        for x, t, _, _ in micro:
+            rngs.append(_rng_state(dist.device))
+            with ctx_amp:
+                img, txt, _ = fwd(x, t)
+            imgs.append(img.float())
+            txts.append(txt.float())
+    # pass 2: the loss over the accumulated batch and its gradient w.r.t. the cached features and the temperature
+    img_all = torch.cat(imgs).requires_grad_(True)
+    txt_all = torch.cat(txts).requires_grad_(True)
+    scale = common.unwrap(net).logit_scale.detach().exp().requires_grad_(True)
+    cat = lambda i: None if micro[0][i] is None else torch.cat([mb[i] for mb in micro])  # noqa: E731
+    loss = clip_loss(img_all, txt_all, scale, dist, cat(2), cat(3))
+    g_img, g_txt, g_scale = torch.autograd.grad(loss, [img_all, txt_all, scale])
+    # pass 3: each micro-batch again with a graph, backpropagating its slice of the cached gradients
+    rng_now = _rng_state(dist.device)
+    off = 0
+    for j, (x, t, _, _) in enumerate(micro):
+        B = x.shape[0]
+        _set_rng(rngs[j], dist.device)
+        with sync_ctx(j):
+            with ctx_amp:
+                img, txt, s = net(x, t)
+            surrogate = s.float() * (g_scale / k)
+            if img.requires_grad:
+                surrogate = surrogate + (img.float() * g_img[off:off + B]).sum()
+            if txt.requires_grad:
+                surrogate = surrogate + (txt.float() * g_txt[off:off + B]).sum()
+            surrogate.backward()
+        off += B
+    _set_rng(rng_now, dist.device)
+    return loss.detach()
+
+
+# -----------------------------------------------------------------------------
+# retrieval metrics (exact, on the gathered pool)
+
+
+def retrieval_ranks(q, c, q_group, c_group, chunk=1024):
+    """Rank (1 = best) of the best-scoring correct candidate for each query: 1 + #candidates scoring strictly
+    higher. q (Nq, D), c (Nc, D) normalized; a candidate is correct when its group equals the query's."""
+    q_group, c_group = torch.as_tensor(q_group), torch.as_tensor(c_group)
+    ranks = torch.empty(q.shape[0], dtype=torch.long)
+    for a in range(0, q.shape[0], chunk):
+        sim = q[a:a + chunk] @ c.t()  # (chunk, Nc)
+        correct = q_group[a:a + chunk, None] == c_group[None, :]
+        assert bool(correct.any(1).all()), "retrieval: a query has no correct candidate in the pool"
+        best = sim.masked_fill(~correct, float("-inf")).max(1, keepdim=True).values
+        ranks[a:a + chunk] = 1 + (sim > best).sum(1)
+    return ranks
+
+
+def rank_metrics(ranks, prefix):
+    r = ranks.double()
+    out = {f"{prefix}_r{k}": float((ranks <= k).double().mean()) for k in (1, 5, 10)}
+    out.update({f"{prefix}_mean_rank": float(r.mean()), f"{prefix}_median_rank": float(r.median()),
+                f"{prefix}_mrr": float((1.0 / r).mean())})
+    return out
+
+
+def chance_recall(groups, k):
+    """Expected Recall@k of a random ranking: a query whose group has c members among N candidates finds one in
+    the top k with probability 1 - C(N-c, k) / C(N, k). With unique captions it is k / N; with many identical
+    (or same-findings) captions it can be large, so read recalls next to it."""
+    groups = torch.as_tensor(groups)
+    N = len(groups)
+    c = torch.bincount(groups)[groups].double()
+    miss = torch.ones_like(c)
+    for j in range(min(k, N)):
+        miss = miss * ((N - c - j) / (N - j)).clamp(min=0)
+    return float((1 - miss).mean())
+
+
+def retrieval_metrics(img, txt, groups, prefix=""):
+    """Image i's caption is txt[i]; groups[i] names which captions count as the same (equal text, or equal labels)."""
+    groups = torch.as_tensor(groups)
+    out = rank_metrics(retrieval_ranks(img, txt, groups, groups), f"{prefix}i2t")
+    out.update(rank_metrics(retrieval_ranks(txt, img, groups, groups), f"{prefix}t2i"))
+    out[f"{prefix}r_mean"] = float(np.mean([out[f"{prefix}{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]))
+    for k in (1, 5, 10):  # the same in both directions: both pools hold one item per pair
+        out[f"{prefix}chance_r{k}"] = chance_recall(groups, k)
+    return out
+
+
+def group_ids(keys):
+    ids = {}
+    return torch.tensor([ids.setdefault(k, len(ids)) for k in keys], dtype=torch.long)
+
+
+# -----------------------------------------------------------------------------
+# zero-shot classification from prompts
+
+
+def class_prompts(classes, templates, negative):
+    pos = [[t.format(FINDING_PHRASES.get(c, c.lower())) for t in templates] for c in classes]
+    neg = [negative.format(c.lower()) for c in classes]
+    return pos, neg
+
+
+@torch.no_grad()
+def zero_shot(raw, img, labels, classes, tok, cfg, device):
+    """Macro AUC of prompt similarities per class (multi-label), the same with softmax(positive, negative
+    prompt), and top-1 accuracy on images with exactly one positive class."""
+    from sklearn.metrics import roc_auc_score
+    templates = [t for t in cfg["zs_templates"].split("|") if t]
+    pos, neg = class_prompts(classes, templates, cfg["zs_negative"])
+    T = len(templates)
+    e = encode_texts(raw, tok, [p for prompts in pos for p in prompts] + neg, cfg, device)  # one pass for all prompts
+    # average the template embeddings per class, as in CLIP's prompt ensembling
+    emb = F.normalize(e[:len(classes) * T].view(len(classes), T, -1).mean(1), dim=-1)  # (C, D)
+    neg_emb = e[len(classes) * T:]
+    scale = float(raw.logit_scale.detach().exp())
+    s_pos = (img @ emb.t()).numpy()
+    s_neg = (img @ neg_emb.t()).numpy()
+    p_neg = torch.softmax(scale * torch.stack([torch.as_tensor(s_pos), torch.as_tensor(s_neg)]), 0)[0].numpy()
+    labels = np.asarray(labels, np.float64)
+    out, aucs, aucs_neg = {}, {}, {}
+    for j, c in enumerate(classes):
+        known = ~np.isnan(labels[:, j])
+        y = labels[known, j]
+        if y.min() == y.max():
+            continue  # AUC undefined without both positives and negatives
+        aucs[c] = float(roc_auc_score(y, s_pos[known, j]))
+        aucs_neg[c] = float(roc_auc_score(y, p_neg[known, j]))
+    out["zs_auc_macro"] = float(np.mean(list(aucs.values()))) if aucs else float("nan")
+    out["zs_neg_auc_macro"] = float(np.mean(list(aucs_neg.values()))) if aucs_neg else float("nan")
+    out["zs_auc"] = aucs
+    single = (np.nan_to_num(labels) == 1).sum(1) == 1
+    if single.any():
+        truth = np.nan_to_num(labels[single]).argmax(1)
+        out["zs_top1"] = float((s_pos[single].argmax(1) == truth).mean())
+        out["zs_n_single"] = int(single.sum())
+    return out
+
+
+# -----------------------------------------------------------------------------
+# images and captions -> features
+
+
+def images_to_float(x, meta, cfg):
+    if cfg["norm"] == "clip":
+        x = x.float() / 255.0
+        x = x.expand(-1, 3, -1, -1) if cfg["in_chans"] == 3 else x
+        m = torch.tensor(CLIP_MEAN if cfg["in_chans"] == 3 else [sum(CLIP_MEAN) / 3], device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(CLIP_STD if cfg["in_chans"] == 3 else [sum(CLIP_STD) / 3], device=x.device).view(1, -1, 1, 1)
+        return (x - m) / s
+    if cfg["norm"] not in ("dataset", "imagenet"):
+        raise ValueError(f"norm must be dataset, imagenet or clip, got {cfg['norm']!r}")
+    return data.to_float(x, meta["mean"], meta["std"], cfg["in_chans"], cfg["norm"] == "imagenet")
+
+
+def trim(tokens, lengths):
+    """Cut the padding columns every row of the batch has: exact for both towers (causal: padding comes after the
+    pooled end token; BERT: padding is masked), and the attention cost follows the longest caption."""
+    return tokens[:, :max(1, int(lengths.max()))]
+
+
+@torch.no_grad()
+def encode_texts(raw, tok, texts, cfg, device, batch=256):
+    out = []
+    for a in range(0, len(texts), batch):
+        ids, lengths = tok(texts[a:a + batch], cfg["context_length"])
+        t = trim(torch.tensor(ids), torch.tensor(lengths)).to(device)
+        with common.autocast(device, cfg["dtype"]):
+            out.append(raw.encode_text(t).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, cfg["embed_dim"])
+
+
+@torch.no_grad()
+def encode_split(raw, split, tokens, lengths, n, cfg, meta, dist):
+    """Image and caption features of the first n samples, each rank a shard, gathered exactly (sorted by index)."""
+    idx_parts, img_parts, txt_parts = [], [], []
+    view = _Head(split, n)
+    for idx, x, _ in data.eval_shards(view, cfg["eval_batch_size"], dist.rank, dist.world_size):
+        x = images_to_float(x.to(dist.device), meta, cfg)
+        t = trim(torch.from_numpy(tokens[idx]).long(), torch.from_numpy(lengths[idx])).to(dist.device)
+        with common.autocast(dist.device, cfg["dtype"]):
+            img, txt, _ = raw(x, t)
+        idx_parts.append(torch.as_tensor(idx))
+        img_parts.append(img.float().cpu())
+        txt_parts.append(txt.float().cpu())
+    D = raw.model_args["embed_dim"]
+    idx = torch.cat(idx_parts) if idx_parts else torch.zeros(0, dtype=torch.long)
+    feats = torch.cat([torch.cat(img_parts), torch.cat(txt_parts)], 1) if idx_parts else torch.zeros(0, 2 * D)
+    idx, feats = common.gather_indexed(idx, feats, dist)
+    assert idx.numel() == n and bool((idx == torch.arange(n)).all()), "eval did not see every sample once"
+    return feats[:, :D], feats[:, D:]
+
+
+class _Head:
+    """The first n samples of a PreparedSplit (the validation pool), with the interface eval_shards reads."""
+
+    def __init__(self, split, n):
+        self.images, self.labels, self.n = split.images, np.asarray(split.labels)[:n], n
+
+    def __len__(self):
+        return self.n
+
+
+def run_eval(raw, split, tokens, lengths, captions, cfg, meta, dist, tok):
+    n = len(split) if cfg["val_size"] <= 0 else min(cfg["val_size"], len(split))
+    raw.eval()
+    img, txt = encode_split(raw, split, tokens, lengths, n, cfg, meta, dist)
+    record = {"pool": n, "logit_scale": float(raw.logit_scale.detach().exp())}
+    record.update(retrieval_metrics(img, txt, group_ids(captions[:n])))
+    labels = np.asarray(split.labels)[:n]
+    if labels.ndim == 2 and labels.shape[1] > 0:
+        keys = [tuple(np.nan_to_num(r, nan=-1).tolist()) for r in labels]
+        record.update(retrieval_metrics(img, txt, group_ids(keys), prefix="lab_"))
+        record.update(zero_shot(raw, img, labels, meta["classes"], tok, cfg, dist.device))
+    # InfoNCE over the whole pool at the current temperature (duplicated captions count as negatives)
+    logits = record["logit_scale"] * img @ txt.t()
+    target = torch.arange(n)
+    record["loss_pool"] = float(0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)))
+    raw.train()
+    return record, img, txt
+
+
+# -----------------------------------------------------------------------------
+# data: captions -> tokens (cached next to the prepared data when the folder is writable)
+
+
+def load_tokens(data_dir, split_name, captions, tok, cfg, master):
+    if cfg["tokenizer"] == "bpe":  # trained per run: fast, and not worth a cache keyed on its merges
+        return ctok.tokenize_numpy(tok, captions, cfg["context_length"])
+    tag = hashlib.sha1(f"{cfg['tokenizer']}|{cfg['tokenizer_path']}|{cfg['context_length']}|{tok.vocab_size}".encode()).hexdigest()[:8]
+    path = os.path.join(data_dir, f"{split_name}_tokens_{tag}.npz")
+    if os.path.isfile(path):
+        z = np.load(path)
+        if len(z["tokens"]) == len(captions):
+            return z["tokens"], z["lengths"]
+    tokens, lengths = ctok.tokenize_numpy(tok, captions, cfg["context_length"])
+    if master and os.access(data_dir, os.W_OK):
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, tokens=tokens, lengths=lengths)
+        os.replace(tmp, path)
+    return tokens, lengths
+
+
+def critical_flags(captions, terms):
+    """A caption is critical when a sentence names a term and is not a negation ('No pneumothorax.' is not)."""
+    terms = [t.strip().lower() for t in terms.split(",") if t.strip()]
+
+    def critical(c):
+        sentences = [s.strip() for s in c.lower().replace(";", ".").split(".")]
+        return any(t in s for s in sentences if not s.startswith(("no ", "without ")) for t in terms)
+    return np.array([critical(c) for c in captions], dtype=bool)
+
+
+# -----------------------------------------------------------------------------
+
+
+def model_args_from_cfg(cfg):
+    if cfg["init_from"] == "pretrained":
+        if not cfg["pretrained_path"]:
+            raise ValueError("init_from='pretrained' needs --pretrained_path=<open_clip file | HF CLIP folder | BiomedCLIP file>")
+        a = clip_model.clip_args_from_weights(cfg["pretrained_path"])
+        a.update(in_chans=cfg["in_chans"], image_size=cfg["image_size"], drop_path=cfg["drop_path"],
+                 grad_checkpoint=cfg["grad_checkpoint"], context_length=min(a.get("context_length", 77), cfg["context_length"]))
+        for key in ("vision_act", "text_act"):
+            if cfg[key] != "auto":
+                a[key] = cfg[key]
+        return a
+    act = lambda v: "gelu" if v == "auto" else v  # noqa: E731
+    return dict(embed_dim=cfg["embed_dim"], image_model=cfg["image_model"], image_size=cfg["image_size"],
+                patch_size=cfg["patch_size"], vision_width=cfg["vision_width"], vision_layers=cfg["vision_layers"],
+                vision_heads=cfg["vision_heads"], in_chans=cfg["in_chans"], ln_pre=cfg["ln_pre"],
+                patch_bias=cfg["patch_bias"], vision_act=act(cfg["vision_act"]), drop_path=cfg["drop_path"],
+                text_model=cfg["text_model"], context_length=cfg["context_length"], text_width=cfg["text_width"],
+                text_layers=cfg["text_layers"], text_heads=cfg["text_heads"], text_act=act(cfg["text_act"]),
+                text_proj=cfg["text_proj"], grad_checkpoint=cfg["grad_checkpoint"],
+                text_eps=1e-12 if cfg["text_model"] == "bert" else 1e-5)
+
+
+def main(argv=None):
+    cfg = configurator.load(DEFAULTS, sys.argv[1:] if argv is None else argv)
+    dist = common.setup_distributed(cfg["device"], cfg["backend"])
+    cfg["dtype"] = common.resolve_dtype(cfg["dtype"], dist.device)
+    quiet = cfg["eval_only"] and (cfg["query"] or cfg["image"])
+    log = common.Logger(cfg["out_dir"], cfg["tensorboard_log"] and not quiet, dist.master)
+    try:
+        return _train(cfg, dist, log)
+    finally:
+        log.close()
+        common.cleanup_distributed()
+
+
+def _train(cfg, dist, log):
+    master = dist.master
+    log.line(f"nanorad train_clip.py | world {dist.world_size} | device {dist.device} | dtype {cfg['dtype']}")
+    log.line(configurator.format_config(cfg))
+    if master and not cfg["eval_only"]:
+        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    common.seed_everything(cfg["seed"] + dist.rank)
+    if dist.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- checkpoint to resume or to evaluate
+    ckpt, ckpt_path = None, os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] not in ("scratch", "pretrained", "resume"):
+        raise ValueError(f"init_from must be scratch, pretrained or resume, got {cfg['init_from']!r}")
+    if cfg["eval_only"] and cfg["init_from"] != "pretrained":
+        best = os.path.join(cfg["out_dir"], "best.pt")
+        path = best if os.path.exists(best) else ckpt_path
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"eval_only: no {best} or {ckpt_path}; train first (python train_clip.py "
+                                    f"--out_dir={cfg['out_dir']}) or pass --init_from=pretrained --pretrained_path=...")
+        ckpt = common.load_checkpoint(path)
+        for key in ("tokenizer", "tokenizer_path", "bpe_vocab_size", "context_length", "norm", "in_chans", "image_size"):
+            cfg[key] = ckpt["config"][key]  # the run's own choices; the rest of the command line still applies
+        log.line(f"eval_only: {path} (iter {ckpt['iter']})")
+    elif cfg["init_from"] == "resume":
+        if os.path.exists(ckpt_path):
+            ckpt = common.load_checkpoint(ckpt_path)
+        else:
+            log.line(f"init_from='resume' but {ckpt_path} does not exist yet: starting from scratch")
+
+    # --- data
+    if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")) and cfg["dataset"] == "phantom":
+        if master:
+            log.line(f"{cfg['data_dir']} is missing: generating the phantom ({cfg['phantom_images']} images at {cfg['image_size']}px)")
+            data.prepare_phantom(cfg["data_dir"], n_images=cfg["phantom_images"], image_size=cfg["image_size"], seed=0)
+        if dist.ddp:
+            tdist.barrier()
+    meta = data.load_meta(cfg["data_dir"])
+    if meta["image_size"] != cfg["image_size"]:
+        raise ValueError(f"image_size={cfg['image_size']} but {cfg['data_dir']} was prepared at {meta['image_size']}: "
+                         f"pass --image_size={meta['image_size']} or prepare the data again")
+    train_split = data.PreparedSplit(cfg["data_dir"], "train")
+    val_split = data.PreparedSplit(cfg["data_dir"], "val")
+    captions = {s.split: [r["text"] for r in s.index] for s in (train_split, val_split)}
+    tok = ctok.build_tokenizer(cfg["tokenizer"], cfg["tokenizer_path"], cfg["context_length"], captions["train"],
+                               cfg["bpe_vocab_size"], saved=ckpt.get("tokenizer") if ckpt is not None else None)
+    for name, caps in captions.items():
+        empty = sum(1 for c in caps if not c.strip())
+        if empty:
+            raise ValueError(f"{cfg['data_dir']}/{name}_index.csv: {empty} of {len(caps)} rows have an empty 'text' "
+                             f"column; CLIP needs a caption per image (prepare with a dataset that has reports/captions)")
+    tokens = {s: load_tokens(cfg["data_dir"], s, caps, tok, cfg, master) for s, caps in captions.items()}
+    crit = critical_flags(captions["train"], cfg["critical_terms"])
+
+    gas = cfg["gradient_accumulation_steps"]
+    assert gas % dist.world_size == 0, f"gradient_accumulation_steps={gas} must be divisible by the world size {dist.world_size}"
+    accum = gas // dist.world_size
+    global_batch = cfg["batch_size"] * gas
+    n_val = len(val_split) if cfg["val_size"] <= 0 else min(cfg["val_size"], len(val_split))
+    log.line(f"data: {cfg['data_dir']} | train {len(train_split)} pairs | val pool {n_val} pairs | "
+             f"global batch {global_batch} = {cfg['batch_size']} x {accum} accum x {dist.world_size} ranks "
+             f"({'one loss over all of it' if cfg['feature_cache'] or gas == 1 else 'a loss per micro-batch'}) | "
+             f"{cfg['max_iters'] * global_batch / len(train_split):.1f} epochs | tokens/caption "
+             f"{tokens['train'][1].mean():.1f} (max {tokens['train'][1].max()}, {100 * (tokens['train'][1] >= cfg['context_length']).mean():.1f}% "
+             f"cut at {cfg['context_length']}) | critical pairs {100 * crit.mean():.1f}%")
+
+    # --- model
+    if ckpt is not None:
+        args = ckpt["model_args"]
+    else:
+        args = model_args_from_cfg(cfg)
+        if cfg["init_from"] == "scratch":
+            args["vocab_size"] = tok.vocab_size
+        args.update(eot_id=tok.eot_id, pad_id=tok.pad_id)
+    if args["vocab_size"] < tok.vocab_size:
+        raise ValueError(f"the text tower knows {args['vocab_size']} token ids but tokenizer={cfg['tokenizer']!r} makes "
+                         f"{tok.vocab_size}: use the tokenizer the weights were trained with")
+    raw = clip_model.build_clip(**args)
+    if ckpt is not None:
+        raw.load_state_dict(ckpt["model"])
+    elif cfg["init_from"] == "pretrained":
+        report = clip_model.load_clip_weights(raw, cfg["pretrained_path"])
+        log.line(f"loaded {report['file']} ({report['layout']} layout, {report['loaded']} tensors)"
+                 + (f" | adapted: {'; '.join(report['adapted'])}" if report["adapted"] else ""))
+    raw.to(dist.device)
+    if cfg["lock_image"]:
+        clip_model.lock_tower(raw, "visual", cfg["unlock_last_n"])
+    if cfg["lock_text"]:
+        clip_model.lock_tower(raw, "text", cfg["unlock_last_n"])
+    n_params = sum(p.numel() for p in raw.parameters())
+    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    log.line(f"model: image {args['image_model']} | text {args['text_model']} | embed {args['embed_dim']} | "
+             f"{n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable) | tokenizer {cfg['tokenizer']} "
+             f"(vocab {tok.vocab_size}, context {cfg['context_length']})")
+
+    # --- optimizer
+    groups = clip_model.clip_param_groups(raw, cfg["weight_decay"], cfg["lr_mult_image"], cfg["lr_mult_text"],
+                                          cfg["layer_decay_image"], cfg["layer_decay_text"])
+    optimizer = common.make_optimizer(groups, cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), dist.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")
+    iter_num, best_metric, best_iter, bad_evals = 0, None, -1, 0
+    if ckpt is not None and not cfg["eval_only"]:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_metric, best_iter, bad_evals = ckpt["iter"], ckpt["best_metric"], ckpt["best_iter"], ckpt["bad_evals"]
+        common.set_rng_state(ckpt["rng"][min(dist.rank, len(ckpt["rng"]) - 1)])
+        log.line(f"resumed from {ckpt_path} at iter {iter_num}")
+    ckpt = None
+
+    net = torch.compile(raw) if cfg["compile"] else raw
+    if dist.ddp:
+        net = DDP(net, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+
+    if cfg["eval_only"] and (cfg["query"] or cfg["image"]):
+        return _retrieve(raw, val_split, tokens["val"], captions["val"], cfg, meta, dist, tok)
+
+    loader = data.Loader(train_split, cfg["batch_size"], accum, cfg["seed"], dist.rank, dist.world_size,
+                         dist.device, start_step=iter_num)
+    train_tokens, train_lengths = tokens["train"]
+    select = cfg["select_metric"]
+    higher_better = "loss" not in select and "rank" not in select
+    rng_all, record = None, None
+
+    def save(name, it):
+        state = {"model": raw.state_dict(), "model_args": raw.model_args, "config": cfg, "iter": it,
+                 "tokenizer": tok.to_dict() if cfg["tokenizer"] == "bpe" else None,
+                 "best_metric": best_metric, "best_iter": best_iter, "bad_evals": bad_evals,
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_all,
+                 "meta": {"classes": meta.get("classes", []), "mean": meta["mean"], "std": meta["std"],
+                          "norm": cfg["norm"], "data_dir": cfg["data_dir"]}}
+        common.save_checkpoint(state, os.path.join(cfg["out_dir"], name))
+
+    # --- the loop
+    log.line(f"training {cfg['max_iters']} iterations from iter {iter_num}")
+    timer = common.Timer(dist.device)
+    t_start, iters_done = time.time(), 0
+    resumed_at = iter_num if cfg["init_from"] == "resume" and iter_num > 0 else -1
+    while True:
+        last_step = iter_num >= cfg["max_iters"]
+        lr = common.get_lr(iter_num, cfg["learning_rate"], cfg["warmup_iters"], cfg["plateau_iters"],
+                           cfg["lr_decay_iters"], cfg["min_lr"])
+        common.set_lr(optimizer, lr)
+
+        # evaluate, log and checkpoint
+        if (iter_num % cfg["eval_interval"] == 0 or last_step or cfg["eval_only"]) and iter_num != resumed_at:
+            t_eval = time.time()
+            record, img_f, txt_f = run_eval(raw, val_split, *tokens["val"], captions["val"], cfg, meta, dist, tok)
+            record = {"iter": iter_num, "split": "val", **record}
+            value = record.get(select)
+            if value is None:
+                raise ValueError(f"select_metric={select!r} is not in the eval record; choose one of "
+                                 f"{sorted(k for k, v in record.items() if isinstance(v, float))}")
+            improved = best_metric is None or (value > best_metric if higher_better else value < best_metric)
+            if improved:
+                best_metric, best_iter, bad_evals = value, iter_num, 0
+            elif not cfg["eval_only"]:
+                bad_evals += 1
+            log.line(f"eval iter {iter_num} | pool {record['pool']} | i2t R@1/5/10 {record['i2t_r1']:.3f}/{record['i2t_r5']:.3f}/"
+                     f"{record['i2t_r10']:.3f} mrr {record['i2t_mrr']:.3f} | t2i R@1/5/10 {record['t2i_r1']:.3f}/"
+                     f"{record['t2i_r5']:.3f}/{record['t2i_r10']:.3f} | loss_pool {record['loss_pool']:.3f} | "
+                     f"scale {record['logit_scale']:.1f} | {time.time() - t_eval:.1f} s")
+            if "zs_auc_macro" in record:
+                log.line(f"  findings-match i2t R@1/5/10 {record['lab_i2t_r1']:.3f}/{record['lab_i2t_r5']:.3f}/{record['lab_i2t_r10']:.3f}"
+                         f" t2i {record['lab_t2i_r1']:.3f}/{record['lab_t2i_r5']:.3f}/{record['lab_t2i_r10']:.3f} (chance "
+                         f"{record['lab_chance_r1']:.3f}/{record['lab_chance_r5']:.3f}/{record['lab_chance_r10']:.3f}) | zero-shot "
+                         f"auc_macro {record['zs_auc_macro']:.4f} (with 'no X' prompts {record['zs_neg_auc_macro']:.4f}) | "
+                         f"top1 {record.get('zs_top1', float('nan')):.3f} on {record.get('zs_n_single', 0)} single-finding images")
+                log.line("  zero-shot AUC: " + " ".join(f"{c[:12]}={v:.3f}" for c, v in record["zs_auc"].items()))
+            log.line(f"  best {select} {best_metric:.4f} @ {best_iter}")
+            log.jsonl(record)
+            if master:
+                _tensorboard_eval(log, record, img_f, txt_f, val_split, captions["val"], iter_num)
+            rng_all = _gather_rng(dist)
+            if master and not cfg["eval_only"]:
+                save("ckpt.pt", iter_num)
+                if improved:
+                    save("best.pt", iter_num)
+                if cfg["keep_last"] > 0:
+                    save(f"ckpt_{iter_num:07d}.pt", iter_num)
+                    for old in sorted(glob.glob(os.path.join(cfg["out_dir"], "ckpt_*.pt")))[:-cfg["keep_last"]]:
+                        os.remove(old)
+            if cfg["early_stop_patience"] > 0 and bad_evals >= cfg["early_stop_patience"]:
+                log.line(f"early stop: {bad_evals} evals without a better {select}")
+                last_step = True
+        if last_step or cfg["eval_only"]:
+            break
+
+        # this rank's micro-batches: images (augmented on device), tokens, margins and weights
+        micro = []
+        for k, (x, _, idx) in enumerate(loader.get(iter_num)):
+            x = images_to_float(x, meta, cfg)
+            if cfg["augment"]:
+                gen = torch.Generator(device=x.device)
+                gen.manual_seed(((cfg["seed"] * 1_000_003 + iter_num) * 1009 + dist.rank) * 131 + k)
+                x = data.augment(x, gen, hflip=False)
+            t = trim(torch.from_numpy(train_tokens[idx]).long(), torch.from_numpy(train_lengths[idx])).to(dist.device)
+            c = torch.from_numpy(crit[idx]).to(dist.device).float()
+            m = cfg["margin"] + cfg["critical_margin"] * c if (cfg["margin"] or cfg["critical_margin"]) else None
+            w = 1.0 + (cfg["critical_weight"] - 1.0) * c if cfg["critical_weight"] != 1.0 else None
+            micro.append((x, t, m, w))
+        loss = forward_backward(net, micro, dist, cfg, cfg["feature_cache"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss ({float(loss)}) at iter {iter_num}: the last good checkpoint "
+                                     f"{ckpt_path} is intact; try a lower learning_rate or dtype=float32")
+        trainable = [p for p in raw.parameters() if p.requires_grad]
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
+        else:
+            norm = common.grad_norm(trainable)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        raw.clamp_logit_scale(cfg["max_logit_scale"])
+
+        iter_num += 1
+        iters_done += 1
+        if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
+            dt = timer.lap() / (cfg["log_interval"] if iters_done > 1 else 1)
+            loss_val = float(common.all_reduce_mean(loss.reshape(1), dist)[0])
+            scale = float(raw.logit_scale.detach().exp())
+            eta = common.format_eta((cfg["max_iters"] - iter_num) * (time.time() - t_start) / iters_done)
+            log.line(f"iter {iter_num:6d} | loss {loss_val:.4f} | norm {float(norm):6.3f} | lr {lr:.2e} | "
+                     f"{1000 * dt:7.1f} ms | {global_batch / dt:7.1f} pairs/s | scale {scale:6.2f} | eta {eta}")
+            log.scalars({"train/loss": loss_val, "train/grad_norm": float(norm), "train/lr": lr,
+                         "train/logit_scale": scale, "perf/pairs_per_s": global_batch / dt}, iter_num)
+
+    loader.close()
+    final = {"final": True, "best_iter": best_iter, "best_metric": best_metric, "select_metric": select,
+             f"best_{select}": best_metric, "iters": iter_num, "time_s": round(time.time() - t_start, 1),
+             "last": record}
+    log.jsonl({k: v for k, v in final.items() if k != "last"})
+    log.line(f"done: best {select} {best_metric:.4f} at iter {best_iter} | {final['time_s']:.0f} s | {cfg['out_dir']}")
+    return final
+
+
+def _retrieve(raw, split, tokens, captions, cfg, meta, dist, tok):
+    """--query: top-k validation images for a caption; --image: top-k validation captions for an image file."""
+    n = len(split) if cfg["val_size"] <= 0 else min(cfg["val_size"], len(split))
+    raw.eval()
+    img, txt = encode_split(raw, split, *tokens, n, cfg, meta, dist)
+    out = {}
+    if cfg["query"]:
+        q = encode_texts(raw, tok, [cfg["query"]], cfg, dist.device)[0]
+        scores, order = (img @ q).topk(min(cfg["top_k"], n))
+        out["images"] = [(int(i), float(s), captions[i]) for s, i in zip(scores, order)]
+        common.print0(f"query: {cfg['query']!r} -> top {len(order)} of {n} validation images")
+        for r, (i, s, c) in enumerate(out["images"], 1):
+            common.print0(f"{r:3d} | val #{i:5d} | {s:.3f} | {c}")
+    if cfg["image"]:
+        a = data.decode_image(cfg["image"], cfg["image_size"])
+        x = images_to_float(torch.from_numpy(np.asarray(a, np.uint8))[None, None].to(dist.device), meta, cfg)
+        with torch.no_grad(), common.autocast(dist.device, cfg["dtype"]):
+            v = raw.encode_image(x).float().cpu()[0]
+        first = {}
+        for i in range(n):
+            first.setdefault(captions[i], i)  # identical captions are listed once
+        cand = torch.tensor(sorted(first.values()))
+        scores, order = (txt[cand] @ v).topk(min(cfg["top_k"], len(cand)))
+        out["captions"] = [(int(cand[o]), float(s), captions[int(cand[o])]) for s, o in zip(scores, order)]
+        common.print0(f"image: {cfg['image']} -> top {len(order)} of {len(cand)} distinct validation captions")
+        for r, (i, s, c) in enumerate(out["captions"], 1):
+            common.print0(f"{r:3d} | val #{i:5d} | {s:.3f} | {c}")
+    return out
+
+
+def _gather_rng(dist):
+    state = common.rng_state()
+    if not dist.ddp:
+        return [state]
+    states = [None] * dist.world_size
+    tdist.all_gather_object(states, state)
+    return states
+
+
+def _tensorboard_eval(log, record, img, txt, split, captions, it):
+    if log.tb is None:
+        return
+    log.scalars({k: v for k, v in record.items() if isinstance(v, float)}, it, "val/")
+    log.scalars(record.get("zs_auc", {}), it, "val_zs_auc/")
+    # top-5 retrieved images for the first 4 validation captions: one row per query, the true image first
+    rows, lines = [], []
+    for q in range(min(4, len(txt))):
+        top = (img @ txt[q]).topk(min(5, len(img))).indices.tolist()
+        rows += [q] + top
+        lines.append(f"query {q}: {captions[q][:200]} | top-5: {top}")
+    imgs = torch.as_tensor(np.asarray(split.images[np.array(rows)])).unsqueeze(1)
+    log.tb.add_images("val/retrievals", imgs, it, dataformats="NCHW")
+    log.tb.add_text("val/retrieval_queries", "  \n".join(lines), it)
+
+
+if __name__ == "__main__":
+    main()
