@@ -45,6 +45,7 @@ import common
 import configurator
 import data
 import evaluate
+import fusion
 import model as models
 
 # -----------------------------------------------------------------------------
@@ -114,6 +115,24 @@ distill_temperature = 2.0  # softens teacher and student outputs; the distillati
 # selection
 select_metric = "auc_macro"  # auc_macro | loss | any key of the eval record (acc, f1_macro, ap_macro, ...)
 early_stop_patience = 0  # stop after this many evals without improvement; 0 = off
+# multimodal fusion (fusion.py): image + a text column + clinical variables; "" keeps the image-only classifier
+modalities = ""  # "" (image-only, build_model) | vision | text | clinical | vision,text | vision,clinical | text,clinical | all
+fusion_mode = "concat"  # concat (project each modality, concatenate, MLP) | cross_attention (+ image tokens attend to text tokens)
+text_column = "indication"  # {split}_index.csv column read by the text encoder; not 'text' (the report) when labels were mined from reports: it leaks them
+clinical_columns = "age,sex,view"  # index columns: numeric -> z-score, else one-hot; an empty cell -> 0 + a missing flag
+text_encoder = "small"  # small (bytes -> text_layers Blocks, from scratch) | clip (text tower of a CLIP / BERT at text_init)
+text_init = ""  # text_encoder='clip': a train_clip.py checkpoint, open_clip / BiomedCLIP weights or a HF CLIP folder
+text_tokenizer = "auto"  # auto (byte for small, the checkpoint's for clip) | byte | bpe (tokenizer.py json) | clip | wordpiece
+text_tokenizer_path = ""  # bpe: tokenizer.py json; clip: merges file or HF folder ('' = open_clip's); wordpiece: vocab.txt
+text_context = 64  # tokens per text (phantom indications <= 50 bytes; CLIP 77)
+text_width = 128  # small text encoder: width, blocks, heads
+text_layers = 2
+text_heads = 4
+fusion_dim = 256  # width of each projected modality and of the fusion MLP
+fusion_dropout = 0.3  # after the fusion MLP
+head_dropout = 0.3  # before the head's first Linear
+head_dropout2 = 0.2  # before the head's last Linear
+stage2_lr = 0.0  # two_stage: peak LR of fusion + head after freeze_iters (encoders: x lr_backbone_mult); 0 = one schedule
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
@@ -193,7 +212,7 @@ def mixup(x, y, alpha, gen, task, num_classes):
 
 
 @torch.no_grad()
-def run_eval(net, split, cfg, meta, dist, loss_fn):
+def run_eval(net, split, cfg, meta, dist, loss_fn, inputs=None):
     net.eval()
     idx_parts, logit_parts = [], []
     for idx, x, _ in data.eval_shards(split, cfg["eval_batch_size"], dist.rank, dist.world_size):
@@ -202,7 +221,7 @@ def run_eval(net, split, cfg, meta, dist, loss_fn):
         if cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         with common.autocast(dist.device, cfg["dtype"]):
-            logits = net(x)
+            logits = net(x, **fusion.batch_inputs(inputs, idx, dist.device))  # {} for an image-only model
         idx_parts.append(torch.as_tensor(idx))
         logit_parts.append(logits.float().cpu())
     empty = torch.zeros((0, len(meta["classes"])))
@@ -289,26 +308,49 @@ def _train(cfg, dist, log):
     if cfg["init_from"] == "resume":
         if os.path.exists(ckpt_path):
             ckpt = common.load_checkpoint(ckpt_path)
-            if ckpt["model_args"]["model"] != cfg["model"]:
-                raise ValueError(f"{ckpt_path} holds a {ckpt['model_args']['model']} model but model={cfg['model']!r}: "
-                                 f"pass --model={ckpt['model_args']['model']} or another out_dir")
+            want = "fusion" if cfg["modalities"] else cfg["model"]
+            if ckpt["model_args"]["model"] != want:
+                raise ValueError(f"{ckpt_path} holds a {ckpt['model_args']['model']} model but this run builds {want!r} "
+                                 f"(model={cfg['model']!r}, modalities={cfg['modalities']!r}): match them or use another out_dir")
         else:
             log.line(f"init_from='resume' but {ckpt_path} does not exist yet: starting from scratch")
     elif cfg["init_from"] not in ("scratch", "pretrained"):
         raise ValueError(f"init_from must be scratch, pretrained or resume, got {cfg['init_from']!r}")
-    raw = models.build_model(cfg["model"], num_classes=len(classes), in_chans=cfg["in_chans"], image_size=cfg["image_size"],
-                             drop_path=cfg["drop_path"], dropout=cfg["dropout"], grad_checkpoint=cfg["grad_checkpoint"])
+    fused = bool(cfg["modalities"])  # image + text + clinical (fusion.py); the vision-only ablation row is modalities='vision'
+    if fused and cfg["mixup_alpha"] > 0:
+        raise ValueError("mixup_alpha > 0 mixes images but not their text or clinical variables: use --mixup_alpha=0 with modalities")
+    if fused:
+        # the clinical encoding (train-split mean/std, categories) lives in model_args: a resumed run keeps it
+        raw = fusion.build_fusion(**(ckpt["model_args"] if ckpt is not None else
+                                     fusion.fusion_args_from_cfg(cfg, len(classes), train_split)))
+    else:
+        raw = models.build_model(cfg["model"], num_classes=len(classes), in_chans=cfg["in_chans"], image_size=cfg["image_size"],
+                                 drop_path=cfg["drop_path"], dropout=cfg["dropout"], grad_checkpoint=cfg["grad_checkpoint"])
     if cfg["init_from"] == "pretrained" and ckpt is None:
         if not cfg["pretrained_path"]:
             raise ValueError("init_from='pretrained' needs --pretrained_path=<file> or torchvision:<WeightsEnum.NAME>")
-        _check_family(cfg["pretrained_path"], cfg["model"])
-        models.load_pretrained(raw, cfg["pretrained_path"])
+        if fused:  # the vision encoder: a train.py / train_clip.py checkpoint (head dropped) or any load_pretrained file
+            log.line(fusion.load_vision_init(raw, cfg["pretrained_path"]))
+        else:
+            _check_family(cfg["pretrained_path"], cfg["model"])
+            models.load_pretrained(raw, cfg["pretrained_path"])
+    if fused and ckpt is None and cfg["text_init"] and "text" in raw.modalities:
+        log.line(fusion.load_text_init(raw, cfg["text_init"]))
+    # per-split modality arrays, row i = sample i: the training loop and eval look them up by the batch's indices
+    inputs = {"train": None, "val": None}
+    if fused:
+        inputs = {"train": fusion.split_inputs(train_split, raw.model_args), "val": fusion.split_inputs(val_split, raw.model_args)}
+        a = raw.model_args
+        log.line(f"fusion: modalities {a['modalities']} | {a['fusion']} | "
+                 + (f"text {a['text_column']!r} -> {a['text_encoder']} ({a['text_tokenizer']}, {a['text_context']} tokens) | " if "text" in raw.modalities else "")
+                 + (f"clinical {[s['name'] for s in a['clinical_spec']]} -> {a['clinical_dim']} features" if "clinical" in raw.modalities else ""))
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
     raw.to(dist.device)
     if cfg["channels_last"]:
         raw = raw.to(memory_format=torch.channels_last)
-    flops_per_img = 3 * models.estimate_flops(raw, cfg["image_size"], cfg["in_chans"])  # fwd + bwd ~ 3x fwd
+    flops_per_img = 3 * (fusion.estimate_flops(raw, dist.device) if fused else
+                         models.estimate_flops(raw, cfg["image_size"], cfg["in_chans"]))  # fwd + bwd ~ 3x fwd
     log.line(f"model: {cfg['model']} | {models.get_num_params(raw) / 1e6:.2f}M params | "
              f"{flops_per_img / 3 / 1e9:.3f} GFLOPs/img forward at {cfg['image_size']}px")
 
@@ -329,6 +371,7 @@ def _train(cfg, dist, log):
     if cfg["ema_decay"] > 0:
         ema = {k: v.detach().clone().float() for k, v in raw.state_dict().items()}
     iter_num, best_metric, best_iter, bad_evals = 0, None, -1, 0
+    best_worst = None  # best worst-class AUC so far (best_worst.pt)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -336,6 +379,7 @@ def _train(cfg, dist, log):
             ema = {k: v.to(dist.device) for k, v in ckpt["ema"].items()}
         iter_num, best_metric, best_iter = ckpt["iter"], ckpt["best_metric"], ckpt["best_iter"]
         bad_evals = ckpt.get("bad_evals", 0)
+        best_worst = ckpt.get("best_worst")
         common.set_rng_state(ckpt["rng"][min(dist.rank, len(ckpt["rng"]) - 1)])
         log.line(f"resumed from {ckpt_path} at iter {iter_num} (best {cfg['select_metric']} {best_metric})")
     ckpt = None  # free the memory
@@ -365,7 +409,7 @@ def _train(cfg, dist, log):
     def save(name, it):
         state = {
             "model": raw.state_dict(), "model_args": raw.model_args, "config": cfg, "iter": it,
-            "best_metric": best_metric, "best_iter": best_iter, "bad_evals": bad_evals,
+            "best_metric": best_metric, "best_iter": best_iter, "bad_evals": bad_evals, "best_worst": best_worst,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "ema": ema, "rng": rng_all,
             "meta": {"classes": classes, "task": task, "mean": meta["mean"], "std": meta["std"],
@@ -381,18 +425,26 @@ def _train(cfg, dist, log):
     rng_all = None
     while True:
         last_step = iter_num >= cfg["max_iters"]
-        lr = common.get_lr(iter_num, cfg["learning_rate"], cfg["warmup_iters"], cfg["plateau_iters"],
-                           cfg["lr_decay_iters"], cfg["min_lr"])
+        if mode == "two_stage" and cfg["stage2_lr"] > 0 and iter_num >= cfg["freeze_iters"]:
+            # stage 2: warmup again to stage2_lr (encoders x lr_backbone_mult), cosine to min_lr at lr_decay_iters
+            lr = common.get_lr(iter_num - cfg["freeze_iters"], cfg["stage2_lr"], cfg["warmup_iters"], 0,
+                               cfg["lr_decay_iters"] - cfg["freeze_iters"], cfg["min_lr"])
+        else:
+            lr = common.get_lr(iter_num, cfg["learning_rate"], cfg["warmup_iters"], cfg["plateau_iters"],
+                               cfg["lr_decay_iters"], cfg["min_lr"])
         common.set_lr(optimizer, lr)
 
         # evaluate, log and checkpoint
         if (iter_num % cfg["eval_interval"] == 0 or last_step or cfg["eval_only"]) and iter_num != resumed_at:
-            record, probs = run_eval(raw, val_split, cfg, meta, dist, eval_loss_fn)
+            record, probs = run_eval(raw, val_split, cfg, meta, dist, eval_loss_fn, inputs["val"])
+            aucs = [v for v in record.get("auc", {}).values() if v is not None and math.isfinite(v)]
+            if aucs:
+                record["auc_worst"] = min(aucs)  # the worst class's AUC: best_worst.pt keeps its best
             record = {"iter": iter_num, "split": "val", **record}
             if ema is not None:
-                ema_model = models.build_model(**raw.model_args).to(dist.device)
+                ema_model = fusion.build_any(raw.model_args).to(dist.device)
                 ema_model.load_state_dict({k: v.to(raw.state_dict()[k].dtype) for k, v in ema.items()})
-                ema_record, _ = run_eval(ema_model, val_split, cfg, meta, dist, eval_loss_fn)
+                ema_record, _ = run_eval(ema_model, val_split, cfg, meta, dist, eval_loss_fn, inputs["val"])
                 record["ema"] = {k: ema_record[k] for k in ("loss", "auc_macro", "ap_macro", "acc") if k in ema_record}
             value = record.get(select)
             if value is None:
@@ -402,11 +454,15 @@ def _train(cfg, dist, log):
                 best_metric, best_iter, bad_evals = value, iter_num, 0
             elif not cfg["eval_only"]:
                 bad_evals += 1
+            worst_improved = "auc_worst" in record and (best_worst is None or record["auc_worst"] > best_worst)
+            if worst_improved:
+                best_worst = record["auc_worst"]
             per_class = " ".join(f"{c[:12]}={v:.3f}" for c, v in record.get("auc", {}).items())
             log.line(f"eval iter {iter_num} | val loss {record['loss']:.4f} | auc_macro {record.get('auc_macro', float('nan')):.4f} | "
                      f"ap_macro {record.get('ap_macro', float('nan')):.4f}"
                      + (f" | acc {record['acc']:.4f}" if "acc" in record else "")
                      + (f" | ema auc_macro {record['ema'].get('auc_macro', float('nan')):.4f}" if "ema" in record else "")
+                     + (f" | auc_worst {record['auc_worst']:.4f}" if "auc_worst" in record else "")
                      + f" | best {select} {best_metric:.4f} @ {best_iter}")
             if per_class:
                 log.line(f"  per-class AUC: {per_class}")
@@ -420,11 +476,14 @@ def _train(cfg, dist, log):
                 save("ckpt.pt", iter_num)
                 if improved:
                     save("best.pt", iter_num)
+                if worst_improved:
+                    save("best_worst.pt", iter_num)
                 if cfg["keep_last"] > 0:
                     save(f"ckpt_{iter_num:07d}.pt", iter_num)
                     for old in sorted(glob.glob(os.path.join(cfg["out_dir"], "ckpt_*.pt")))[:-cfg["keep_last"]]:
                         os.remove(old)
-            if cfg["early_stop_patience"] > 0 and bad_evals >= cfg["early_stop_patience"]:
+            in_stage1 = mode == "two_stage" and iter_num < cfg["freeze_iters"]
+            if cfg["early_stop_patience"] > 0 and bad_evals >= cfg["early_stop_patience"] and not in_stage1:
                 log.line(f"early stop: {bad_evals} evals without a better {select} (best {best_metric:.4f} @ {best_iter})")
                 last_step = True
         if last_step or cfg["eval_only"]:
@@ -434,12 +493,13 @@ def _train(cfg, dist, log):
         if mode == "two_stage" and iter_num == cfg["freeze_iters"] and iter_num > 0:
             models.unfreeze(raw)
             net = wrap(raw)
+            bad_evals = 0  # early stopping counts stage-2 evals only
             log.line(f"iter {iter_num}: two_stage unfreezes the backbone (backbone LR x{cfg['lr_backbone_mult']})")
 
         # forward/backward over the micro-steps, gradient sync only on the last one
         micro = loader.get(iter_num)
         loss_sum = 0.0
-        for k, (x, y, _) in enumerate(micro):
+        for k, (x, y, idx) in enumerate(micro):
             sync = k == len(micro) - 1
             ctx = net.no_sync() if dist.ddp and not sync else contextlib.nullcontext()
             with ctx:
@@ -455,7 +515,7 @@ def _train(cfg, dist, log):
                 if cfg["channels_last"]:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with common.autocast(dist.device, cfg["dtype"]):
-                    logits = net(x)
+                    logits = net(x, **fusion.batch_inputs(inputs["train"], idx, dist.device))  # {} image-only
                 loss = loss_fn(logits.float(), y)
                 if teacher is not None:
                     xt = data.to_float(x01, teacher_meta["mean"], teacher_meta["std"], teacher.model_args["in_chans"],
@@ -506,7 +566,8 @@ def _train(cfg, dist, log):
             log.scalars(scalars, iter_num)
 
     final = {"final": True, "best_iter": best_iter, "best_metric": best_metric, "select_metric": select,
-             f"best_{select}": best_metric, "iters": iter_num, "time_s": round(time.time() - t_start, 1)}
+             f"best_{select}": best_metric, "best_auc_worst": best_worst, "iters": iter_num,
+             "time_s": round(time.time() - t_start, 1)}
     log.jsonl(final)
     log.line(f"done: best {select} {best_metric:.4f} at iter {best_iter} | {final['time_s']:.0f} s | {cfg['out_dir']}")
     return final

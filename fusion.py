@@ -1,0 +1,618 @@
+"""
+Multimodal fusion classifier (MDF-Net style, Hsieh et al. 2023): an image encoder, a text encoder over the
+clinical indication (or any other text column) and an MLP over clinical variables (age, sex, view, ...), fused
+by concatenation + MLP or by cross-attention (image tokens attend to text tokens), then a 2-layer head.
+
+    net = build_fusion(modalities="all", vision_model="convnext_atto", num_classes=10, image_size=64,
+                       clinical_spec=spec, clinical_dim=clinical_dim(spec))
+    logits = net(x, text_tokens=tokens, clinical=feats)      # any input a chosen modality does not use may be None
+
+Modalities: 'vision' | 'text' | 'clinical' | 'vision,text' | 'vision,clinical' | 'text,clinical' | 'all'.
+The vision-only row of an ablation is this model with modalities='vision' (same head, same recipe), so the
+table measures what text and clinical variables add, not a change of head.
+
+Encoders (what stage 1 of finetune_mode='two_stage' freezes; model.freeze_backbone works on this model
+because head_names = ('clinical', 'fusion', 'head')):
+  vision   any model.py image network (convnext_*, vit_*, vit_cxr, tv:<name>) with its head replaced by
+           Identity; optionally initialised from a train.py / train_clip.py checkpoint or any load_pretrained file
+  text     'small': token + position embeddings, model.Block x n, LayerNorm, masked mean pooling, over UTF-8
+           bytes (or a tokenizer.py byte-BPE file); 'clip': the text tower of clip_model.py (CLIP causal
+           transformer or BERT) from a train_clip.py checkpoint or open_clip / HF / BiomedCLIP weights
+The clinical MLP is trained with fusion + head in both stages: there is no pretrained clinical encoder.
+
+Plumbing from a prepared data set (data.PreparedSplit, {split}_index.csv):
+  spec = clinical_spec(train_split.index, "age,sex,view")     # train-split statistics, stored in model_args
+  arrays = split_inputs(split, net.model_args)                 # {'text_tokens': (N,T) int64, 'clinical': (N,D) f32}
+  kw = batch_inputs(arrays, idx, device)                       # idx: the sample indices a Loader / eval shard gives
+Missing clinical values (empty cells) become value 0 plus a missing-indicator feature: never NaN.
+"""
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as models
+
+MODALITIES = ("vision", "text", "clinical")
+MISSING = ("", "nan", "none", "na", "n/a", "null", "unknown")  # lower-cased cell values read as missing
+
+# -----------------------------------------------------------------------------
+# modalities knob
+
+
+def parse_modalities(s):
+    """'all' | comma list of vision/text/clinical -> tuple in canonical order."""
+    s = s.strip().lower()
+    if s == "all":
+        return MODALITIES
+    got = [m.strip() for m in s.split(",") if m.strip()]
+    bad = [m for m in got if m not in MODALITIES]
+    if bad or not got:
+        raise ValueError(f"modalities={s!r}: use 'all' or a comma list of {', '.join(MODALITIES)} (e.g. 'vision,text'); "
+                         f"unknown: {bad}")
+    return tuple(m for m in MODALITIES if m in got)
+
+# -----------------------------------------------------------------------------
+# clinical variables: numeric -> z-score + missing flag; categorical -> one-hot + missing flag
+
+
+def _missing(v):
+    return v is None or str(v).strip().lower() in MISSING
+
+
+def _as_float(v):
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def clinical_spec(rows, columns, max_categories=64):
+    """Read the variables' encoding off the training rows (list of dicts from {split}_index.csv). A column whose
+    non-missing cells all parse as numbers is numeric (mean/std of train), otherwise categorical (categories
+    seen in train, sorted). Returns a list of plain dicts (stored in checkpoints)."""
+    cols = [c.strip() for c in columns.split(",") if c.strip()] if isinstance(columns, str) else list(columns)
+    if rows and cols:
+        absent = [c for c in cols if c not in rows[0]]
+        if absent:
+            raise KeyError(f"clinical_columns {absent} are not columns of the index csv; its columns: {sorted(rows[0])}")
+    spec = []
+    for c in cols:
+        vals = [r[c] for r in rows if not _missing(r[c])]
+        nums = [_as_float(v) for v in vals]
+        if vals and all(x is not None for x in nums):
+            x = np.asarray(nums, np.float64)
+            spec.append({"name": c, "kind": "numeric", "mean": float(x.mean()), "std": float(x.std()) or 1.0})
+        else:
+            cats = sorted({str(v).strip() for v in vals})
+            if len(cats) > max_categories:
+                raise ValueError(f"clinical column {c!r} has {len(cats)} categories in the train split (> {max_categories}): "
+                                 f"bin it into a few groups in the index csv, or leave it out of clinical_columns")
+            spec.append({"name": c, "kind": "categorical", "categories": cats})
+    return spec
+
+
+def clinical_dim(spec):
+    return sum(2 if s["kind"] == "numeric" else len(s["categories"]) + 1 for s in spec)
+
+
+def clinical_features(rows, spec):
+    """(N, D) float32: per numeric variable [z-score, missing]; per categorical [one-hot..., missing]. A missing
+    or unparseable value is 0 with its flag set; a category unseen in train is all-zero one-hot with the flag."""
+    out = np.zeros((len(rows), clinical_dim(spec)), np.float32)
+    j = 0
+    for s in spec:
+        c = s["name"]
+        if s["kind"] == "numeric":
+            for i, r in enumerate(rows):
+                x = None if _missing(r.get(c)) else _as_float(r.get(c))
+                if x is None:
+                    out[i, j + 1] = 1.0
+                else:
+                    out[i, j] = (x - s["mean"]) / s["std"]
+            j += 2
+        else:
+            pos = {v: k for k, v in enumerate(s["categories"])}
+            miss = j + len(s["categories"])
+            for i, r in enumerate(rows):
+                k = None if _missing(r.get(c)) else pos.get(str(r.get(c)).strip())
+                if k is None:
+                    out[i, miss] = 1.0
+                else:
+                    out[i, j + k] = 1.0
+            j = miss + 1
+    assert np.isfinite(out).all(), "clinical features must be finite"
+    return out
+
+# -----------------------------------------------------------------------------
+# text tokens. The small encoder reads ids shifted by one (0 = padding) after a BOS id, so every text, also an
+# empty one, has at least one real token to pool over. The CLIP / BERT towers use their own tokenizers.
+
+PAD_ID = 0
+
+
+class SmallTokens:
+    """'byte': UTF-8 bytes (vocab 258, no file); 'bpe': a tokenizer.py JSON (byte-level BPE or char-level)."""
+
+    def __init__(self, kind="byte", path=""):
+        self.kind = kind
+        if kind == "byte":
+            self.encode, base = (lambda t: list(t.encode("utf-8"))), 256
+        elif kind == "bpe":
+            import tokenizer
+            if not path:
+                raise ValueError("text_tokenizer='bpe' needs text_tokenizer_path=<tokenizer.py json> "
+                                 "(make one: python tokenizer.py --train=reports.txt --vocab_size=4096 --out=tok.json)")
+            tok = tokenizer.load(path)
+            self.encode, base = tok.encode, tok.vocab_size
+        else:
+            raise ValueError(f"small text encoder: text_tokenizer must be byte or bpe, got {kind!r}")
+        self.bos_id = base + 1
+        self.vocab_size = base + 2
+
+    def __call__(self, texts, T):
+        out = np.zeros((len(texts), T), np.int64)
+        for i, t in enumerate(texts):
+            ids = [self.bos_id] + [k + 1 for k in self.encode(t)]
+            out[i, :min(T, len(ids))] = ids[:T]
+        return out
+
+
+def make_tokenizer(args):
+    """The tokenizer of a fusion model's text encoder: callable texts -> (N, text_context) int64."""
+    if args["text_encoder"] == "small":
+        return SmallTokens(args["text_tokenizer"], args["text_tokenizer_path"])
+    import clip_tokenizer_wip as ctok
+    tok = ctok.build_tokenizer(args["text_tokenizer"], args["text_tokenizer_path"], args["text_context"])
+    return lambda texts, T: ctok.tokenize_numpy(tok, texts, T)[0].astype(np.int64)
+
+# -----------------------------------------------------------------------------
+# per-split arrays and per-batch lookup
+
+
+def split_inputs(split, args, tokenizer=None):
+    """The text tokens and clinical features of every sample of a PreparedSplit (row i = sample i), for the
+    modalities of a fusion model's args. Text: the args['text_column'] column; clinical: args['clinical_spec']."""
+    mods = parse_modalities(args["modalities"])
+    rows = split.index
+    assert len(rows) == len(split), f"{split.split}_index.csv has {len(rows)} rows for {len(split)} images"
+    out = {}
+    if "text" in mods:
+        col = args["text_column"]
+        if rows and col not in rows[0]:
+            raise KeyError(f"text_column={col!r} is not a column of {split.split}_index.csv; columns: {sorted(rows[0])}")
+        tok = tokenizer or make_tokenizer(args)
+        out["text_tokens"] = tok([r[col] or "" for r in rows], args["text_context"])
+    if "clinical" in mods:
+        out["clinical"] = clinical_features(rows, args["clinical_spec"])
+    return out
+
+
+def batch_inputs(arrays, idx, device):
+    """Keyword arguments of FusionClassifier.forward for the samples idx (np.int64 / tensor) of a split."""
+    if not arrays:
+        return {}
+    idx = np.asarray(idx.cpu() if torch.is_tensor(idx) else idx, dtype=np.int64)
+    return {k: torch.from_numpy(v[idx]).to(device, non_blocking=True) for k, v in arrays.items()}
+
+# -----------------------------------------------------------------------------
+# encoders
+
+
+class SmallTextEncoder(nn.Module):
+    """Token + position embeddings, pre-LN Blocks (bidirectional, padding keys masked), LayerNorm, mean pool."""
+
+    def __init__(self, vocab_size, context, n_embd=128, n_layer=2, n_head=4, dropout=0.0):
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.pos_embed = nn.Parameter(torch.randn(1, context, n_embd) * 0.02)  # 'pos_embed': no weight decay
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([models.Block(n_embd, n_head, 4.0, dropout) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd, eps=1e-6)
+        self.width = self.out_dim = n_embd
+        nn.init.normal_(self.wte.weight, std=0.02)
+
+    def forward(self, tokens):
+        B, T = tokens.shape
+        mask = tokens != PAD_ID  # (B, T); position 0 (BOS) is always real
+        x = self.drop(self.wte(tokens) + self.pos_embed[:, :T])
+        for block in self.blocks:
+            x = block(x, attn_mask=mask[:, None, None, :])  # (B, 1, 1, T): padding keys invisible to every query
+        x = self.ln_f(x)  # (B, T, C)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)
+        return x, pooled, mask
+
+    def layer_ids(self):
+        L = len(self.blocks)
+        ids = {n: (int(n.split(".")[1]) + 1 if n.startswith("blocks.") else L + 1 if n.startswith("ln_f") else 0)
+               for n, _ in self.named_parameters()}
+        return ids, L
+
+
+class ClipTextEncoder(nn.Module):
+    """clip_model.py's text tower (causal CLIP transformer or BERT): hidden states for cross-attention, the
+    tower's own pooled + projected embedding (end-of-text token / [CLS]) for concatenation."""
+
+    def __init__(self, a):
+        super().__init__()
+        import clip_model
+        a = {**clip_model.CLIP_DEFAULTS, **a}  # clip_args_from_weights gives only what the file shows
+        if a["text_model"] == "causal":
+            self.tower = clip_model.TextTransformer(a["embed_dim"], a["vocab_size"], a["context_length"], a["text_width"],
+                                                    a["text_layers"], a["text_heads"], a["text_mlp_ratio"], a["text_act"],
+                                                    a["text_eps"], a["eot_id"], a["text_dropout"], a["grad_checkpoint"])
+        elif a["text_model"] == "bert":
+            self.tower = clip_model.BertTextEncoder(a["embed_dim"], a["vocab_size"], a["text_width"], a["text_layers"],
+                                                    a["text_heads"], a["text_mlp_ratio"], a["text_eps"], a["max_position"],
+                                                    a["type_vocab_size"], a["pad_id"], a["text_proj"], a["text_dropout"],
+                                                    a["grad_checkpoint"])
+        else:
+            raise ValueError(f"text tower: text_model must be causal or bert, got {a['text_model']!r}")
+        self.kind, self.width, self.out_dim = a["text_model"], a["text_width"], a["embed_dim"]
+
+    def forward(self, tokens):
+        t = self.tower
+        B, T = tokens.shape
+        if self.kind == "bert":
+            h = t.hidden_states(tokens)
+            return h, t.proj(h[:, 0]), tokens != t.pad_id
+        import clip_model
+        x = t.token_embedding(tokens) + t.pos_embed[:T]
+        x = t.ln_final(clip_model._run_blocks(t.blocks, x, t.grad_checkpoint, is_causal=True))
+        eot = (tokens == t.eot_id).int().argmax(dim=1)
+        mask = torch.arange(T, device=tokens.device)[None] <= eot[:, None]  # tokens up to end-of-text (CLIP pad id 0 is '!')
+        return x, t.proj(x[torch.arange(B, device=x.device), eot]), mask
+
+    def layer_ids(self):
+        ids, n = self.tower.layer_ids()
+        return {f"tower.{k}": v for k, v in ids.items()}, n
+
+
+def _token_module(net):
+    """The submodule whose output is the spatial feature map / token sequence, and its layout."""
+    if isinstance(net, models.ConvNeXt):
+        return net.stages[-1].blocks[-1], "nchw"
+    if isinstance(net, models.ViT):
+        return net.ln_f, "tokens_cls"
+    if isinstance(net, models.TorchvisionClassifier):
+        name = net.model_args["model"][3:]
+        for attr in ("features", "layer4"):
+            if hasattr(net.net, attr):
+                return getattr(net.net, attr), ("nhwc" if name.startswith("swin") else "nchw")
+    raise ValueError(f"fusion='cross_attention' needs the spatial features of {net.model_args['model']}, which fusion.py "
+                     f"does not know how to reach: use fusion='concat', or a convnext_* / vit_* / tv:resnet* / "
+                     f"tv:densenet* / tv:efficientnet* / tv:convnext_* model")
+
+
+class VisionEncoder(nn.Module):
+    """A model.py image network whose head is Identity: forward -> (pooled (B, C), tokens (B, T, Ct) or None)."""
+
+    def __init__(self, name, in_chans, image_size, drop_path=0.0, dropout=0.0, grad_checkpoint=False, tokens=False):
+        super().__init__()
+        self.net = models.build_model(name, num_classes=1, in_chans=in_chans, image_size=image_size,
+                                      drop_path=drop_path, dropout=dropout, grad_checkpoint=grad_checkpoint)
+        head = self.net.head_names[0]
+        parent, _, attr = head.rpartition(".")
+        (self.net.get_submodule(parent) if parent else self.net).__setattr__(attr, nn.Identity())
+        self.net.head_names = ()  # inside the fusion model the whole network is the encoder
+        self._tokens, self._layout, self._out = tokens, None, None
+        if tokens:
+            module, self._layout = _token_module(self.net)
+            module.register_forward_hook(self._keep)
+        with torch.no_grad():  # feature sizes from one small forward (eval: BatchNorm must not see it)
+            was = self.net.training
+            self.net.eval()
+            pooled, tok = self(torch.zeros(1, in_chans, image_size, image_size))
+            self.net.train(was)
+        self.out_dim = pooled.shape[-1]
+        self.token_dim = tok.shape[-1] if tok is not None else 0
+
+    def _keep(self, module, inputs, output):
+        self._out = output
+
+    def forward(self, x):
+        pooled = self.net(x)
+        if not self._tokens:
+            return pooled, None
+        out, self._out = self._out, None
+        if self._layout == "nchw":
+            out = out.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        elif self._layout == "nhwc":
+            out = out.flatten(1, 2)
+        else:
+            out = out[:, 1:]  # ViT: the patch tokens after the final LayerNorm (the [CLS] token is `pooled`)
+        return pooled, out
+
+    def layer_ids(self):
+        ids, n = self.net.layer_ids()
+        return {f"net.{k}": v for k, v in ids.items() if k in dict(self.net.named_parameters())}, n
+
+
+class ClinicalEncoder(nn.Module):
+    def __init__(self, in_dim, hidden=64, dropout=0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU())
+        self.out_dim = hidden
+
+    def forward(self, x):
+        return self.net(x)
+
+# -----------------------------------------------------------------------------
+# fusion: per-modality LayerNorm + projection, optional cross-attention, MLP; then the 2-layer head
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to text tokens (keys/values), pre-LN, residual, then an MLP (residual)."""
+
+    def __init__(self, d, n_head, dropout=0.0):
+        super().__init__()
+        assert d % n_head == 0, f"fusion_dim={d} must be divisible by fusion_heads={n_head}"
+        self.n_head, self.dropout = n_head, dropout
+        self.ln_q, self.ln_kv, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.kv, self.proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+        self.mlp = models.MLP(d, 4 * d, dropout)
+
+    def forward(self, img, txt, txt_mask):
+        B, Tq, C = img.shape
+        Tk, nh = txt.shape[1], self.n_head
+        q = self.q(self.ln_q(img)).view(B, Tq, nh, C // nh).transpose(1, 2)  # (B, nh, Tq, hs)
+        k, v = self.kv(self.ln_kv(txt)).split(C, dim=2)
+        k = k.view(B, Tk, nh, C // nh).transpose(1, 2)
+        v = v.view(B, Tk, nh, C // nh).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=txt_mask[:, None, None, :],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = img + self.proj(y.transpose(1, 2).reshape(B, Tq, C))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Fusion(nn.Module):
+    def __init__(self, dims, d, mode, token_dims=None, n_head=4, dropout=0.3):
+        super().__init__()
+        self.mode = mode
+        self.proj = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(k), nn.Linear(k, d)) for m, k in dims.items()})
+        n = len(dims)
+        if mode == "cross_attention":
+            self.img_tokens = nn.Linear(token_dims["vision"], d)
+            self.txt_tokens = nn.Linear(token_dims["text"], d)
+            self.xattn = CrossAttention(d, n_head)
+            self.ln_x = nn.LayerNorm(d)
+            n += 1
+        self.mlp = nn.Sequential(nn.Linear(n * d, d), nn.GELU(), nn.Dropout(dropout))
+
+    def forward(self, pooled, tokens=None):
+        h = [self.proj[m](pooled[m]) for m in self.proj]  # ModuleDict keeps the canonical modality order
+        if self.mode == "cross_attention":
+            img, (txt, mask) = self.img_tokens(tokens["vision"]), tokens["text"]
+            x = self.xattn(img, self.txt_tokens(txt), mask)  # (B, Tv, d)
+            h.append(self.ln_x(x.mean(1)))
+        return self.mlp(torch.cat(h, dim=1))
+
+
+class FusionClassifier(models.Classifier):
+    # model.freeze_backbone / param_groups / is_head_param treat these as the head: stage 1 of two_stage trains
+    # them at the full LR while the vision and text encoders stay frozen (and in eval mode)
+    head_names = ("clinical", "fusion", "head")
+
+    def __init__(self, a):
+        super().__init__()
+        self.modalities = mods = parse_modalities(a["modalities"])
+        if a["fusion"] not in ("concat", "cross_attention"):
+            raise ValueError(f"fusion must be concat or cross_attention, got {a['fusion']!r}")
+        cross = a["fusion"] == "cross_attention"
+        if cross and not {"vision", "text"} <= set(mods):
+            raise ValueError(f"fusion='cross_attention' lets image tokens attend to text tokens: modalities must hold "
+                             f"vision and text, got {a['modalities']!r} (use fusion='concat')")
+        dims, token_dims = {}, {}
+        if "vision" in mods:
+            self.vision = VisionEncoder(a["vision_model"], a["in_chans"], a["image_size"], a["drop_path"], a["vision_dropout"],
+                                        a["grad_checkpoint"], tokens=cross)
+            dims["vision"], token_dims["vision"] = self.vision.out_dim, self.vision.token_dim
+        if "text" in mods:
+            if a["text_encoder"] == "small":
+                self.text = SmallTextEncoder(a["text_vocab_size"], a["text_context"], a["text_width"], a["text_layers"],
+                                             a["text_heads"], a["text_dropout"])
+            elif a["text_encoder"] == "clip":
+                if not a["text_args"]:
+                    raise ValueError("text_encoder='clip' needs text_args (the CLIP architecture): pass text_init=<checkpoint "
+                                     "or weights file> when building the model")
+                self.text = ClipTextEncoder(a["text_args"])
+            else:
+                raise ValueError(f"text_encoder must be small or clip, got {a['text_encoder']!r}")
+            dims["text"], token_dims["text"] = self.text.out_dim, self.text.width
+        if "clinical" in mods:
+            if a["clinical_dim"] < 1:
+                raise ValueError("modalities include 'clinical' but no clinical variables: set clinical_columns (e.g. 'age,sex,view')")
+            self.clinical = ClinicalEncoder(a["clinical_dim"], a["clinical_hidden"])
+            dims["clinical"] = self.clinical.out_dim
+        d = a["fusion_dim"]
+        self.fusion = Fusion(dims, d, a["fusion"], token_dims, a["fusion_heads"], a["fusion_dropout"])
+        self.head = nn.Sequential(nn.Dropout(a["head_dropout"]), nn.Linear(d, a["head_hidden"]), nn.GELU(),
+                                  nn.Dropout(a["head_dropout2"]), nn.Linear(a["head_hidden"], a["num_classes"]))
+        for m in (self.fusion, self.head) + ((self.clinical,) if "clinical" in mods else ()):
+            m.apply(models._init_weights)
+
+    def forward(self, x=None, text_tokens=None, clinical=None):
+        pooled, tokens = {}, {}
+        given = {"vision": x, "text": text_tokens, "clinical": clinical}
+        missing = [m for m in self.modalities if given[m] is None]
+        if missing:
+            raise ValueError(f"FusionClassifier({','.join(self.modalities)}): no input for {missing} "
+                             f"(forward(x, text_tokens=..., clinical=...); fusion.batch_inputs makes them)")
+        if "vision" in self.modalities:
+            pooled["vision"], tokens["vision"] = self.vision(x)
+        if "text" in self.modalities:
+            h, pooled["text"], mask = self.text(text_tokens)
+            tokens["text"] = (h, mask)
+        if "clinical" in self.modalities:
+            pooled["clinical"] = self.clinical(clinical)
+        return self.head(self.fusion(pooled, tokens))
+
+    def encoder_names(self):
+        return [m for m in ("vision", "text") if m in self.modalities]
+
+    def layer_ids(self):
+        """Layer-wise LR decay inside each encoder; the text encoder's depth is rescaled to the vision encoder's."""
+        ids, n = {}, None
+        if "vision" in self.modalities:
+            v, n = self.vision.layer_ids()
+            ids.update({f"vision.{k}": i for k, i in v.items()})
+        if "text" in self.modalities:
+            t, nt = self.text.layer_ids()
+            r = 1.0 if n is None else (n + 1) / (nt + 1)
+            ids.update({f"text.{k}": round(i * r) for k, i in t.items()})
+            n = nt if n is None else n
+        return ids, 1 if n is None else n
+
+    def dummy_inputs(self, batch=1, device="cpu"):
+        a = self.model_args
+        kw = {}
+        if "vision" in self.modalities:
+            kw["x"] = torch.zeros(batch, a["in_chans"], a["image_size"], a["image_size"], device=device)
+        if "text" in self.modalities:
+            kw["text_tokens"] = torch.ones(batch, a["text_context"], dtype=torch.long, device=device)
+        if "clinical" in self.modalities:
+            kw["clinical"] = torch.zeros(batch, a["clinical_dim"], device=device)
+        return kw
+
+# -----------------------------------------------------------------------------
+# construction from plain args (stored as model_args in checkpoints), weights, FLOPs
+
+FUSION_DEFAULTS = dict(
+    model="fusion", modalities="all", fusion="concat", num_classes=10,
+    vision_model="convnext_atto", in_chans=1, image_size=64, drop_path=0.0, vision_dropout=0.0, grad_checkpoint=False,
+    text_encoder="small", text_column="indication", text_tokenizer="byte", text_tokenizer_path="", text_context=64,
+    text_vocab_size=258, text_width=128, text_layers=2, text_heads=4, text_dropout=0.1, text_args=None,
+    clinical_spec=None, clinical_dim=0, clinical_hidden=64,
+    fusion_dim=256, fusion_heads=4, fusion_dropout=0.3, head_hidden=128, head_dropout=0.3, head_dropout2=0.2)
+
+
+def build_fusion(**kwargs):
+    unknown = set(kwargs) - set(FUSION_DEFAULTS)
+    if unknown:
+        raise ValueError(f"build_fusion: unknown argument(s) {sorted(unknown)}; valid: {sorted(FUSION_DEFAULTS)}")
+    a = {**FUSION_DEFAULTS, **kwargs}
+    a["modalities"] = ",".join(parse_modalities(a["modalities"]))
+    if a["clinical_spec"] is not None:
+        a["clinical_dim"] = clinical_dim(a["clinical_spec"])
+    if a["text_encoder"] == "small":
+        a["text_vocab_size"] = SmallTokens(a["text_tokenizer"], a["text_tokenizer_path"]).vocab_size
+    net = FusionClassifier(a)
+    net.model_args = a
+    return net
+
+
+def build_any(model_args):
+    """Rebuild any train.py checkpoint's network: fusion models and plain model.py classifiers."""
+    if model_args.get("model") == "fusion":
+        return build_fusion(**model_args)
+    return models.build_model(**model_args)
+
+
+def text_args_from(path):
+    """(CLIP architecture args, tokenizer settings or None) of a train_clip.py checkpoint or open_clip / HF /
+    BiomedCLIP weights, for text_encoder='clip'."""
+    import clip_model
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"text_init={path!r} not found: a train_clip.py checkpoint (out/<run>/best.pt) or a "
+                                f"CLIP weights file / Hugging Face folder")
+    obj = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) and path.endswith((".pt", ".pth")) else None
+    if isinstance(obj, dict) and "model_args" in obj and "text_model" in obj["model_args"]:
+        c = obj.get("config", {})
+        tok = {"text_tokenizer": c.get("tokenizer", "clip"), "text_tokenizer_path": c.get("tokenizer_path", ""),
+               "text_context": c.get("context_length", obj["model_args"]["context_length"])}
+        return dict(obj["model_args"]), tok
+    return clip_model.clip_args_from_weights(path), None
+
+
+def load_text_init(net, path):
+    """Copy the text tower of a CLIP checkpoint / weights file into net.text (strict: every tower key)."""
+    import clip_model
+    if not isinstance(getattr(net, "text", None), ClipTextEncoder):
+        raise ValueError("text_init loads a CLIP / BERT text tower: set text_encoder='clip' (and modalities with text)")
+    obj = torch.load(path, map_location="cpu", weights_only=True) if path.endswith((".pt", ".pth")) else None
+    if isinstance(obj, dict) and "model_args" in obj and isinstance(obj.get("model"), dict):
+        sd = obj["model"]
+    else:
+        clip = clip_model.build_clip(**net.model_args["text_args"])
+        clip_model.load_clip_weights(clip, path)
+        sd = clip.state_dict()
+    sd = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
+    net.text.tower.load_state_dict(sd, strict=True)
+    return f"text encoder <- {path} ({len(sd)} tensors)"
+
+
+def load_vision_init(net, path):
+    """Vision encoder weights from a train.py checkpoint, a train_clip.py checkpoint whose image tower is a
+    model.py network (visual.net.*), or anything model.load_pretrained reads; the source head is dropped."""
+    v = net.vision.net
+    obj = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) and path.endswith((".pt", ".pth")) else None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "model_args" in obj:
+        sd, args = obj["model"], obj["model_args"]
+        if args.get("model") == "fusion":
+            sd = {k[len("vision.net."):]: t for k, t in sd.items() if k.startswith("vision.net.")}
+            name = args["vision_model"]
+        elif "image_model" in args:
+            sd = {k[len("visual.net."):]: t for k, t in sd.items() if k.startswith("visual.net.")}
+            name = args["image_model"]
+        else:
+            name = args["model"]
+        if name != v.model_args["model"]:
+            raise ValueError(f"vision_init={path} holds a {name} image network but vision model is "
+                             f"{v.model_args['model']!r}: use --model={name}")
+        own = v.state_dict()
+        sd = {k: t for k, t in sd.items() if k in own}  # the source's head (num_classes or embed_dim) is not ours
+        missing = [k for k in own if k not in sd]
+        if missing:
+            raise ValueError(f"vision_init={path}: the checkpoint lacks {missing[:5]} of {v.model_args['model']}")
+        v.load_state_dict(sd, strict=True)
+        return f"vision encoder <- {path} ({len(sd)} tensors)"
+    models.load_pretrained(v, path)
+    return f"vision encoder <- {path} (load_pretrained)"
+
+
+def estimate_flops(net, device="cpu"):
+    """Forward FLOPs of one sample (all its modalities), as model.estimate_flops counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: models._sdpa_cpu_flops}
+    raw = models.unwrap(net)
+    was = raw.training
+    raw.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=extra) as counter:
+            raw(**raw.dummy_inputs(1, device))
+    finally:
+        raw.train(was)
+    return counter.get_total_flops()
+
+
+def fusion_args_from_cfg(cfg, num_classes, train_split):
+    """build_fusion kwargs from train.py's config (knob names as in train.py) and the train split (clinical stats)."""
+    a = dict(modalities=cfg["modalities"], fusion=cfg["fusion_mode"], num_classes=num_classes, vision_model=cfg["model"],
+             in_chans=cfg["in_chans"], image_size=cfg["image_size"], drop_path=cfg["drop_path"], vision_dropout=cfg["dropout"],
+             grad_checkpoint=cfg["grad_checkpoint"], text_encoder=cfg["text_encoder"], text_column=cfg["text_column"],
+             text_tokenizer=cfg["text_tokenizer"], text_tokenizer_path=cfg["text_tokenizer_path"],
+             text_context=cfg["text_context"], text_width=cfg["text_width"], text_layers=cfg["text_layers"],
+             text_heads=cfg["text_heads"], fusion_dim=cfg["fusion_dim"], fusion_dropout=cfg["fusion_dropout"],
+             head_dropout=cfg["head_dropout"], head_dropout2=cfg["head_dropout2"])
+    mods = parse_modalities(cfg["modalities"])
+    if "clinical" in mods:
+        a["clinical_spec"] = clinical_spec(train_split.index, cfg["clinical_columns"])
+    if "text" in mods and cfg["text_encoder"] == "clip":
+        if not cfg["text_init"]:
+            raise ValueError("text_encoder='clip' needs text_init=<train_clip.py checkpoint or CLIP weights file>")
+        a["text_args"], tok = text_args_from(cfg["text_init"])
+        if tok is not None and cfg["text_tokenizer"] == "auto":  # the tokenizer the CLIP was trained with
+            a.update(text_tokenizer=tok["text_tokenizer"], text_tokenizer_path=tok["text_tokenizer_path"],
+                     text_context=min(cfg["text_context"], tok["text_context"]))
+    if a["text_tokenizer"] == "auto":
+        a["text_tokenizer"] = "byte" if cfg["text_encoder"] == "small" else "clip"
+    if cfg["text_column"] == "text" and "text" in mods:
+        print("fusion: text_column='text' feeds the report itself; labels mined from reports (CheXpert, MIMIC, the "
+              "phantom) are then readable from the input and the AUC measures the labeler, not the model")
+    return a

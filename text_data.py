@@ -1,0 +1,469 @@
+"""
+Text data for the GPT: captions, reports and (image, report) pairs -> token files; the samplers;
+the report metrics (BLEU-4, ROUGE-L, a negation-aware finding labeler).
+
+    python text_data.py --dataset=phantom_reports --tokenizer=bpe --vocab_size=1024  # data/phantom_reports, seconds
+    python text_data.py --dataset=phantom_reports --tokenizer=char --out_dir=data/phantom_reports_char
+    python text_data.py --dataset=phantom_pairs --tokenizer=bpe --vocab_size=1024 --max_tokens=64  # images + reports
+    python text_data.py --dataset=roco_text --root=/data/roco --tokenizer=bpe --vocab_size=8192
+    python text_data.py --dataset=text --files='/data/pubmed/*.txt' --tokenizer=bpe --vocab_size=16384 --out_dir=data/pubmed
+    python text_data.py --dataset=roco_text --root=/data/roco --tokenizer=data/pubmed/tokenizer.json  # reuse a tokenizer
+    python text_data.py --dataset=roco_text --root=/data/roco --tokenizer=gpt2 --gpt2_dir=/models/gpt2  # GPT-2's ids
+
+Text layout (language modelling), data/<name>/:
+  train.bin, val.bin   uint16 token ids; every document is followed by the end-of-text token (and the
+                       file starts with one), so eot doubles as "start of a document"
+  tokenizer.json       the tokenizer (tokenizer.load), copied into every checkpoint
+  meta.json            vocab_size, tokenizer kind + source, eot_id, per-split documents/tokens/bytes,
+                       unigram entropy of the train tokens (nats/token): the loss of a model that
+                       ignores context, the number a language model must beat
+Pairs layout (image-conditioned), data/<name>/:
+  {split}_images.u8    N x H x W uint8 (as data.py's layout), {split}_labels.npy N x C float32,
+  {split}_index.csv    row, patient_id, study_id, view, age, sex, text, indication
+  {split}_tokens.npy   N x T int32: eot, report tokens, eot, then eot padding
+  {split}_lengths.npy  N int32: real tokens per row (both eots included); targets past it are ignored
+Sources: ROCO `{train,validation,test}/radiology/captions.txt` (`ROCO_xxxxx<TAB>caption`), any text
+files (one document per line), the phantom's reports (phantom.generate; split by patient).
+"""
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import re
+import time
+import zlib
+from collections import Counter
+
+import numpy as np
+
+import tokenizer as tok_lib
+
+# -----------------------------------------------------------------------------
+# sources: lists of documents per split
+
+
+def read_roco_captions(root):
+    """ROCO: root/{train,validation,test}/radiology/captions.txt -> {'train', 'val', 'test'}: [caption]."""
+    out = {}
+    for split, folder in (("train", "train"), ("val", "validation"), ("test", "test")):
+        path = os.path.join(root, folder, "radiology", "captions.txt")
+        if not os.path.isfile(path):
+            if split == "train":
+                raise FileNotFoundError(f"{path} not found: --root must hold ROCO's train/validation/test folders "
+                                        f"(github.com/razorx89/roco-dataset)")
+            continue
+        out[split] = tok_lib.read_lines(path)
+    return out
+
+
+def split_of(key, val_frac, test_frac=0.0):
+    """Deterministic split from a stable hash of a key (document, patient id): same key, same split."""
+    u = zlib.crc32(str(key).encode("utf-8")) / 2**32
+    return "val" if u < val_frac else ("test" if u < val_frac + test_frac else "train")
+
+
+def read_text_files(pattern, val_frac):
+    files = sorted(glob.glob(pattern, recursive=True))
+    if not files:
+        raise FileNotFoundError(f"--files={pattern!r} matched no file (one document per line, e.g. 'pubmed/*.txt')")
+    out = {"train": [], "val": []}
+    for path in files:
+        for doc in tok_lib.read_lines(path):
+            out[split_of(doc, val_frac)].append(doc)  # by content: duplicates never straddle the split
+    return out
+
+
+def phantom_records(n_images, image_size, seed, val_frac, test_frac):
+    """phantom.generate, split by patient (a patient's studies never cross splits)."""
+    import phantom
+    d = phantom.generate(n_images, image_size=image_size, seed=seed)
+    splits = {}
+    for i, r in enumerate(d["records"]):
+        splits.setdefault(split_of(f"{seed}/{r['patient_id']}", val_frac, test_frac), []).append(i)
+    return d, {k: np.array(v, dtype=np.int64) for k, v in splits.items()}
+
+
+# -----------------------------------------------------------------------------
+# tokenizer choice
+
+
+def make_tokenizer(spec, train_docs, all_docs, vocab_size, gpt2_dir):
+    """spec: char | bpe (trained on the train documents) | gpt2 (files in gpt2_dir) | path to a tokenizer.json."""
+    if spec == "char":
+        return tok_lib.CharTokenizer.from_texts(all_docs)  # chars of every split: val must not hit an unknown char
+    if spec == "bpe":
+        return tok_lib.train_bpe(train_docs, vocab_size)
+    if spec == "gpt2":
+        for v, m in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+            if os.path.isfile(os.path.join(gpt2_dir, v)):
+                return tok_lib.BPETokenizer.from_gpt2_files(os.path.join(gpt2_dir, v), os.path.join(gpt2_dir, m))
+        raise FileNotFoundError(f"--gpt2_dir={gpt2_dir!r} holds neither vocab.json+merges.txt nor encoder.json+vocab.bpe")
+    return tok_lib.load(spec)
+
+
+def token_byte_lengths(tok):
+    """UTF-8 bytes per token id (eot = 1: it stands for the line break between documents); for bits per byte."""
+    return np.array([len(tok.token_bytes(i)) if _has_token(tok, i) else 0 for i in range(tok.vocab_size)], dtype=np.int64)
+
+
+def _has_token(tok, i):
+    return i == tok.eot_id or (tok.kind == "char" and i < len(tok.chars)) or (tok.kind != "char" and i in tok.decoder)
+
+
+def unigram_entropy(ids, vocab_size):
+    counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# -----------------------------------------------------------------------------
+# writing: text bins and (image, report) pairs
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_text_bins(out_dir, docs, tok, meta):
+    """docs: {split: [str]} -> {split}.bin (uint16) + tokenizer.json + meta.json. Returns meta."""
+    if tok.vocab_size > 65536:
+        raise ValueError(f"vocab_size={tok.vocab_size} does not fit uint16 token files")
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    splits = {}
+    for split, texts in docs.items():
+        ids = [tok.eot_id]
+        for t in texts:
+            ids.extend(tok.encode(t))
+            ids.append(tok.eot_id)
+        arr = np.array(ids, dtype=np.uint16)
+        tmp = os.path.join(out_dir, f"{split}.bin.tmp")
+        arr.tofile(tmp)
+        os.replace(tmp, os.path.join(out_dir, f"{split}.bin"))
+        splits[split] = {"documents": len(texts), "tokens": int(arr.size), "bytes": int(sum(len(t.encode("utf-8")) + 1 for t in texts))}
+        if split == "train":
+            meta["unigram_entropy"] = unigram_entropy(arr, tok.vocab_size)
+    meta.update(kind="text", vocab_size=tok.vocab_size, eot_id=tok.eot_id, dtype="uint16", splits=splits,
+                created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    _write_json(os.path.join(out_dir, "meta.json"), meta)
+    return meta
+
+
+def write_pairs(out_dir, parts, tok, classes, meta, max_tokens=0):
+    """parts: {split: (images uint8 N x H x W, labels N x C, records)}; the report is records[i]['text'].
+    max_tokens: row length T (0 = the longest report + 2); longer reports are cut and counted."""
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    encoded = {s: [tok.encode(r["text"]) for r in recs] for s, (_, _, recs) in parts.items()}
+    T = max_tokens or max(len(e) for es in encoded.values() for e in es) + 2
+    truncated, splits = 0, {}
+    for split, (images, labels, records) in parts.items():
+        N = len(records)
+        toks = np.full((N, T), tok.eot_id, dtype=np.int32)
+        lengths = np.zeros(N, dtype=np.int32)
+        for i, ids in enumerate(encoded[split]):
+            ids = [tok.eot_id] + ids[: T - 2] + [tok.eot_id]
+            truncated += len(encoded[split][i]) > T - 2
+            toks[i, : len(ids)] = ids
+            lengths[i] = len(ids)
+        np.save(os.path.join(out_dir, f"{split}_tokens.npy"), toks)
+        np.save(os.path.join(out_dir, f"{split}_lengths.npy"), lengths)
+        np.save(os.path.join(out_dir, f"{split}_labels.npy"), np.asarray(labels, dtype=np.float32))
+        mm = np.memmap(os.path.join(out_dir, f"{split}_images.u8"), dtype=np.uint8, mode="w+", shape=images.shape)
+        mm[:] = images
+        mm.flush()
+        with open(os.path.join(out_dir, f"{split}_index.csv"), "w", newline="") as f:
+            cols = ["row", "patient_id", "study_id", "view", "age", "sex", "text", "indication"]
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            for i, r in enumerate(records):
+                w.writerow({**{c: r.get(c, "") for c in cols}, "row": i})
+        splits[split] = int(N)
+        if split == "train":
+            x = np.asarray(images, dtype=np.float32) / 255.0
+            meta.update(mean=float(x.mean()), std=float(x.std()))
+            meta["unigram_entropy"] = unigram_entropy(
+                np.concatenate([toks[i, 1:lengths[i]] for i in range(N)]), tok.vocab_size)
+    meta.update(kind="pairs", vocab_size=tok.vocab_size, eot_id=tok.eot_id, classes=list(classes),
+                image_size=int(next(iter(parts.values()))[0].shape[-1]), max_tokens=T, truncated=int(truncated),
+                splits=splits, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    _write_json(os.path.join(out_dir, "meta.json"), meta)
+    return meta
+
+
+def prepare(args):
+    """Everything main() does, from an argparse namespace; returns meta."""
+    out_dir = args.out_dir or os.path.join("data", args.dataset)
+    tok_meta = {"tokenizer": args.tokenizer if args.tokenizer in ("char", "bpe", "gpt2") else "file",
+                "tokenizer_source": {"gpt2": args.gpt2_dir, "bpe": f"trained, vocab_size={args.vocab_size}"}.get(args.tokenizer, args.tokenizer)}
+    if args.dataset in ("phantom_pairs",):
+        d, idx = phantom_records(args.n_images, args.image_size, args.seed, args.val_frac, args.test_frac)
+        recs = d["records"]
+        docs = {s: [recs[i]["text"] for i in ix] for s, ix in idx.items()}
+        tok = make_tokenizer(args.tokenizer, docs["train"], sum(docs.values(), []), args.vocab_size, args.gpt2_dir)
+        parts = {s: (d["images"][ix], d["labels"][ix], [recs[i] for i in ix]) for s, ix in sorted(idx.items())}
+        meta = {"name": os.path.basename(out_dir.rstrip("/")), "source": f"phantom.generate({args.n_images}, "
+                f"image_size={args.image_size}, seed={args.seed})", **tok_meta}
+        return write_pairs(out_dir, parts, tok, d["classes"], meta, args.max_tokens)
+    if args.dataset == "phantom_reports":
+        d, idx = phantom_records(args.n_images, 16, args.seed, args.val_frac, 0.0)  # images unused: smallest size
+        docs = {s: [d["records"][i]["text"] for i in ix] for s, ix in sorted(idx.items())}
+        source = f"phantom.generate({args.n_images}, seed={args.seed}) reports"
+    elif args.dataset == "roco_text":
+        if not args.root:
+            raise ValueError("--dataset=roco_text needs --root=<folder with train/ validation/ test/>")
+        docs = read_roco_captions(args.root)
+        source = f"ROCO captions from {args.root}"
+    elif args.dataset == "text":
+        if not args.files:
+            raise ValueError("--dataset=text needs --files='<glob>' (one document per line)")
+        docs = read_text_files(args.files, args.val_frac)
+        source = f"text files {args.files}"
+    else:
+        raise ValueError(f"unknown --dataset={args.dataset!r}: phantom_reports, phantom_pairs, roco_text, text")
+    if not docs.get("val"):
+        print(f"warning: no validation documents (--val_frac={args.val_frac}); train_gpt.py needs a val.bin")
+    tok = make_tokenizer(args.tokenizer, docs["train"], sum(docs.values(), []), args.vocab_size, args.gpt2_dir)
+    meta = {"name": os.path.basename(out_dir.rstrip("/")), "source": source, **tok_meta}
+    return write_text_bins(out_dir, docs, tok, meta)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="prepare text / (image, report) data for train_gpt.py")
+    ap.add_argument("--dataset", required=True, help="phantom_reports | phantom_pairs | roco_text | text")
+    ap.add_argument("--out_dir", default="", help="default data/<dataset>")
+    ap.add_argument("--root", default="", help="roco_text: the ROCO folder")
+    ap.add_argument("--files", default="", help="text: glob of files, one document per line")
+    ap.add_argument("--tokenizer", default="bpe", help="char | bpe | gpt2 | path/to/tokenizer.json")
+    ap.add_argument("--vocab_size", type=int, default=8192, help="bpe: vocabulary incl. 256 bytes + eot")
+    ap.add_argument("--gpt2_dir", default="", help="gpt2: folder with vocab.json+merges.txt (or encoder.json+vocab.bpe)")
+    ap.add_argument("--n_images", type=int, default=12000, help="phantom: images (= reports) to generate")
+    ap.add_argument("--image_size", type=int, default=64, help="phantom_pairs: pixels")
+    ap.add_argument("--max_tokens", type=int, default=0, help="pairs: tokens per row (0 = longest report + 2)")
+    ap.add_argument("--val_frac", type=float, default=0.1, help="phantom/text: validation fraction (by patient / document)")
+    ap.add_argument("--test_frac", type=float, default=0.1, help="phantom_pairs: test fraction (by patient)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    meta = prepare(args)
+    print(json.dumps({k: meta[k] for k in ("name", "source", "tokenizer", "vocab_size", "splits", "unigram_entropy") if k in meta}))
+    print(f"prepared in {time.time() - t0:.1f}s")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# reading + samplers: batches are a pure function of (seed, step); rank r takes its slice
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        name = os.path.basename(data_dir.rstrip("/"))
+        raise FileNotFoundError(f"{path} not found; prepare it with: python text_data.py --dataset={name} --out_dir={data_dir}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_bin(data_dir, split):
+    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+
+
+def rank_slice(global_batch, rank, world, accum):
+    """Micro-batch k of rank r covers rows [(r*accum + k)*B, +B) of the global batch: the union over ranks and
+    micro-steps is the global batch, so N ranks x accumulation k == 1 rank x accumulation N*k."""
+    assert global_batch % (world * accum) == 0, f"global batch {global_batch} not divisible by world*accum={world * accum}"
+    B = global_batch // (world * accum)
+    return [slice((rank * accum + k) * B, (rank * accum + k + 1) * B) for k in range(accum)]
+
+
+def text_windows(n_tokens, block_size, global_batch, seed, step):
+    """Start offsets of the global batch's windows at this step (uniform, with replacement)."""
+    hi = n_tokens - block_size - 1
+    assert hi > 0, f"token file of {n_tokens} tokens is shorter than block_size+1={block_size + 1}"
+    return np.random.default_rng([seed, step]).integers(0, hi + 1, size=global_batch)
+
+
+def text_batch(data, starts, block_size):
+    """(x, y) int64 arrays (B, T): the windows and the same windows shifted by one token."""
+    w = np.stack([np.asarray(data[s: s + block_size + 1], dtype=np.int64) for s in starts])
+    return w[:, :-1], w[:, 1:]
+
+
+def eval_windows(n_tokens, block_size, max_windows):
+    """Non-overlapping windows over the whole file (every token predicted once), or max_windows of them evenly
+    spaced when the file is larger. Each rank evaluates starts[rank::world]; sums are all-reduced."""
+    starts = np.arange(0, n_tokens - block_size - 1 + 1, block_size)
+    assert len(starts) > 0, f"validation file of {n_tokens} tokens is shorter than block_size+1={block_size + 1}"
+    if max_windows and len(starts) > max_windows:
+        starts = starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(np.int64)]
+    return starts
+
+
+def epoch_batch_indices(n, global_batch, seed, step):
+    """Rows of the global batch at this step: epoch-wise permutations (np.random.default_rng([seed, epoch]))
+    concatenated, so every row is seen once per epoch, and the batch depends only on (seed, step)."""
+    pos = np.arange(step * global_batch, (step + 1) * global_batch, dtype=np.int64)
+    out = np.empty(global_batch, dtype=np.int64)
+    for epoch in np.unique(pos // n):
+        sel = pos // n == epoch
+        out[sel] = np.random.default_rng([seed, int(epoch)]).permutation(n)[pos[sel] % n]
+    return out
+
+
+class Pairs:
+    """One split of a pairs directory: images (memmap), tokens, lengths, labels, index rows."""
+
+    def __init__(self, data_dir, split):
+        meta = load_meta(data_dir)
+        if meta.get("kind") != "pairs":
+            raise ValueError(f"{data_dir} holds {meta.get('kind')!r} data; cond='image' needs (image, report) pairs "
+                             f"(python text_data.py --dataset=phantom_pairs)")
+        self.meta = meta
+        n, S = meta["splits"][split], meta["image_size"]
+        self.images = np.memmap(os.path.join(data_dir, f"{split}_images.u8"), dtype=np.uint8, mode="r", shape=(n, S, S))
+        self.tokens = np.load(os.path.join(data_dir, f"{split}_tokens.npy"))
+        self.lengths = np.load(os.path.join(data_dir, f"{split}_lengths.npy"))
+        self.labels = np.load(os.path.join(data_dir, f"{split}_labels.npy"))
+        with open(os.path.join(data_dir, f"{split}_index.csv"), newline="") as f:
+            self.index = list(csv.DictReader(f))
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def batch(self, rows):
+        """rows -> (images uint8 (B, 1, H, W), x (B, T-1), y (B, T-1) with -1 past each report's end)."""
+        rows = np.asarray(rows)
+        tok = self.tokens[rows].astype(np.int64)
+        x, y = tok[:, :-1], tok[:, 1:].copy()
+        y[np.arange(y.shape[1])[None, :] + 1 >= self.lengths[rows][:, None]] = -1
+        return self.images[rows][:, None], x, y
+
+
+# -----------------------------------------------------------------------------
+# report metrics: BLEU-4, ROUGE-L and clinical correctness (findings named in the text vs the labels)
+
+_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+def words(text):
+    """Lower-case words and punctuation marks: the units BLEU and ROUGE count."""
+    return _WORD.findall(text.lower())
+
+
+def bleu4(hypotheses, references):
+    """Corpus BLEU-4 with one reference per hypothesis (Papineni et al. 2002): geometric mean of clipped
+    1-4-gram precisions summed over the corpus, times the brevity penalty. In [0, 1]."""
+    match, total = np.zeros(4), np.zeros(4)
+    hyp_len = ref_len = 0
+    for h, r in zip(hypotheses, references):
+        h, r = words(h), words(r)
+        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
+        for n in range(1, 5):
+            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
+            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+            match[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
+            total[n - 1] += max(len(h) - n + 1, 0)
+    if hyp_len == 0 or (match == 0).any():
+        return 0.0
+    log_p = np.log(match / total).mean()
+    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return float(bp * math.exp(log_p))
+
+
+def rouge_l(hypotheses, references, beta=1.2):
+    """Mean ROUGE-L F-score (Lin 2004): longest common subsequence of words; beta=1.2 as in coco-caption."""
+    scores = []
+    for h, r in zip(hypotheses, references):
+        h, r = words(h), words(r)
+        if not h or not r:
+            scores.append(float(h == r))
+            continue
+        prev = [0] * (len(r) + 1)
+        for a in h:
+            cur = [0]
+            for j, b in enumerate(r):
+                cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+            prev = cur
+        lcs = prev[-1]
+        if lcs == 0:
+            scores.append(0.0)
+            continue
+        p, rc = lcs / len(h), lcs / len(r)
+        scores.append((1 + beta**2) * p * rc / (rc + beta**2 * p))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+# The labeler: a finding is positive when a clause names it without a negation cue before the mention.
+# Lexicon and cues follow the CheXpert labeler's idea (Irvin et al. 2019) in a few lines: mention phrases
+# per finding; negation = "no", "without", "negative for", "free of", "resolved", "not seen", ... in the
+# same clause (clauses end at '.', ';', 'but', 'however'). "No Finding" = none of the pathologies.
+FINDINGS = ["Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Consolidation", "Lung Opacity",
+            "Nodule", "Edema", "Atelectasis", "Support Devices", "No Finding"]
+MENTIONS = {
+    "Cardiomegaly": r"cardiomegaly|(?:heart|cardiac)[^.;]*\benlarge(?:d|ment)\b|\benlarge(?:d|ment)\b[^.;]*(?:heart|cardiac)",
+    "Pleural Effusion": r"effusions?\b",
+    "Pneumothorax": r"pneumothora(?:x|ces)",
+    "Consolidation": r"consolidat(?:ion|ions|ed)",
+    "Lung Opacity": r"opacit(?:y|ies)|opacification",
+    "Nodule": r"nodul(?:e|es|ar)",
+    "Edema": r"o?edema",
+    "Atelectasis": r"atelecta(?:sis|tic)",
+    "Support Devices": r"\b(?:tube|catheter|pacemaker|picc|line|lead|wires?|sternotomy)\b",
+}
+NEGATION = re.compile(r"\b(?:no|without|negative for|free of|resolved|resolution of|absence of|absent|not (?:seen|"
+                      r"identified|present|visualized)|ruled out|rules out|removed)\b")
+PATHOLOGY_SET = FINDINGS[:8]
+_MENTION_RE = {c: re.compile(p) for c, p in MENTIONS.items()}
+_NOT = re.compile(r"\b(?:not|resolved|removed|excluded)\b")  # "heart is not enlarged", "pneumothorax has resolved"
+_CLAUSE = re.compile(r"[.;]|\bbut\b|\bhowever\b")
+
+
+def label_report(text, classes=FINDINGS):
+    """Report text -> float32 vector over classes (1 = finding stated present). Negation-aware:
+    "No pneumothorax." and "without effusion" are negative; "Normal heart size." names nothing."""
+    found = set()
+    for clause in _CLAUSE.split(text.lower()):
+        for c, rx in _MENTION_RE.items():
+            m = rx.search(clause)
+            if m and not NEGATION.search(clause[: m.start()]) and not _NOT.search(clause[m.start(): m.end() + 16]):
+                found.add(c)
+    if not found & set(PATHOLOGY_SET):
+        found.add("No Finding")
+    return np.array([c in found for c in classes], dtype=np.float32)
+
+
+def finding_scores(pred, true, classes=FINDINGS):
+    """pred, true: (N, C) {0,1} (NaN in true = unknown, skipped). Per class precision/recall/F1/support;
+    macro_f1 averages the classes that occur in true (support > 0)."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    out, f1s = {}, []
+    for j, c in enumerate(classes):
+        known = ~np.isnan(true[:, j])
+        p, t = pred[known, j] > 0.5, true[known, j] > 0.5
+        tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        out[c] = {"precision": prec, "recall": rec, "f1": f1, "support": int(t.sum())}
+        if t.sum() > 0:
+            f1s.append(f1)
+    out["macro_f1"] = float(np.mean(f1s)) if f1s else float("nan")
+    return out
+
+
+def report_metrics(hypotheses, references, labels, classes=FINDINGS):
+    """Everything the report-generation eval prints: BLEU-4, ROUGE-L, finding macro-F1 (+ per class)."""
+    pred = np.stack([label_report(h, classes) for h in hypotheses])
+    scores = finding_scores(pred, labels, classes)
+    return {"bleu4": bleu4(hypotheses, references), "rouge_l": rouge_l(hypotheses, references),
+            "macro_f1": scores["macro_f1"], "per_class": {c: scores[c] for c in classes}}
+
+
+if __name__ == "__main__":
+    main()
