@@ -1,0 +1,713 @@
+"""
+Every network nanorad trains, in one file, nanoGPT-style.
+
+Image classifiers (build_model):
+  convnext_{atto,femto,pico,nano,tiny,small,base}  ConvNeXt (Liu et al. 2022, "A ConvNet for the 2020s")
+  vit_{tiny,small,base}                            ViT/16 (Dosovitskiy et al. 2021), loads timm / torchvision weights
+  vit_cxr                                          ~5M-param ViT with a convolutional stem for chest X-rays
+  tv:<name>                                        any torchvision classifier (tv:densenet121, tv:resnet50, ...)
+
+Pretrained weights: load_pretrained(model, path) reads torchvision, timm or nanorad files (.pth/.pt/.safetensors)
+or downloads "torchvision:ConvNeXt_Tiny_Weights.IMAGENET1K_V1". 3-channel stems meet 1-channel X-rays by
+summing the RGB filters; a head with another number of classes is re-initialized.
+
+Fine-tuning: param_groups (weight decay, layer-wise LR decay, backbone LR multiplier), freeze_backbone /
+unfreeze (linear probe), estimate_flops (for MFU).
+"""
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# shared building blocks: drop path, the pre-LN transformer Block (ViT here; text towers and GPT reuse it)
+
+
+def drop_path(x, p, training):
+    """Stochastic depth (Huang et al. 2016): drop the whole residual branch per sample."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, fused qkv projection, F.scaled_dot_product_attention (flash / mem-efficient)."""
+
+    def __init__(self, n_embd, n_head, dropout=0.0, bias=True, is_causal=False):
+        super().__init__()
+        assert n_embd % n_head == 0, f"n_embd={n_embd} must be divisible by n_head={n_head}"
+        self.n_head, self.dropout, self.is_causal = n_head, dropout, is_causal
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # q, k, v in that order (timm qkv, torch in_proj)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, attn_mask=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=self.is_causal and attn_mask is None)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd, hidden, dropout=0.0, bias=True):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), x + mlp(ln(x)), each branch with drop path."""
+
+    def __init__(self, n_embd, n_head, mlp_ratio=4.0, dropout=0.0, drop_path=0.0, bias=True, is_causal=False, eps=1e-6):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, eps=eps, bias=bias)
+        self.attn = SelfAttention(n_embd, n_head, dropout, bias, is_causal)
+        self.ln_2 = nn.LayerNorm(n_embd, eps=eps, bias=bias)
+        self.mlp = MLP(n_embd, int(n_embd * mlp_ratio), dropout, bias)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.drop_path(self.attn(self.ln_1(x), attn_mask))
+        x = x + self.drop_path(self.mlp(self.ln_2(x)))
+        return x
+
+
+class Classifier(nn.Module):
+    """What every image model shares: the head's names, the input conv, frozen-backbone train()."""
+    head_names = ("head",)  # module names of the classifier head (is_head_param, freeze_backbone, head reset)
+    first_conv = ""  # parameter name of the input conv (RGB -> gray adaptation when loading)
+    frozen_backbone = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen_backbone:
+            # linear probe: the frozen backbone is a fixed feature extractor, so BatchNorm must not update its
+            # running stats and dropout / drop path must not add noise; only the head trains
+            for name, m in self.named_children():
+                _eval_outside_head(self, name, m)
+        return self
+
+    def layer_ids(self):
+        """Map parameter name -> layer id for layer-wise LR decay, plus num_layers. This default (used by tv:
+        models) cuts the backbone's modules, in registration order (= input to output), into 13 equal runs 0..12."""
+        names = [n for n, _ in self.named_parameters() if not _under_head(self, n)]
+        modules = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in names))
+        num_layers = min(12, len(modules))
+        index = {m: i for i, m in enumerate(modules)}
+        ids = {n: index[n.rsplit(".", 1)[0]] * (num_layers + 1) // len(modules) for n in names}
+        return ids, num_layers
+
+
+def _under_head(model, name):
+    return any(name == h or name.startswith(h + ".") for h in model.head_names)
+
+
+def _eval_outside_head(model, name, module):
+    """Put `module` (called `name` in model) in eval mode, except the parts of it that belong to the head."""
+    if _under_head(model, name):
+        return
+    if not any(h.startswith(name + ".") for h in model.head_names):
+        module.train(False)  # holds no part of the head (e.g. 'net.features' of a tv: model)
+        return
+    for child_name, child in module.named_children():  # holds the head (e.g. 'net' holds 'net.fc'): recurse
+        _eval_outside_head(model, f"{name}.{child_name}", child)
+
+
+def _init_weights(module):
+    """N(0, 0.02) for Linear / conv: the ConvNeXt / ViT reference code's trunc_normal_(std=.02) truncates at +-2
+    (absolute, i.e. 100 std), which never triggers, and trunc_normal_ is 4x slower to sample."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+# -----------------------------------------------------------------------------
+# ConvNeXt (Liu et al. 2022). Layout follows the paper: patchify stem, 4 stages of blocks, a LayerNorm + 2x2
+# stride-2 conv between stages. The block runs its LayerNorm and MLP channels-last on a (B, H, W, C) view, as the
+# reference code does (nn.Linear is the fastest 1x1 conv), and the model keeps activations in channels_last memory
+# so that the permutes are free views instead of copies.
+
+CONVNEXT_SIZES = {  # depths, dims: paper Table / timm for the small "atto..nano" variants
+    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
+    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
+    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
+    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+}
+
+
+@dataclass
+class ConvNeXtConfig:
+    depths: tuple = (3, 3, 9, 3)
+    dims: tuple = (96, 192, 384, 768)
+    in_chans: int = 3
+    num_classes: int = 1000
+    drop_path: float = 0.0  # max stochastic depth rate, linearly increasing over blocks (paper: 0.1 tiny, 0.4 small)
+    dropout: float = 0.0  # before the head
+    layer_scale_init: float = 1e-6  # paper Sec. 2.6 (from CaiT)
+    grad_checkpoint: bool = False
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over C of a (B, C, H, W) tensor (a free permute when the tensor is channels_last)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, dim, drop_path=0.0, layer_scale_init=1e-6):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init))
+        self.drop_path = drop_path
+
+    def forward(self, x):  # (B, C, H, W), channels_last memory
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        h = F.gelu(self.fc1(self.norm(y)))  # (B, H, W, 4C)
+        # layer scale: multiply whichever is smaller, the (C, 4C) fc2 weight (early stages: large feature maps) or
+        # the (B, H, W, C) output (late stages: 7x7 maps, 768-wide weights). Saves one pass over big activations.
+        if h.numel() // 4 > self.fc2.weight.numel():
+            y = F.linear(h, self.fc2.weight * self.gamma[:, None], self.fc2.bias * self.gamma)
+        else:
+            y = self.fc2(h) * self.gamma
+        return x + drop_path(y.permute(0, 3, 1, 2), self.drop_path, self.training)
+
+
+class ConvNeXtStage(nn.Module):
+    def __init__(self, in_dim, dim, depth, drop_paths, layer_scale_init):
+        super().__init__()
+        self.downsample_norm = LayerNorm2d(in_dim, eps=1e-6) if in_dim is not None else None
+        self.downsample = nn.Conv2d(in_dim, dim, kernel_size=2, stride=2) if in_dim is not None else None
+        self.blocks = nn.ModuleList([ConvNeXtBlock(dim, drop_paths[i], layer_scale_init) for i in range(depth)])
+
+
+class ConvNeXt(Classifier):
+    first_conv = "stem.weight"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        self.stem = nn.Conv2d(c.in_chans, c.dims[0], kernel_size=4, stride=4)  # "patchify": 4x4 non-overlapping
+        self.stem_norm = LayerNorm2d(c.dims[0], eps=1e-6)
+        rates = torch.linspace(0, c.drop_path, sum(c.depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, (depth, dim) in enumerate(zip(c.depths, c.dims)):
+            start = sum(c.depths[:i])
+            in_dim = c.dims[i - 1] if i > 0 else None
+            self.stages.append(ConvNeXtStage(in_dim, dim, depth, rates[start:start + depth], c.layer_scale_init))
+        self.norm = nn.LayerNorm(c.dims[-1], eps=1e-6)
+        self.head_drop = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.dims[-1], c.num_classes)
+        self.apply(_init_weights)
+
+    def forward_features(self, x):
+        # channels_last from the stem on: the permutes to (B, H, W, C) are then free views and LayerNorm / Linear read
+        # contiguous memory (a 1-channel input is both layouts at once, so the stem output is converted explicitly)
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        x = self.stem_norm(x.contiguous(memory_format=torch.channels_last))
+        for stage in self.stages:
+            if stage.downsample is not None:
+                x = stage.downsample(stage.downsample_norm(x))
+            for block in stage.blocks:
+                if self.config.grad_checkpoint and self.training:
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
+        return self.norm(x.mean((2, 3)))  # global average pool, then LayerNorm (B, C)
+
+    def forward(self, x):
+        return self.head(self.head_drop(self.forward_features(x)))
+
+    def layer_ids(self):
+        # the ConvNeXt / BEiT fine-tuning recipe: stem 0, stage 0 -> 1, stage 1 -> 2, stage 2 in groups of 3 blocks,
+        # stage 3 one id; a downsample layer shares the id of the stage it opens; final norm + head on top
+        depths = self.config.depths
+        n_groups = math.ceil(depths[2] / 3)
+        stage_first = [1, 2, 3, 3 + n_groups]
+        num_layers = 3 + n_groups
+        ids = {}
+        for name, _ in self.named_parameters():
+            if name.startswith("stem"):
+                ids[name] = 0
+            elif name.startswith("stages."):
+                parts = name.split(".")
+                s = int(parts[1])
+                block = int(parts[3]) if parts[2] == "blocks" else 0
+                ids[name] = stage_first[s] + (block // 3 if s == 2 else 0)
+            else:
+                ids[name] = num_layers + 1
+        return ids, num_layers
+
+    @staticmethod
+    def convert_state_dict(sd):
+        """timm / torchvision ConvNeXt keys -> ours. Returns (state_dict, layout)."""
+        if any(k.startswith("features.") for k in sd):
+            out = {}
+            for k, v in sd.items():
+                m = re.match(r"features\.(\d+)\.(.*)", k)
+                if m:
+                    i, rest = int(m.group(1)), m.group(2)
+                    if i == 0:
+                        k = {"0": "stem", "1": "stem_norm"}[rest.split(".")[0]] + rest[1:]
+                    elif i % 2 == 0:  # features.2/4/6 = downsample layers (LayerNorm2d, conv)
+                        k = f"stages.{i // 2}." + {"0": "downsample_norm", "1": "downsample"}[rest.split(".")[0]] + rest[1:]
+                    else:  # features.1/3/5/7 = stages of CNBlocks: block.0 dwconv, .2 norm, .3 fc1, .5 fc2
+                        j, rest = rest.split(".", 1)
+                        rest = {"layer_scale": "gamma"}.get(rest, rest)
+                        for a, b in (("block.0.", "dwconv."), ("block.2.", "norm."), ("block.3.", "fc1."), ("block.5.", "fc2.")):
+                            rest = rest.replace(a, b)
+                        k = f"stages.{i // 2}.blocks.{j}.{rest}"
+                k = k.replace("classifier.0.", "norm.").replace("classifier.2.", "head.")
+                out[k] = v
+            return out, "torchvision"
+        if "stem.0.weight" in sd:
+            rules = [(r"^stem\.0\.", "stem."), (r"^stem\.1\.", "stem_norm."),
+                     (r"^stages\.(\d+)\.downsample\.0\.", r"stages.\1.downsample_norm."),
+                     (r"^stages\.(\d+)\.downsample\.1\.", r"stages.\1.downsample."),
+                     (r"\.conv_dw\.", ".dwconv."), (r"\.mlp\.fc1\.", ".fc1."), (r"\.mlp\.fc2\.", ".fc2."),
+                     (r"^head\.norm\.", "norm."), (r"^head\.fc\.", "head.")]
+            return {_rename(k, rules): v for k, v in sd.items()}, "timm"
+        return sd, "nanorad"
+
+
+def _rename(key, rules):
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+# -----------------------------------------------------------------------------
+# ViT (Dosovitskiy et al. 2021): patch embedding (or a conv stem), [CLS] token, learned position embeddings,
+# pre-LN Blocks, LayerNorm -> Linear on the [CLS] token.
+#
+# vit_cxr: a convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better") sized for
+# chest X-rays: three 3x3 conv-BN-ReLU at full resolution (narrow: 8/16/16 channels, they see fine texture such as
+# nodules and lines), two 3x3 stride-2 conv-BN-ReLU (-> 1/4 resolution, 64/128 channels), then the feature map is cut
+# into 4x4 patches, each projected linearly to n_embd (a 4x4 stride-4 conv). The effective patch is 16 px, so
+# 224 px -> 14x14 = 196 tokens, the token count of ViT/16: attention cost stays that of a standard ViT, while 28x28
+# (8 px patches) would cost 4x the tokens and ~16x the attention. The stem costs ~0.6 GFLOPs at 224 px.
+
+VIT_SIZES = {  # n_layer, n_head, n_embd (timm / torchvision ViT-Ti/S/B)
+    "tiny": (12, 3, 192),
+    "small": (12, 6, 384),
+    "base": (12, 12, 768),
+}
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16  # effective patch (stem downsampling included)
+    in_chans: int = 3
+    num_classes: int = 1000
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0  # after position embedding, attention weights, residual projections and before the head
+    drop_path: float = 0.0  # max stochastic depth rate, linearly increasing over blocks
+    stem_chans: tuple = ()  # () = plain patch embedding; 5 widths = conv stem (3 stride-1, 2 stride-2 conv-BN-ReLU)
+    grad_checkpoint: bool = False
+
+
+class ConvBNReLU(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)  # BN brings the bias
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class ViT(Classifier):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        if c.image_size % c.patch_size:
+            raise ValueError(f"ViT: image_size={c.image_size} must be a multiple of the patch size {c.patch_size}")
+        if c.stem_chans:
+            assert len(c.stem_chans) == 5 and c.patch_size % 4 == 0, "conv stem: 5 widths and a patch size multiple of 4"
+            strides = (1, 1, 1, 2, 2)
+            chans = (c.in_chans,) + tuple(c.stem_chans)
+            self.stem = nn.Sequential(*[ConvBNReLU(chans[i], chans[i + 1], strides[i]) for i in range(5)])
+            self.patch_embed = nn.Conv2d(chans[-1], c.n_embd, kernel_size=c.patch_size // 4, stride=c.patch_size // 4)
+            self.first_conv = "stem.0.conv.weight"
+        else:
+            self.stem = None
+            self.patch_embed = nn.Conv2d(c.in_chans, c.n_embd, kernel_size=c.patch_size, stride=c.patch_size)
+            self.first_conv = "patch_embed.weight"
+        self.grid = c.image_size // c.patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.n_embd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, c.n_embd))
+        self.pos_drop = nn.Dropout(c.dropout)
+        rates = torch.linspace(0, c.drop_path, c.n_layer).tolist()
+        self.blocks = nn.ModuleList([Block(c.n_embd, c.n_head, c.mlp_ratio, c.dropout, rates[i]) for i in range(c.n_layer)])
+        self.ln_f = nn.LayerNorm(c.n_embd, eps=1e-6)
+        self.head_drop = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.n_embd, c.num_classes)
+        self.apply(_init_weights)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward_features(self, x):
+        if self.stem is not None:
+            x = self.stem(x)
+        x = self.patch_embed(x)  # (B, C, h, w)
+        h, w = x.shape[2], x.shape[3]
+        x = x.flatten(2).transpose(1, 2)  # (B, T, C) tokens in raster order
+        pos = self.pos_embed
+        if h != self.grid or w != self.grid:  # another input size than built for: resample (shapes are static)
+            pos = resample_pos_embed(pos, (h, w))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
+        x = self.pos_drop(x)
+        for block in self.blocks:
+            if self.config.grad_checkpoint and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.ln_f(x)[:, 0]  # the [CLS] token (B, C)
+
+    def forward(self, x):
+        return self.head(self.head_drop(self.forward_features(x)))
+
+    def layer_ids(self):
+        # BEiT recipe: embeddings (stem, patch, cls, pos) 0, block i -> i + 1, final norm + head n_layer + 1
+        n = self.config.n_layer
+        ids = {}
+        for name, _ in self.named_parameters():
+            if name.startswith("blocks."):
+                ids[name] = int(name.split(".")[1]) + 1
+            elif name.startswith(("ln_f", "head")):
+                ids[name] = n + 1
+            else:
+                ids[name] = 0
+        return ids, n
+
+    @staticmethod
+    def convert_state_dict(sd):
+        """timm / torchvision ViT keys -> ours. Returns (state_dict, layout)."""
+        if "conv_proj.weight" in sd or "encoder.pos_embedding" in sd:
+            rules = [(r"^class_token$", "cls_token"), (r"^conv_proj\.", "patch_embed."),
+                     (r"^encoder\.pos_embedding$", "pos_embed"), (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."),
+                     (r"\.self_attention\.in_proj_weight$", ".attn.c_attn.weight"),
+                     (r"\.self_attention\.in_proj_bias$", ".attn.c_attn.bias"),
+                     (r"\.self_attention\.out_proj\.", ".attn.c_proj."),
+                     (r"\.mlp\.0\.", ".mlp.c_fc."), (r"\.mlp\.3\.", ".mlp.c_proj."),
+                     (r"^encoder\.ln\.", "ln_f."), (r"^heads\.head\.", "head.")]
+            return {_rename(k, rules): v for k, v in sd.items()}, "torchvision"
+        if "patch_embed.proj.weight" in sd:
+            rules = [(r"^patch_embed\.proj\.", "patch_embed."), (r"\.norm1\.", ".ln_1."), (r"\.norm2\.", ".ln_2."),
+                     (r"\.attn\.qkv\.", ".attn.c_attn."), (r"\.attn\.proj\.", ".attn.c_proj."),
+                     (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj."), (r"^norm\.", "ln_f.")]
+            return {_rename(k, rules): v for k, v in sd.items()}, "timm"
+        return sd, "nanorad"
+
+
+def resample_pos_embed(pos, new_grid, num_prefix=1):
+    """Bicubic resampling of a square grid of position embeddings (1, prefix + g*g, C) to new_grid=(h, w),
+    with timm's settings (align_corners=False, antialias) so timm-resampled checkpoints agree with ours."""
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    g = math.isqrt(grid.shape[1])
+    assert g * g == grid.shape[1], f"position embedding of {grid.shape[1]} tokens is not a square grid"
+    grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1]).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+# -----------------------------------------------------------------------------
+# any torchvision classifier: built with weights=None, head sized to num_classes, the input conv swapped for in_chans
+
+
+class TorchvisionClassifier(Classifier):
+    def __init__(self, name, num_classes, in_chans=3, image_size=224, grad_checkpoint=False):
+        super().__init__()
+        import torchvision
+        kwargs = {"num_classes": num_classes}
+        if name.startswith("vit_"):
+            kwargs["image_size"] = image_size  # torchvision's ViT asserts the input size it was built for
+        if name in ("inception_v3", "googlenet"):
+            kwargs.update(aux_logits=False, init_weights=True)  # the aux heads only matter for their ImageNet recipe
+        if grad_checkpoint:
+            if not name.startswith("densenet"):
+                raise ValueError(f"grad_checkpoint is available for our models and tv:densenet*, not tv:{name}; "
+                                 f"pass --grad_checkpoint=False")
+            kwargs["memory_efficient"] = True  # torchvision's own checkpointing of the dense layers
+        self.net = torchvision.models.get_model(name, weights=None, **kwargs)
+        # the head: the last Linear / conv that outputs num_classes (fc, classifier, classifier.1, heads.head, ...)
+        heads = [n for n, m in self.net.named_modules()
+                 if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+                 or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
+        assert heads, f"tv:{name}: found no layer with {num_classes} outputs to call the head"
+        self.head_names = ("net." + heads[-1],)
+        # the input conv: the first conv that reads 3 channels
+        conv_name = next(n for n, m in self.net.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3)
+        self.first_conv = f"net.{conv_name}.weight"
+        if in_chans != 3:
+            parent_name, _, attr = conv_name.rpartition(".")
+            parent = self.net.get_submodule(parent_name)  # '' -> self.net itself
+            old = getattr(parent, attr)
+            new = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
+                            old.groups, old.bias is not None, old.padding_mode)
+            with torch.no_grad():  # keep torchvision's init, adapted the way pretrained stems are
+                new.weight.copy_(adapt_input_conv(old.weight, in_chans))
+                if old.bias is not None:
+                    new.bias.copy_(old.bias)
+            setattr(parent, attr, new)
+
+    def forward(self, x):
+        return self.net(x)
+
+    @staticmethod
+    def convert_state_dict(sd):
+        if all(k.startswith("net.") for k in sd):
+            return sd, "nanorad"
+        return {"net." + k: v for k, v in sd.items()}, "torchvision"  # timm resnets share torchvision's names
+
+
+def adapt_input_conv(w, in_chans):
+    """(O, 3, kh, kw) RGB filters -> (O, in_chans, kh, kw). Gray: sum the RGB filters, so a gray image gives the
+    same activations as the RGB model fed the gray image in all three channels (what timm does)."""
+    if in_chans == w.shape[1]:
+        return w
+    if in_chans == 1:
+        return w.sum(dim=1, keepdim=True)
+    reps = math.ceil(in_chans / w.shape[1])
+    return w.repeat(1, reps, 1, 1)[:, :in_chans] * (w.shape[1] / in_chans)
+
+# -----------------------------------------------------------------------------
+# build_model: name -> network; every model carries .model_args so a checkpoint can rebuild it
+
+
+def build_model(model, num_classes, in_chans=1, image_size=224, drop_path=0.0, dropout=0.0, grad_checkpoint=False):
+    model_args = dict(model=model, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                      drop_path=drop_path, dropout=dropout, grad_checkpoint=grad_checkpoint)
+    family, _, size = model.partition("_")
+    if family == "convnext" and size in CONVNEXT_SIZES:
+        depths, dims = CONVNEXT_SIZES[size]
+        net = ConvNeXt(ConvNeXtConfig(depths, dims, in_chans, num_classes, drop_path, dropout, grad_checkpoint=grad_checkpoint))
+    elif family == "vit" and (size in VIT_SIZES or size == "cxr"):
+        if size == "cxr":  # ~5M params: ViT-Ti width, 10 blocks, conv stem (see the ViT section)
+            arch = dict(n_layer=10, n_head=3, n_embd=192, stem_chans=(8, 16, 16, 64, 128))
+        else:
+            n_layer, n_head, n_embd = VIT_SIZES[size]
+            arch = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        net = ViT(ViTConfig(image_size=image_size, in_chans=in_chans, num_classes=num_classes, dropout=dropout,
+                            drop_path=drop_path, grad_checkpoint=grad_checkpoint, **arch))
+    elif model.startswith("tv:"):
+        import torchvision
+        name = model[3:]
+        valid = torchvision.models.list_models(module=torchvision.models)
+        if name not in valid:
+            raise ValueError(f"unknown torchvision classifier {model!r}; valid: " + ", ".join("tv:" + v for v in valid))
+        if drop_path or dropout:
+            print(f"build_model: {model} keeps torchvision's own dropout / stochastic depth; "
+                  f"drop_path={drop_path} dropout={dropout} are ignored")
+        net = TorchvisionClassifier(name, num_classes, in_chans, image_size, grad_checkpoint)
+    else:
+        valid = [f"convnext_{s}" for s in CONVNEXT_SIZES] + [f"vit_{s}" for s in VIT_SIZES] + ["vit_cxr", "tv:<name>"]
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(valid)} (tv:densenet121, tv:resnet50, ...)")
+    net.model_args = model_args
+    return net
+
+# -----------------------------------------------------------------------------
+# pretrained weights: torchvision / timm / nanorad files, or a torchvision weights name to download
+
+
+def _read_state_dict(path):
+    if path.startswith("torchvision:"):
+        import torchvision
+        weights_name = path.split(":", 1)[1]
+        try:
+            weights = torchvision.models.get_weight(weights_name)
+        except (KeyError, ValueError, AttributeError) as e:
+            raise ValueError(f"unknown torchvision weights {weights_name!r} ({e}); names look like "
+                             f"torchvision:ConvNeXt_Tiny_Weights.IMAGENET1K_V1 or torchvision:ResNet50_Weights.IMAGENET1K_V2") from e
+        try:
+            return weights.get_state_dict(progress=False, check_hash=True)
+        except OSError as e:  # URLError, socket timeouts, DNS failures are all OSErrors
+            file = weights.url.rsplit("/", 1)[-1]
+            raise RuntimeError(
+                f"could not download {weights_name} from {weights.url} ({type(e).__name__}: {e}). Offline? Download the "
+                f"file on a machine with internet, copy it here and pass its path instead (pretrained_path=/path/to/{file}), "
+                f"or put it in {torch.hub.get_dir()}/checkpoints/ where torchvision looks first.") from e
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(f"{path} is a .safetensors file: pip install safetensors, or convert it to .pth") from e
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "model_state_dict"):  # nanorad checkpoints {'model': ...}, lightning-style files
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    return obj
+
+
+def load_pretrained(model, path):
+    """Load weights from `path` (file or 'torchvision:<Weights.NAME>') into model, in place. Converts torchvision /
+    timm key layouts, sums RGB stem filters for in_chans=1, resamples ViT position embeddings, and re-initializes
+    a head whose number of classes differs. Returns {'layout', 'missing', 'unexpected', 'reset', 'adapted'}."""
+    raw = unwrap(model)
+    sd = _read_state_dict(path)
+    sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}  # DDP / torch.compile prefixes
+    sd, layout = raw.convert_state_dict(sd)
+    own = raw.state_dict()
+    load, reset, adapted, mismatched = {}, [], [], []
+    for k, v in sd.items():
+        if k not in own:
+            continue
+        want = own[k].shape
+        if v.shape == want:
+            load[k] = v
+        elif _under_head(raw, k.rsplit(".", 1)[0]):
+            reset.append(k)  # another number of classes: keep a fresh head
+        elif k == raw.first_conv and v.ndim == 4 and v.shape[0] == want[0] and v.shape[2:] == want[2:]:
+            load[k] = adapt_input_conv(v, want[1])
+            adapted.append(f"{k} {v.shape[1]}->{want[1]} channels")
+        elif k == "pos_embed" and v.shape[-1] == want[-1]:
+            load[k] = resample_pos_embed(v, (raw.grid, raw.grid))
+            adapted.append(f"pos_embed {v.shape[1] - 1}->{want[1] - 1} tokens")
+        elif v.numel() == want.numel() and [d for d in v.shape if d != 1] == [d for d in want if d != 1]:
+            load[k] = v.reshape(want)  # 1x1 conv <-> Linear (timm conv_mlp), (C,1,1) <-> (C,) layer scale
+        else:
+            mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(want)}")
+    if mismatched:
+        raise ValueError(f"{path} ({layout} layout) does not fit {raw.model_args['model']}: " + "; ".join(mismatched[:5])
+                         + (f" and {len(mismatched) - 5} more" if len(mismatched) > 5 else ""))
+    missing = [k for k in own if k not in load and k not in reset]
+    unexpected = [k for k in sd if k not in own]
+    raw.load_state_dict(load, strict=False)
+    for name in raw.head_names:  # fresh head (also when the model was trained before: reset means reset)
+        if any(k.startswith(name + ".") for k in reset):
+            raw.get_submodule(name).apply(_init_weights)
+    report = dict(layout=layout, missing=missing, unexpected=unexpected, reset=reset, adapted=adapted)
+    print(f"load_pretrained: {path} ({layout} layout) -> {raw.model_args['model']}: loaded {len(load)}/{len(own)} tensors"
+          f" | head reset: {reset or 'no'} | adapted: {adapted or 'none'} | missing {len(missing)}{missing[:3] if missing else ''}"
+          f" | unexpected {len(unexpected)}{unexpected[:3] if unexpected else ''}")
+    return report
+
+# -----------------------------------------------------------------------------
+# size, FLOPs, optimizer groups, freezing
+
+
+def unwrap(model):
+    """The raw model under DDP (.module) and torch.compile (._orig_mod)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def get_num_params(model, non_embedding=False):
+    """Parameter count; non_embedding=True leaves out position embeddings (as nanoGPT does)."""
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= sum(p.numel() for name, p in model.named_parameters() if name.endswith(("pos_embed", "pos_embedding", "wpe.weight")))
+    return n
+
+
+def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs):
+    B, nh, T, hs = q
+    S = k[2]
+    return 2 * B * nh * T * S * hs * 2  # q @ k^T and att @ v, 2 FLOPs per multiply-add
+
+
+def estimate_flops(model, image_size, in_chans):
+    """Forward FLOPs for one image (2 per multiply-add), counted by torch.utils.flop_counter; a train step ~= 3x."""
+    from torch.utils.flop_counter import FlopCounterMode
+    raw = unwrap(model)
+    p = next(raw.parameters())
+    x = torch.zeros(1, in_chans, image_size, image_size, device=p.device, dtype=p.dtype)
+    # the CPU flash-attention kernel has no formula in flop_counter (the CUDA ones do): count it like them
+    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+    was_training = raw.training
+    raw.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=extra) as counter:
+            raw(x)
+    finally:
+        raw.train(was_training)
+    return counter.get_total_flops()
+
+
+NO_DECAY = ("pos_embed", "cls_token", "class_token", "pos_embedding", "gamma", "layer_scale",
+            "relative_position_bias_table", "absolute_pos_embed")
+
+
+def is_head_param(model, name):
+    name = re.sub(r"^(module\.|_orig_mod\.)+", "", name)
+    return _under_head(unwrap(model), name)
+
+
+def param_groups(model, weight_decay, layer_decay=1.0, lr_backbone_mult=1.0):
+    """AdamW groups: weight decay only on >=2-D weights (not norms, biases, position embeddings, tokens, layer
+    scale); lr_scale = layer_decay ** (num_layers + 1 - layer_id) (BEiT / ConvNeXt fine-tuning), times lr_backbone_mult
+    outside the head. Each trainable parameter lands in exactly one group; frozen ones in none."""
+    raw = unwrap(model)
+    ids, num_layers = raw.layer_ids()
+    groups = {}
+    for name, p in raw.named_parameters():
+        if not p.requires_grad:
+            continue
+        head = _under_head(raw, name)
+        decay = p.ndim >= 2 and not any(key in name for key in NO_DECAY)
+        layer = num_layers + 1 if head else (ids[name] if layer_decay != 1.0 else num_layers + 1)
+        scale = layer_decay ** (num_layers + 1 - layer) * (1.0 if head else lr_backbone_mult)
+        key = ("head" if head else f"layer{layer}" if layer_decay != 1.0 else "backbone") + ("_decay" if decay else "_no_decay")
+        g = groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale, "name": key})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def freeze_backbone(model):
+    """Linear probe: only the head trains; the backbone gets requires_grad=False and stays in eval mode (BatchNorm
+    running stats, dropout, drop path frozen) even across model.train() calls, until unfreeze()."""
+    raw = unwrap(model)
+    for name, p in raw.named_parameters():
+        p.requires_grad_(_under_head(raw, name))
+    raw.frozen_backbone = True
+    raw.train(raw.training)
+
+
+def unfreeze(model):
+    raw = unwrap(model)
+    for p in raw.parameters():
+        p.requires_grad_(True)
+    raw.frozen_backbone = False
+    raw.train(raw.training)
