@@ -16,7 +16,7 @@ because head_names = ('clinical', 'fusion', 'head')):
   vision   any model.py image network (convnext_*, vit_*, vit_cxr, tv:<name>) with its head replaced by
            Identity; optionally initialised from a train.py / train_clip.py checkpoint or any load_pretrained file
   text     'small': token + position embeddings, model.Block x n, LayerNorm, masked mean pooling, over UTF-8
-           bytes (or a tokenizer.py byte-BPE file); 'clip': the text tower of clip_model.py (CLIP causal
+           bytes (or a tokenizer.py byte-BPE file); 'clip': the text tower of model_clip.py (CLIP causal
            transformer or BERT) from a train_clip.py checkpoint or open_clip / HF / BiomedCLIP weights
 The clinical MLP is trained with fusion + head in both stages: there is no pretrained clinical encoder.
 
@@ -167,9 +167,9 @@ def make_tokenizer(args):
     """The tokenizer of a fusion model's text encoder: callable texts -> (N, text_context) int64."""
     if args["text_encoder"] == "small":
         return SmallTokens(args["text_tokenizer"], args["text_tokenizer_path"])
-    import clip_tokenizer_wip as ctok
-    tok = ctok.build_tokenizer(args["text_tokenizer"], args["text_tokenizer_path"], args["text_context"])
-    return lambda texts, T: ctok.tokenize_numpy(tok, texts, T)[0].astype(np.int64)
+    import tokenizer
+    tok = tokenizer.build_tokenizer(args["text_tokenizer"], args["text_tokenizer_path"], args["text_context"])
+    return lambda texts, T: tokenizer.tokenize_numpy(tok, texts, T)[0].astype(np.int64)
 
 # -----------------------------------------------------------------------------
 # per-split arrays and per-batch lookup
@@ -236,19 +236,19 @@ class SmallTextEncoder(nn.Module):
 
 
 class ClipTextEncoder(nn.Module):
-    """clip_model.py's text tower (causal CLIP transformer or BERT): hidden states for cross-attention, the
+    """model_clip.py's text tower (causal CLIP transformer or BERT): hidden states for cross-attention, the
     tower's own pooled + projected embedding (end-of-text token / [CLS]) for concatenation."""
 
     def __init__(self, a):
         super().__init__()
-        import clip_model
-        a = {**clip_model.CLIP_DEFAULTS, **a}  # clip_args_from_weights gives only what the file shows
+        import model_clip
+        a = {**model_clip.CLIP_DEFAULTS, **a}  # clip_args_from_weights gives only what the file shows
         if a["text_model"] == "causal":
-            self.tower = clip_model.TextTransformer(a["embed_dim"], a["vocab_size"], a["context_length"], a["text_width"],
+            self.tower = model_clip.TextTransformer(a["embed_dim"], a["vocab_size"], a["context_length"], a["text_width"],
                                                     a["text_layers"], a["text_heads"], a["text_mlp_ratio"], a["text_act"],
                                                     a["text_eps"], a["eot_id"], a["text_dropout"], a["grad_checkpoint"])
         elif a["text_model"] == "bert":
-            self.tower = clip_model.BertTextEncoder(a["embed_dim"], a["vocab_size"], a["text_width"], a["text_layers"],
+            self.tower = model_clip.BertTextEncoder(a["embed_dim"], a["vocab_size"], a["text_width"], a["text_layers"],
                                                     a["text_heads"], a["text_mlp_ratio"], a["text_eps"], a["max_position"],
                                                     a["type_vocab_size"], a["pad_id"], a["text_proj"], a["text_dropout"],
                                                     a["grad_checkpoint"])
@@ -262,9 +262,9 @@ class ClipTextEncoder(nn.Module):
         if self.kind == "bert":
             h = t.hidden_states(tokens)
             return h, t.proj(h[:, 0]), tokens != t.pad_id
-        import clip_model
+        import model_clip
         x = t.token_embedding(tokens) + t.pos_embed[:T]
-        x = t.ln_final(clip_model._run_blocks(t.blocks, x, t.grad_checkpoint, is_causal=True))
+        x = t.ln_final(model_clip._run_blocks(t.blocks, x, t.grad_checkpoint, is_causal=True))
         eot = (tokens == t.eot_id).int().argmax(dim=1)
         mask = torch.arange(T, device=tokens.device)[None] <= eot[:, None]  # tokens up to end-of-text (CLIP pad id 0 is '!')
         return x, t.proj(x[torch.arange(B, device=x.device), eot]), mask
@@ -517,7 +517,7 @@ def build_any(model_args):
 def text_args_from(path):
     """(CLIP architecture args, tokenizer settings or None) of a train_clip.py checkpoint or open_clip / HF /
     BiomedCLIP weights, for text_encoder='clip'."""
-    import clip_model
+    import model_clip
     if not os.path.exists(path):
         raise FileNotFoundError(f"text_init={path!r} not found: a train_clip.py checkpoint (out/<run>/best.pt) or a "
                                 f"CLIP weights file / Hugging Face folder")
@@ -527,20 +527,20 @@ def text_args_from(path):
         tok = {"text_tokenizer": c.get("tokenizer", "clip"), "text_tokenizer_path": c.get("tokenizer_path", ""),
                "text_context": c.get("context_length", obj["model_args"]["context_length"])}
         return dict(obj["model_args"]), tok
-    return clip_model.clip_args_from_weights(path), None
+    return model_clip.clip_args_from_weights(path), None
 
 
 def load_text_init(net, path):
     """Copy the text tower of a CLIP checkpoint / weights file into net.text (strict: every tower key)."""
-    import clip_model
+    import model_clip
     if not isinstance(getattr(net, "text", None), ClipTextEncoder):
         raise ValueError("text_init loads a CLIP / BERT text tower: set text_encoder='clip' (and modalities with text)")
     obj = torch.load(path, map_location="cpu", weights_only=True) if path.endswith((".pt", ".pth")) else None
     if isinstance(obj, dict) and "model_args" in obj and isinstance(obj.get("model"), dict):
         sd = obj["model"]
     else:
-        clip = clip_model.build_clip(**net.model_args["text_args"])
-        clip_model.load_clip_weights(clip, path)
+        clip = model_clip.build_clip(**net.model_args["text_args"])
+        model_clip.load_clip_weights(clip, path)
         sd = clip.state_dict()
     sd = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
     net.text.tower.load_state_dict(sd, strict=True)

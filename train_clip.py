@@ -49,11 +49,11 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import clip_model
-import clip_tokenizer_wip as ctok
 import common
 import configurator
 import data
+import model_clip
+import tokenizer as tok_lib
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the phantom quick start on a CPU (config/clip_phantom.py sets the same)
@@ -457,14 +457,14 @@ def run_eval(raw, split, tokens, lengths, captions, cfg, meta, dist, tok):
 
 def load_tokens(data_dir, split_name, captions, tok, cfg, master):
     if cfg["tokenizer"] == "bpe":  # trained per run: fast, and not worth a cache keyed on its merges
-        return ctok.tokenize_numpy(tok, captions, cfg["context_length"])
+        return tok_lib.tokenize_numpy(tok, captions, cfg["context_length"])
     tag = hashlib.sha1(f"{cfg['tokenizer']}|{cfg['tokenizer_path']}|{cfg['context_length']}|{tok.vocab_size}".encode()).hexdigest()[:8]
     path = os.path.join(data_dir, f"{split_name}_tokens_{tag}.npz")
     if os.path.isfile(path):
         z = np.load(path)
         if len(z["tokens"]) == len(captions):
             return z["tokens"], z["lengths"]
-    tokens, lengths = ctok.tokenize_numpy(tok, captions, cfg["context_length"])
+    tokens, lengths = tok_lib.tokenize_numpy(tok, captions, cfg["context_length"])
     if master and os.access(data_dir, os.W_OK):
         tmp = path + ".tmp.npz"
         np.savez(tmp, tokens=tokens, lengths=lengths)
@@ -489,7 +489,7 @@ def model_args_from_cfg(cfg):
     if cfg["init_from"] == "pretrained":
         if not cfg["pretrained_path"]:
             raise ValueError("init_from='pretrained' needs --pretrained_path=<open_clip file | HF CLIP folder | BiomedCLIP file>")
-        a = clip_model.clip_args_from_weights(cfg["pretrained_path"])
+        a = model_clip.clip_args_from_weights(cfg["pretrained_path"])
         a.update(in_chans=cfg["in_chans"], image_size=cfg["image_size"], drop_path=cfg["drop_path"],
                  grad_checkpoint=cfg["grad_checkpoint"], context_length=min(a.get("context_length", 77), cfg["context_length"]))
         for key in ("vision_act", "text_act"):
@@ -566,8 +566,8 @@ def _train(cfg, dist, log):
     train_split = data.PreparedSplit(cfg["data_dir"], "train")
     val_split = data.PreparedSplit(cfg["data_dir"], "val")
     captions = {s.split: [r["text"] for r in s.index] for s in (train_split, val_split)}
-    tok = ctok.build_tokenizer(cfg["tokenizer"], cfg["tokenizer_path"], cfg["context_length"], captions["train"],
-                               cfg["bpe_vocab_size"], saved=ckpt.get("tokenizer") if ckpt is not None else None)
+    tok = tok_lib.build_tokenizer(cfg["tokenizer"], cfg["tokenizer_path"], cfg["context_length"], captions["train"],
+                                  cfg["bpe_vocab_size"], saved=ckpt.get("tokenizer") if ckpt is not None else None)
     for name, caps in captions.items():
         empty = sum(1 for c in caps if not c.strip())
         if empty:
@@ -599,18 +599,18 @@ def _train(cfg, dist, log):
     if args["vocab_size"] < tok.vocab_size:
         raise ValueError(f"the text tower knows {args['vocab_size']} token ids but tokenizer={cfg['tokenizer']!r} makes "
                          f"{tok.vocab_size}: use the tokenizer the weights were trained with")
-    raw = clip_model.build_clip(**args)
+    raw = model_clip.build_clip(**args)
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
     elif cfg["init_from"] == "pretrained":
-        report = clip_model.load_clip_weights(raw, cfg["pretrained_path"])
+        report = model_clip.load_clip_weights(raw, cfg["pretrained_path"])
         log.line(f"loaded {report['file']} ({report['layout']} layout, {report['loaded']} tensors)"
                  + (f" | adapted: {'; '.join(report['adapted'])}" if report["adapted"] else ""))
     raw.to(dist.device)
     if cfg["lock_image"]:
-        clip_model.lock_tower(raw, "visual", cfg["unlock_last_n"])
+        model_clip.lock_tower(raw, "visual", cfg["unlock_last_n"])
     if cfg["lock_text"]:
-        clip_model.lock_tower(raw, "text", cfg["unlock_last_n"])
+        model_clip.lock_tower(raw, "text", cfg["unlock_last_n"])
     n_params = sum(p.numel() for p in raw.parameters())
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     log.line(f"model: image {args['image_model']} | text {args['text_model']} | embed {args['embed_dim']} | "
@@ -618,7 +618,7 @@ def _train(cfg, dist, log):
              f"(vocab {tok.vocab_size}, context {cfg['context_length']})")
 
     # --- optimizer
-    groups = clip_model.clip_param_groups(raw, cfg["weight_decay"], cfg["lr_mult_image"], cfg["lr_mult_text"],
+    groups = model_clip.clip_param_groups(raw, cfg["weight_decay"], cfg["lr_mult_image"], cfg["lr_mult_text"],
                                           cfg["layer_decay_image"], cfg["layer_decay_text"])
     optimizer = common.make_optimizer(groups, cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), dist.device)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")

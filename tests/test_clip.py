@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL = ROOT.parent / "shared" / "data" / "real"
 
-import clip_model  # noqa: E402
-import clip_tokenizer_wip as ctok  # noqa: E402
+import model_clip  # noqa: E402
+import tokenizer as tok_lib  # noqa: E402
 
 
 def _roco_captions(n):
@@ -36,7 +36,7 @@ def test_clip_bpe_equals_open_clip_tokenize():
     open_clip = pytest.importorskip("open_clip")
     caps = _roco_captions(400)
     caps += ["", "A" * 300, "Left pleural effusion &amp; <b>pneumothorax</b>", "café 3.5 cm", "x " * 100]
-    tok = ctok.ClipBPE()
+    tok = tok_lib.ClipBPE()
     ids, lengths = tok(caps)
     ref = open_clip.tokenize(caps)
     assert torch.equal(torch.tensor(ids), ref)
@@ -48,13 +48,13 @@ def test_clip_bpe_equals_open_clip_tokenize():
 def test_clip_bpe_from_hf_vocab_files(tmp_path):
     """vocab.json + merges.txt (a Hugging Face CLIP folder) give the same ids as the open_clip merges file."""
     pytest.importorskip("open_clip")
-    tok = ctok.ClipBPE()
+    tok = tok_lib.ClipBPE()
     vocab = {t.replace("<start_of_text>", "<|startoftext|>").replace("<end_of_text>", "<|endoftext|>"): i
              for t, i in tok.encoder.items()}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     merges = sorted(tok.ranks, key=tok.ranks.get)
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    hf = ctok.ClipBPE(str(tmp_path))
+    hf = tok_lib.ClipBPE(str(tmp_path))
     caps = ["Chest radiograph: right-sided pneumothorax (arrow).", "CT of the abdomen, 2 mm slices."]
     assert hf(caps) == tok(caps)
 
@@ -74,7 +74,7 @@ def test_wordpiece_equals_transformers_bert_tokenizer(tmp_path):
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
     ref = transformers.BertTokenizer(str(path), do_lower_case=True)
-    ours = ctok.WordPiece(str(path), context_length=64)
+    ours = tok_lib.WordPiece(str(path), context_length=64)
     for c in caps + ["Ünïcödé accents, naïve café", "tab\tand\x00control"]:
         assert ours.encode(c) == ref.encode(c, add_special_tokens=False), c
     ids, lengths = ours(caps[:4])
@@ -111,11 +111,11 @@ def test_open_clip_weights(tmp_path, quickgelu):
         ref.logit_scale.fill_(3.0)
     path = tmp_path / "open_clip.pt"
     torch.save(ref.state_dict(), path)
-    args = clip_model.clip_args_from_weights(str(path))
+    args = model_clip.clip_args_from_weights(str(path))
     if not quickgelu:
         args.update(vision_act="gelu", text_act="gelu")
-    ours = clip_model.build_clip(**args).eval()
-    report = clip_model.load_clip_weights(ours, str(path))
+    ours = model_clip.build_clip(**args).eval()
+    report = model_clip.load_clip_weights(ours, str(path))
     assert report["layout"] == "open_clip" and not report["missing"]
     x = torch.randn(3, 3, 32, 32)
     t = _tokens(3, 16, 100, 99)
@@ -140,10 +140,10 @@ def test_hf_clip_weights(tmp_path, fmt):
                            image_size=32, patch_size=16), projection_dim=48)
     ref = transformers.CLIPModel(cfg).eval()
     ref.save_pretrained(str(tmp_path), safe_serialization=fmt == "safetensors")
-    args = clip_model.clip_args_from_weights(str(tmp_path))
+    args = model_clip.clip_args_from_weights(str(tmp_path))
     assert args["vision_heads"] == 3 and args["text_heads"] == 4 and args["eot_id"] == 99
-    ours = clip_model.build_clip(**args).eval()
-    report = clip_model.load_clip_weights(ours, str(tmp_path))
+    ours = model_clip.build_clip(**args).eval()
+    report = model_clip.load_clip_weights(ours, str(tmp_path))
     assert report["layout"] == "hf"
     x = torch.randn(2, 3, 32, 32)
     t = _tokens(2, 16, 100, 99)
@@ -169,9 +169,9 @@ def test_bert_text_encoder_equals_transformers(tmp_path):
     torch.manual_seed(0)
     cfg = _small_bert(tmp_path, transformers)
     ref = transformers.BertModel(cfg, add_pooling_layer=False).eval()
-    ours = clip_model.BertTextEncoder(embed_dim=64, vocab_size=200, width=128, layers=2, heads=2, max_position=64,
+    ours = model_clip.BertTextEncoder(embed_dim=64, vocab_size=200, width=128, layers=2, heads=2, max_position=64,
                                       proj="linear").eval()
-    sd = clip_model.convert_hf_bert(ref.state_dict(), "", "")
+    sd = model_clip.convert_hf_bert(ref.state_dict(), "", "")
     missing, unexpected = ours.load_state_dict(sd, strict=False)
     assert list(missing) == ["proj.weight"] and not unexpected
     t = _tokens(3, 20, 200, 150)
@@ -197,10 +197,10 @@ def test_biomedclip_weights(tmp_path):
                       hf_pooler_type="cls_last_hidden_state_pooler", context_length=32)).eval()
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(ref.state_dict(), path)
-    args = clip_model.clip_args_from_weights(str(path))
+    args = model_clip.clip_args_from_weights(str(path))
     args["context_length"] = 32
-    ours = clip_model.build_clip(**args).eval()
-    report = clip_model.load_clip_weights(ours, str(path))
+    ours = model_clip.build_clip(**args).eval()
+    report = model_clip.load_clip_weights(ours, str(path))
     assert report["layout"] == "biomedclip"
     x = torch.randn(2, 3, 224, 224)
     t = _tokens(2, 32, 200, 150)
@@ -217,14 +217,14 @@ def test_gray_input_and_lock():
     torch.manual_seed(0)
     small = dict(embed_dim=32, image_size=32, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2,
                  vocab_size=50, context_length=8, text_width=64, text_layers=2, text_heads=2, eot_id=49)
-    rgb = clip_model.build_clip(**small, in_chans=3).eval()
-    gray = clip_model.build_clip(**small, in_chans=1).eval()
+    rgb = model_clip.build_clip(**small, in_chans=3).eval()
+    gray = model_clip.build_clip(**small, in_chans=1).eval()
     sd = {k: v for k, v in rgb.state_dict().items()}
     sd["visual.patch_embed.weight"] = sd["visual.patch_embed.weight"].sum(1, keepdim=True)
     gray.load_state_dict(sd)
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(gray.encode_image(x), rgb.encode_image(x.expand(-1, 3, -1, -1)), atol=1e-5, rtol=0)
-    left = clip_model.lock_tower(gray, "visual", unlock_last_n=1)
+    left = model_clip.lock_tower(gray, "visual", unlock_last_n=1)
     trainable = {n for n, p in gray.named_parameters() if p.requires_grad}
     assert left == 3 and {"visual.ln_post.weight", "visual.ln_post.bias", "visual.proj.weight"} <= trainable
     assert not any(n.startswith("visual.blocks") for n in trainable) and "text.proj.weight" in trainable
@@ -256,7 +256,7 @@ def _reference(micro_size, feature_cache=True, N=16):
     import common
     import train_clip
     torch.manual_seed(0)
-    model = clip_model.build_clip(**TINY)
+    model = model_clip.build_clip(**TINY)
     x, t, m, w = _global_batch(N)
     micro = [(x[a:a + micro_size], t[a:a + micro_size], m[a:a + micro_size], w[a:a + micro_size]) for a in range(0, N, micro_size)]
     dist = common.Dist(False, 0, 0, 1, "cpu", True)
@@ -279,7 +279,7 @@ _WORKER = r"""
 import os, sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-import common, train_clip, clip_model, test_clip
+import common, train_clip, model_clip, test_clip
 from torch.nn.parallel import DistributedDataParallel as DDP
 dist = common.setup_distributed("cpu", "gloo")
 x, t, m, w = test_clip._global_batch(16)
@@ -287,7 +287,7 @@ B = 16 // dist.world_size
 s = slice(dist.rank * B, (dist.rank + 1) * B)
 for accum in (1, 2):
     torch.manual_seed(0)
-    model = clip_model.build_clip(**test_clip.TINY)
+    model = model_clip.build_clip(**test_clip.TINY)
     net = DDP(model)
     mb = B // accum
     micro = [(x[s][a:a + mb], t[s][a:a + mb], m[s][a:a + mb], w[s][a:a + mb]) for a in range(0, B, mb)]

@@ -1,8 +1,8 @@
 """
 CLIP for radiology (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision"):
 an image tower and a text tower, each ending in a linear projection to a shared embedding, plus a learnable
-temperature. Self-contained (to be merged into model.py); model.build_model is imported only for image towers
-that are not CLIP ViTs.
+temperature. This module holds the CLIP towers, split out of model.py; model.build_model is imported only for
+image towers that are not CLIP ViTs.
 
 Towers (build_clip(**args); args are plain types, stored in checkpoints as model_args):
   image_model = "clip_vit"          ViT/16 with the switches of the checkpoints we load:
