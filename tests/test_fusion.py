@@ -214,14 +214,12 @@ def test_fusion_beats_vision_only_on_the_phantom(tmp_path_factory):
     assert auc_all > auc_vision + 0.10, (auc_vision, auc_all)
 
 # -----------------------------------------------------------------------------
-# through train.py once the lead has applied fusion_train_patch.md
+# through train.py's real entry point
 
 
 @pytest.mark.slow
 def test_train_two_stage_fusion_run(tmp_path, tiny_phantom):
     import train
-    if "modalities" not in train.DEFAULTS:
-        pytest.skip("train.py has no `modalities` knob yet (fusion_train_patch.md not applied)")
     out = str(tmp_path / "fusion_all")
     train.main([f"--data_dir={tiny_phantom}", f"--out_dir={out}", "--image_size=32", "--batch_size=8",
                 "--eval_batch_size=64", "--tensorboard_log=False", "--modalities=all", "--text_width=32",
