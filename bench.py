@@ -9,7 +9,7 @@ this machine's matmul reaches now", not of a datasheet).
 
 Tasks (--task=...):
   classify  forward + backward + AdamW of a build_model network on (B, in_chans, S, S) images
-  gpt       the GPT train step (gpt_wip.py / model_gpt.py) on (B, block_size) tokens
+  gpt       the GPT train step (model_gpt.py) on (B, block_size) tokens
   clip      the CLIP train step (symmetric InfoNCE over the batch) of build_clip
   data      the memmap loader (Loader read -> to_float -> augment) vs torchvision ImageFolder + PIL (--compare)
 
@@ -127,23 +127,17 @@ SUITE_DRY = ["--device=cpu", "--dtype=float32", "--compile=False", "--warmup_ite
 
 
 # -----------------------------------------------------------------------------
-# helpers: imports that may be renamed, FLOPs, peaks, memory
+# helpers: lazy imports of the GPT / CLIP models, FLOPs, peaks, memory
 
 
 def gptlib():
-    try:
-        import model_gpt as lib
-    except ImportError:
-        import gpt_wip as lib
-    return lib
+    import model_gpt
+    return model_gpt
 
 
 def cliplib():
-    try:
-        import model_clip as lib
-    except ImportError:
-        import clip_model as lib
-    return lib
+    import model_clip
+    return model_clip
 
 
 def sync(device):

@@ -20,7 +20,7 @@ import torch
 import common
 import configurator
 import tokenizer as tok_lib
-from gpt_wip import GPT, gpt_config_from_dict
+from model_gpt import GPT, gpt_config_from_dict
 
 # -----------------------------------------------------------------------------
 # config

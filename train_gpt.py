@@ -46,7 +46,7 @@ import common
 import configurator
 import text_data
 import tokenizer as tok_lib
-from gpt_wip import GPT, GPTConfig, gpt_config_from_dict, gpt_config_to_dict
+from model_gpt import GPT, GPTConfig, gpt_config_from_dict, gpt_config_to_dict
 
 # -----------------------------------------------------------------------------
 # config: every knob, its unit and a rule of thumb; config/gpt_*.py and --key=value override them
@@ -80,6 +80,11 @@ grad_checkpoint = False  # recompute blocks in backward: less activation memory,
 n_prefix = 16  # cond='image': visual tokens (a square for image_encoder='conv')
 image_encoder = "conv"  # conv | a model.py build_model name (e.g. convnext_atto) used as the prefix backbone
 prefix_width = 128  # conv encoder channels / features per visual token
+aux_cls_weight = 0.0  # cond='image': weight of the auxiliary finding loss (BCE of a head on the visual tokens vs the
+#                       pairs' labels) added to the LM loss; ~1 makes the image encoder learn the findings first
+token_dropout = 0.0  # cond='image': fraction of report input tokens replaced by random ids (word dropout), so the
+#                      model cannot write the report from the text so far alone and must read the image; ~0.1-0.3
+prefix_lr_mult = 1.0  # cond='image': lr multiplier of the image encoder + mapping network (a from-scratch encoder: 1-3)
 # optimizer (AdamW; decay on >= 2-D weights)
 learning_rate = 6e-4  # peak; ~1e-3 small models, 6e-4 GPT-2 small, 3e-5..1e-4 finetuning
 max_iters = 5000  # optimizer steps
@@ -242,7 +247,8 @@ def _train(cfg, dist, device, dtype, logger):
         train_pairs, val_pairs = text_data.Pairs(data_dir, "train"), text_data.Pairs(data_dir, "val")
         mean, std = meta["mean"], meta["std"]
         T = train_pairs.tokens.shape[1] - 1  # text positions per row (inputs drop the last token)
-        seq_len = cfg["n_prefix"] + T
+        n_classes = len(meta["classes"]) if cfg["aux_cls_weight"] > 0 else 0  # the finding head adds a token each
+        seq_len = cfg["n_prefix"] + n_classes + T
         n_train = len(train_pairs)
     else:
         if meta.get("kind") != "text":
@@ -268,7 +274,8 @@ def _train(cfg, dist, device, dtype, logger):
     model_args = {k: cfg[k] for k in model_keys}
     model_args.update(block_size=seq_len, vocab_size=tok.vocab_size, n_prefix=cfg["n_prefix"] if image_cond else 0)
     if image_cond:
-        model_args.update(image_size=meta["image_size"], in_chans=1)
+        model_args.update(image_size=meta["image_size"], in_chans=1, aux_cls_weight=cfg["aux_cls_weight"],
+                          n_classes=n_classes)
     iter_num, best_val_loss, ckpt = 0, float("inf"), None
     if cfg["init_from"] == "scratch":
         model = GPT(GPTConfig(**model_args))
@@ -304,7 +311,7 @@ def _train(cfg, dist, device, dtype, logger):
     torch.manual_seed(cfg["seed"] + 1000 * dist.rank)  # dropout differs per rank; the init above does not
 
     # --- optimizer
-    optimizer = common.make_optimizer(raw_model.param_groups(cfg["weight_decay"]), cfg["learning_rate"],
+    optimizer = common.make_optimizer(raw_model.param_groups(cfg["weight_decay"], cfg["prefix_lr_mult"]), cfg["learning_rate"],
                                       (cfg["beta1"], cfg["beta2"]), device)
     if cfg["init_from"] == "resume":
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -328,10 +335,17 @@ def _train(cfg, dist, device, dtype, logger):
             out = []
             for s in slices:
                 images_u8, x, y = train_pairs.batch(rows[s])
-                out.append((to_device(x, device), to_device(y, device), images_to_float(images_u8, mean, std, device)))
+                if cfg["token_dropout"] > 0:  # word dropout on inputs after the start token; targets stay intact
+                    rng = np.random.default_rng((cfg["seed"], step, s.start))
+                    drop = rng.random(x.shape) < cfg["token_dropout"]
+                    drop[:, 0] = False
+                    x = np.where(drop, rng.integers(0, tok.vocab_size, size=x.shape), x)
+                labels = torch.from_numpy(train_pairs.labels[rows[s]]).to(device) if cfg["aux_cls_weight"] > 0 else None
+                out.append((to_device(x, device), to_device(y, device), images_to_float(images_u8, mean, std, device), labels))
             return out
         starts = text_data.text_windows(len(train_bin), T, global_batch, cfg["seed"], step)
-        return [tuple(to_device(a, device) for a in text_data.text_batch(train_bin, starts[s], T)) + (None,) for s in slices]
+        return [tuple(to_device(a, device) for a in text_data.text_batch(train_bin, starts[s], T)) + (None, None)
+                for s in slices]
 
     def run_eval(step, last):
         if image_cond:
@@ -389,11 +403,11 @@ def _train(cfg, dist, device, dtype, logger):
         common.set_lr(optimizer, lr)
         loss_sum = 0.0
         micro = get_batch(step)
-        for k, (x, y, images) in enumerate(micro):
+        for k, (x, y, images, labels) in enumerate(micro):
             sync = not dist.ddp or k == accum - 1
             with (contextlib.nullcontext() if sync else model.no_sync()):
                 with common.autocast(device, dtype):
-                    _, loss = model(x, y, images=images)
+                    _, loss = model(x, y, images=images, labels=labels)
                     loss = loss / accum
                 scaler.scale(loss).backward()
             loss_sum += loss.item()

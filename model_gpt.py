@@ -1,5 +1,5 @@
 """
-GPT for radiology captions and reports (section to be merged into model.py).
+GPT for radiology captions and reports, split out of model.py (which holds the image classifiers).
 
 nanoGPT lineage, written for nanorad: pre-LN blocks, fused QKV projection, attention through
 F.scaled_dot_product_attention, tied input/output embeddings, GPT-2's scaled residual init.
@@ -47,6 +47,9 @@ class GPTConfig:
     image_size: int = 64  # input images are (B, in_chans, image_size, image_size) floats, already normalized
     in_chans: int = 1
     prefix_width: int = 128  # channels of the conv encoder / features per prefix token from a backbone
+    n_classes: int = 0  # image-conditioned: a multi-label finding head on the pooled visual tokens whose probabilities
+    #                     are n_classes more prefix tokens (0 = none); block_size must hold n_prefix + n_classes + text
+    aux_cls_weight: float = 0.0  # weight of that head's BCE loss added to the LM loss when labels are given
     layer_norm_eps: float = 1e-5
     rope_base: float = 10000.0
 
@@ -204,9 +207,25 @@ class ImagePrefix(nn.Module):
         self.mapping = nn.Sequential(nn.Linear(config.prefix_width, config.n_embd), nn.GELU(),
                                      nn.Linear(config.n_embd, config.n_embd))
         self.prefix_pos = nn.Parameter(torch.zeros(1, config.n_prefix, config.n_embd))
+        # auxiliary finding head (Liu et al. 2019, "Clinically accurate chest X-ray report generation"; R2Gen-style
+        # multi-task setups): supervising the encoder with the labels makes the visual tokens carry the findings
+        # from the first steps, before the language model has learned to look at them
+        self.cls_head = nn.Linear(config.n_embd, config.n_classes) if config.n_classes > 0 else None
+        # ... and the head's probabilities become one more prefix token per finding (semantic tags before the text,
+        # as in Jing et al. 2018): token_k = absent_k + p_k * (present_k - absent_k), so the language model reads
+        # "effusion: 0.9" directly instead of decoding it from the visual tokens
+        if config.n_classes > 0:
+            self.finding_emb = nn.Parameter(0.02 * torch.randn(2, config.n_classes, config.n_embd))
 
     def forward(self, images):
-        return self.mapping(self.encoder(images)) + self.prefix_pos  # (B, n_prefix, n_embd)
+        """images (B, C, H, W) -> prefix tokens (B, n_prefix [+ n_classes], n_embd), finding logits (B, n_classes) | None."""
+        tokens = self.mapping(self.encoder(images)) + self.prefix_pos
+        if self.cls_head is None:
+            return tokens, None
+        logits = self.cls_head(tokens.mean(dim=1))
+        p = torch.sigmoid(logits).unsqueeze(-1)  # (B, n_classes, 1)
+        absent, present = self.finding_emb[0], self.finding_emb[1]
+        return torch.cat([tokens, absent + p * (present - absent)], dim=1), logits
 
 
 # -----------------------------------------------------------------------------
@@ -232,6 +251,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
         self.prefix = ImagePrefix(config) if config.n_prefix > 0 else None
+        self.prefix_len = config.n_prefix + config.n_classes if config.n_prefix > 0 else 0  # positions before the text
         self._mask_cache = {}
 
         for name, module in self.named_modules():
@@ -274,13 +294,18 @@ class GPT(nn.Module):
             return None
         return self.flops_per_token(T) * tokens_per_iter / dt / peak_flops
 
-    def param_groups(self, weight_decay):
-        """Decay every >=2-D tensor (matmuls, embeddings, convs); not biases, norms, prefix_pos. For common.make_optimizer."""
-        params = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
-        decay = [p for pn, p in params.items() if p.dim() >= 2 and not pn.endswith("prefix_pos")]
-        no_decay = [p for pn, p in params.items() if not (p.dim() >= 2 and not pn.endswith("prefix_pos"))]
-        return [dict(params=decay, weight_decay=weight_decay, lr_scale=1.0, name="decay"),
-                dict(params=no_decay, weight_decay=0.0, lr_scale=1.0, name="no_decay")]
+    def param_groups(self, weight_decay, prefix_lr_mult=1.0):
+        """Decay every >=2-D tensor (matmuls, embeddings, convs); not biases, norms, prefix_pos. The image prefix
+        (encoder, mapping, finding head) learns at prefix_lr_mult x the lr. For common.make_optimizer."""
+        groups = []
+        for part, scale in (("lm", 1.0), ("prefix", prefix_lr_mult)):
+            params = {pn: p for pn, p in self.named_parameters()
+                      if p.requires_grad and pn.startswith("prefix.") == (part == "prefix")}
+            decay = [p for pn, p in params.items() if p.dim() >= 2 and not pn.endswith("prefix_pos")]
+            no_decay = [p for pn, p in params.items() if not (p.dim() >= 2 and not pn.endswith("prefix_pos"))]
+            groups += [dict(params=ps, weight_decay=wd, lr_scale=scale, name=f"{part}_{kind}")
+                       for ps, wd, kind in ((decay, weight_decay, "decay"), (no_decay, 0.0, "no_decay")) if ps]
+        return groups
 
     def crop_block_size(self, block_size):
         """Shrink the context (e.g. GPT-2's 1024 -> 256) by slicing the position table."""
@@ -312,18 +337,21 @@ class GPT(nn.Module):
         return ctx
 
     def _embed(self, idx, images, pos0):
-        """Token embeddings (after an image prefix when images is given) + learned positions."""
+        """Token embeddings (after an image prefix when images is given) + learned positions; also returns the
+        finding logits of the image prefix (None without images or a finding head)."""
         x = self.transformer.wte(idx)  # (B, T, C)
+        cls_logits = None
         if images is not None:
             assert self.prefix is not None, "images given but the model has n_prefix=0 (text only)"
-            x = torch.cat([self.prefix(images).to(x.dtype), x], dim=1)
+            prefix, cls_logits = self.prefix(images)
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
         if self.config.pos == "learned":
             T = x.size(1)
             assert pos0 + T <= self.config.block_size, (
                 f"sequence of {pos0 + T} positions > block_size={self.config.block_size} (learned positions "
                 f"cannot extrapolate; use pos='alibi' or 'rope')")
             x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
-        return self.transformer.drop(x)
+        return self.transformer.drop(x), cls_logits
 
     def _blocks(self, x, pos0=0, cache=None):
         ctx = self._attn_ctx(pos0, x.size(1), x.device)
@@ -337,19 +365,30 @@ class GPT(nn.Module):
             new_cache.append(kv)
         return self.transformer.ln_f(x), new_cache
 
-    def forward(self, idx, targets=None, images=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, images=None, loss_reduction="mean", labels=None):
         """idx: (B, T) token ids; targets: (B, T) ids with -1 = ignored (padding, prompt); images: (B, C, H, W)
-        floats for an image-conditioned model (the prefix goes before idx). Returns (logits (B, T, V), loss)."""
-        x = self._embed(idx, images, 0)
+        floats for an image-conditioned model (the prefix goes before idx); labels: (B, n_classes) {0, 1} findings
+        (NaN = unknown) add aux_cls_weight * BCE of the finding head to the loss. Returns (logits (B, T, V), loss)."""
+        x, cls_logits = self._embed(idx, images, 0)
         x, _ = self._blocks(x)
         if images is not None:
-            x = x[:, self.config.n_prefix:]  # logits only for text positions
+            x = x[:, self.prefix_len:]  # logits only for text positions
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1, reduction=loss_reduction)
+            if labels is not None and cls_logits is not None and self.config.aux_cls_weight > 0:
+                known = ~torch.isnan(labels)
+                bce = F.binary_cross_entropy_with_logits(cls_logits.float()[known], labels[known].float())
+                loss = loss + self.config.aux_cls_weight * bce
         return logits, loss
+
+    @torch.no_grad()
+    def classify(self, images):
+        """Finding probabilities (B, n_classes) from the prefix's auxiliary head."""
+        assert self.prefix is not None and self.prefix.cls_head is not None, "the model has no finding head (n_classes=0)"
+        return torch.sigmoid(self.prefix(images)[1].float())
 
     # --- generation
 
@@ -359,17 +398,17 @@ class GPT(nn.Module):
         """Continue idx (B, T) by max_new_tokens. temperature=0 is greedy. eos: stop when every row has emitted it
         (finished rows keep emitting eos). With use_cache, each step runs one token through the KV cache; when the
         window is full (block_size), it crops to the last block_size positions and recomputes, like nanoGPT."""
-        n_prefix = self.config.n_prefix if images is not None else 0
+        n_prefix = self.prefix_len if images is not None else 0
         window = self.config.block_size - n_prefix  # text tokens that fit after the prefix
-        assert window > 0, f"block_size={self.config.block_size} leaves no room after n_prefix={n_prefix}"
+        assert window > 0, f"block_size={self.config.block_size} leaves no room after the {n_prefix} prefix positions"
         cache, done = None, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if cache is not None and use_cache and idx.size(1) <= window:
-                x = self._embed(idx[:, -1:], None, n_prefix + idx.size(1) - 1)
+                x, _ = self._embed(idx[:, -1:], None, n_prefix + idx.size(1) - 1)
                 x, cache = self._blocks(x, n_prefix + idx.size(1) - 1, cache)
             else:
                 ctx_idx = idx[:, -window:]
-                x = self._embed(ctx_idx, images, 0)
+                x, _ = self._embed(ctx_idx, images, 0)
                 x, cache = self._blocks(x, 0, [None] * self.config.n_layer if use_cache else None)
             logits = self.lm_head(x[:, -1, :]).float()
             next_id = sample_logits(logits, temperature, top_k, top_p, generator)
