@@ -156,8 +156,9 @@ def test_phantom_run_learns(tmp_path_factory):
     """The quick-start recipe, shortened: the phantom must be learnable (macro AUC >= 0.85)."""
     import data
     d = str(tmp_path_factory.mktemp("phantom64"))
-    data.prepare_phantom(d, n_images=4000, image_size=64, seed=0)
+    data.prepare_phantom(d, n_images=12000, image_size=64, seed=0)
     out = str(tmp_path_factory.mktemp("learn"))
-    final = train.main([f"--data_dir={d}", f"--out_dir={out}", "--max_iters=300", "--lr_decay_iters=300",
-                        "--eval_interval=300", "--tensorboard_log=False", "--log_interval=50"])
+    # measured: 300 iterations on 4,000 images reach only 0.81; the quick start's 800 reach ~0.89-0.90
+    final = train.main([f"--data_dir={d}", f"--out_dir={out}", "--max_iters=600", "--lr_decay_iters=600",
+                        "--eval_interval=600", "--tensorboard_log=False", "--log_interval=50"])
     assert final["best_metric"] >= 0.85, final
