@@ -10,7 +10,7 @@ The phantom: a generated, chest-X-ray-like data set with known ground truth.
     python data.py --dataset=phantom                     # the real entry point: prepare data/phantom
 
 Anatomy (frontal view, radiological convention: the patient's right is on the image left), drawn
-in a canonical frame that each image rotates (+-8 deg), scales (0.76-1.1) and shifts (+-12% x,
+in a canonical frame that each image rotates (+-8 deg), scales (0.76-1.1) and shifts (+-13% x,
 +-9% y): body outline, two lungs with vessel-like markings (ridged noise), heart, mediastinum and
 spine, posterior ribs, clavicles, two diaphragm domes (the right one higher) and a gastric bubble
 under the left dome. Sizes are in canonical units, so everything scales with image_size.
@@ -23,7 +23,7 @@ Findings, drawn so that a radiologist recognises the idea:
                     without markings and a bright pleural line
   Consolidation     dense patch with air bronchograms (the bronchi stay dark inside it)
   Lung Opacity      larger, fainter, soft-edged haze; a third of them bilateral
-  Nodule            a round dense spot, ~7-8 px across at 64 px (smaller is not learnable there)
+  Nodule            1-3 round dense spots, ~7-8 px across at 64 px (smaller is not learnable there)
   Edema             bilateral perihilar haze over thickened interstitium + Kerley B lines
   Atelectasis       a plate-like band at a base; half of them with volume loss (raised hemidiaphragm)
   Support Devices   endotracheal tube, nasogastric tube, central venous catheter, pacemaker + lead
@@ -96,7 +96,7 @@ def _sample_cohort(n, rng):
     male = rng.random(n_pat) < 0.55
     z = (age0 - 60) / 15
     cm = rng.random(n_pat) < _sigmoid(-1.9 + 0.9 * z + 0.3 * male)
-    nod = rng.random(n_pat) < _sigmoid(-2.7 + 0.5 * z)
+    nod = rng.random(n_pat) < _sigmoid(-2.2 + 0.5 * z)
     pm = rng.random(n_pat) < _sigmoid(-3.6 + 1.8 * cm + 0.5 * z)  # pacemaker
     age = np.minimum(age0[pat] + visit // 2, 95).astype(np.int64)
     male, z, cm, nod, pm = male[pat], z[pat], cm[pat], nod[pat], pm[pat]
@@ -109,7 +109,7 @@ def _sample_cohort(n, rng):
     opac = u[:, 4] < _sigmoid(-2.4 + 1.8 * cons + 1.2 * edema + 0.4 * icu)
     atel = u[:, 5] < _sigmoid(-2.6 + 1.2 * eff + 0.9 * icu + 0.3 * z)
     lines = u[:, 6] < np.where(icu, 0.7, 0.03)  # ET / NG tubes, central lines
-    ptx = u[:, 7] < _sigmoid(-3.3 + 1.3 * (male & (age < 40)) + 0.7 * icu + 0.6 * lines)
+    ptx = u[:, 7] < _sigmoid(-2.7 + 1.3 * (male & (age < 40)) + 0.7 * icu + 0.6 * lines)
     ap = u[:, 8] < _sigmoid(-1.6 + 2.6 * icu + 1.0 * lines)
     labels = np.stack([cm, eff, ptx, cons, opac, nod, edema, atel, lines | pm], 1).astype(np.float32)
     no_finding = labels[:, :8].max(1) == 0
@@ -128,7 +128,7 @@ def _sample_params(c, rng):
     U = lambda lo, hi, size=n: rng.uniform(lo, hi, size)  # noqa: E731
     side = lambda: np.where(rng.random(n) < 0.5, -1.0, 1.0)  # noqa: E731  -1 = patient right (image left)
     p = dict(
-        rot=np.deg2rad(U(-8, 8)), scale=U(0.76, 1.1), tx=U(-0.24, 0.24), ty=U(-0.18, 0.18),
+        rot=np.deg2rad(U(-8, 8)), scale=U(0.76, 1.1), tx=U(-0.26, 0.26), ty=U(-0.18, 0.18),
         lw=U(0.92, 1.06), lh=U(0.9, 1.05), dome=U(0.36, 0.46), bubble=rng.random(n) < 0.7,
         rib_phase=U(0, 1), tex=rng.integers(0, 1 << 30, (n, 3)),
         # tone: the per-image window that makes global intensity uninformative
@@ -142,15 +142,16 @@ def _sample_params(c, rng):
     p["eff_side"] = np.where(L[:, EFF], rng.choice([1, 2, 3], n, p=[0.35, 0.3, 0.35]), 0)
     p["eff_h"] = 0.13 + 0.35 * rng.random((n, 2)) ** 1.5  # small effusions are the common ones
     # pneumothorax: side and depth of the rim of air (3-10% of the image width)
-    p["ptx_side"], p["ptx_d"] = side(), U(0.1, 0.22)
+    p["ptx_side"], p["ptx_d"] = side(), U(0.12, 0.22)
     # consolidation / opacity / nodule / atelectasis: side, position in the lung, size
     p["cons_side"], p["cons_v"], p["cons_a"], p["cons_b"] = side(), U(-0.35, 0.3), U(0.11, 0.19), U(0.12, 0.22)
     p["opac_side"], p["opac_v"], p["opac_a"], p["opac_dens"] = side(), U(-0.4, 0.25, (n, 2)), U(0.14, 0.24), U(0.45, 0.65)
     p["opac_two"] = rng.random(n) < 0.35
-    nod_pat = rng.uniform(-1, 1, (c["pat"].max() + 1, 4))  # chronic nodule: same place and size
-    q = nod_pat[c["pat"]]
+    n_pat = c["pat"].max() + 1  # nodules are chronic: 1-3 per patient, same places and sizes
+    q = rng.uniform(-1, 1, (n_pat, 4, 3))[c["pat"]]
     p["nod_side"], p["nod_u"] = np.sign(q[:, 0] + 1e-9), 0.6 * q[:, 1]
     p["nod_v"], p["nod_r"] = 0.35 * q[:, 2] - 0.15, 0.11 + 0.02 * q[:, 3]  # radius ~3.5-4 px at 64 px
+    p["nod_k"] = rng.choice([1, 2, 3], n_pat, p=[0.5, 0.3, 0.2])[c["pat"]]
     p["edema"] = U(0.3, 0.6)
     p["atel_side"], p["atel_v"], p["atel_ang"], p["atel_len"] = side(), U(0.05, 0.25), U(-0.5, 0.3), U(0.14, 0.24)
     p["atel_lift"] = np.where(rng.random(n) < 0.5, U(0.07, 0.13), 0.0)  # volume loss: elevated hemidiaphragm
@@ -386,7 +387,7 @@ def _draw_findings(G, j, g, has, air, dens, ridge):
         lung = _clip01(a / max(float(a.max()), 1e-3), 3.0, 0.0)  # the lung as drawn so far
         rim = _clip01(r2 - 1, 12.0, 0.0) * lung
         a += rim * (1.1 * lung - a)  # plain air: no markings, no lung tissue
-        de += 0.5 * _band(r2 - 1, 0.12) * lung
+        de += 0.7 * _band(r2 - 1, 0.12) * lung
     if has[CONS]:  # dense patch; the bronchi (the ridge network) stay dark inside it: air bronchograms
         cx, cy, ra, rb = 0.38 * g["cons_side"], g["cons_v"], g["cons_a"], g["cons_b"]
         u, v, a, _, r = view(cx - ra - 0.05, cx + ra + 0.05, cy - rb - 0.05, cy + rb + 0.05)
@@ -397,8 +398,8 @@ def _draw_findings(G, j, g, has, air, dens, ridge):
             cx, cy = 0.36 * sd, g["opac_v"][k]
             u, v, a, _, _ = view(cx - 1.3 * ra, cx + 1.3 * ra, cy - 1.5 * ra, cy + 1.5 * ra)
             a *= 1 - g["opac_dens"] * _ellipse(u, v, cx, cy, ra, 1.2 * ra, 1.5)
-    if has[NOD]:
-        cx, cy, r = g["nod_side"] * (0.36 + 0.17 * g["nod_u"]), g["nod_v"], g["nod_r"]
+    for k in range(g["nod_k"] if has[NOD] else 0):
+        cx, cy, r = g["nod_side"][k] * (0.36 + 0.17 * g["nod_u"][k]), g["nod_v"][k], g["nod_r"][k]
         u, v, a, de, _ = view(cx - r - 0.05, cx + r + 0.05, cy - r - 0.05, cy + r + 0.05)
         m = _ellipse(u, v, cx, cy, r, r, 3)
         de += 0.45 * m
@@ -407,8 +408,8 @@ def _draw_findings(G, j, g, has, air, dens, ridge):
         u, v, a, _, r = view(-0.7, 0.7, -0.45, 0.6)
         au = np.abs(u)
         haze = _ellipse(au, v, 0.2, 0.0, 0.24, 0.3, 1.2) * (0.25 + 0.75 * r)
-        kerley = _band(v * 9 - np.rint(v * 9), 0.17) * _clip01(au - 0.45, 12.0, 0.0) * (v > 0.05)
-        a *= 1 - g["edema"] * np.maximum(haze, 1.5 * kerley)
+        kerley = _band(v * 9 - np.rint(v * 9), 0.2) * _clip01(au - 0.42, 12.0, 0.0) * (v > 0.0)
+        a *= 1 - g["edema"] * np.maximum(haze, 1.6 * kerley)
     if has[ATEL]:  # plate-like band at a base
         cx, cy, ln = g["atel_side"] * 0.36, g["atel_v"], g["atel_len"]
         ang = g["atel_ang"] * g["atel_side"]
@@ -434,8 +435,8 @@ def _draw_findings(G, j, g, has, air, dens, ridge):
         de += 0.9 * _band(u - sd * (0.07 + 2.0 * (v + 0.05) ** 2), w) * (v > -0.72) * (v < -0.05)
     if dev & 8:  # pacemaker box in the upper chest, lead to the right ventricle at (0.05, 0.2)
         pu, pv = g["pm_u"], g["pm_v"]
-        u, v, _, de, _ = view(pu - 0.14, pu + 0.14, pv - 0.11, pv + 0.11)
-        de += 0.9 * _ellipse(u, v, pu, pv, 0.11, 0.08, 30)
+        u, v, _, de, _ = view(pu - 0.16, pu + 0.16, pv - 0.11, pv + 0.11)
+        de += 0.9 * _band(u - pu, 0.07) * _band(v - pv, 0.045)  # a rectangular can, unlike a nodule
         u, v, _, de, _ = view(min(pu, 0.05) - 0.05, max(pu, 0.05) + 0.05, pv, 0.22)
         de += 0.9 * _band(u - pu - (0.05 - pu) * (v - pv) / (0.2 - pv), w) * (v < 0.2)
 
@@ -454,7 +455,7 @@ _SIDE = {-1.0: "right", 1.0: "left"}
 
 
 def _sev(x, cuts, words=("small", "moderate", "large")):
-    return words[int(np.searchsorted(cuts, x))]
+    return words[sum(c < x for c in cuts)]
 
 
 def _zone(v):
@@ -509,9 +510,13 @@ def _sentences(i, c, p, tr):
         S.append(ch(["Hazy %s %s zone opacity." % (sd, z), "Patchy %s opacities." % sd,
                      "Ill-defined opacity in the %s lung." % sd if sd != "bilateral" else "Ill-defined bilateral opacities."]))
     if L[NOD]:
-        sd, z, mm = _SIDE[p["nod_side"][i]], _zone(p["nod_v"][i]), int(round(200 * p["nod_r"][i]))
-        S.append(ch([cap(stable + "%d mm nodule in the %s %s lung." % (mm, sd, z)), "Rounded nodule projecting over the %s %s zone." % (sd, z),
-                     "Well-defined %s %s zone nodule, CT recommended." % (sd, z)]))
+        sd, z, mm = _SIDE[p["nod_side"][i, 0]], _zone(p["nod_v"][i, 0]), int(round(200 * p["nod_r"][i, 0]))
+        if p["nod_k"][i] > 1:
+            S.append(ch([cap(stable + "multiple pulmonary nodules, the largest %d mm." % mm),
+                         "%s rounded nodules, one in the %s %s zone." % (["", "", "Two", "Three"][p["nod_k"][i]], sd, z)]))
+        else:
+            S.append(ch([cap(stable + "%d mm nodule in the %s %s lung." % (mm, sd, z)),
+                         "Rounded nodule projecting over the %s %s zone." % (sd, z), "Well-defined %s %s zone nodule, CT recommended." % (sd, z)]))
     if L[EDEMA]:
         sev = _sev(p["edema"][i], [0.45, 0.53], ("mild", "moderate", "severe"))
         S.append(ch(["%s pulmonary edema." % cap(sev), "Bilateral perihilar haziness consistent with %s pulmonary edema." % sev,
