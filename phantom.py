@@ -23,7 +23,7 @@ Findings, drawn so that a radiologist recognises the idea:
                     without markings and a bright pleural line
   Consolidation     dense patch with air bronchograms (the bronchi stay dark inside it)
   Lung Opacity      larger, fainter, soft-edged haze; a third of them bilateral
-  Nodule            1-3 round dense spots, ~7-8 px across at 64 px (smaller is not learnable there)
+  Nodule            a round dense spot, ~7-8 px across at 64 px (smaller is not learnable there)
   Edema             bilateral perihilar haze over thickened interstitium + Kerley B lines
   Atelectasis       a plate-like band at a base; half of them with volume loss (raised hemidiaphragm)
   Support Devices   endotracheal tube, nasogastric tube, central venous catheter, pacemaker + lead
@@ -46,9 +46,13 @@ Calibration (the issue's bar: the phantom must need a CNN). Pose, contrast (x0.5
 mid-grey), brightness, a gamma-like bend, a smooth shading field and noise vary per image, so
 position and global intensity say little (what a linear model uses), while local shapes stay
 (what a CNN learns). Measured at 64 px, seed 0:
-  per-class logistic regression on standardised 16x16 thumbnails, 8000 train / 2000 val: CALIB_LOGREG
-  quick start (python train.py: convnext_atto, 800 steps, batch 64, AdamW 4e-3): CALIB_CNN
-Speed: CALIB_SPEED
+  logistic regression per class on standardised 16x16 thumbnails, 8000 train / 2000 val:
+      macro AUC 0.778 (cardiomegaly 0.87, effusion 0.88, edema 0.90, devices 0.89, nodule 0.61)
+  the quick start (python train.py: convnext_atto, 800 steps, batch 64, AdamW 4e-3, augment,
+      12000 images): val macro AUC 0.890 (nodule 0.78 is the weakest class, No Finding 0.97).
+  The issue asks <= 0.80 and >= 0.90: the linear bar holds, the CNN sits just under its bar.
+Speed, one core of a busy 2-core VM, per CPU-second: ~1500-1800 img/s at 128 px, ~3000-3600 at
+64 px (target 2000 at 128 px); text is ~25 us per image.
 """
 
 import argparse
@@ -147,11 +151,9 @@ def _sample_params(c, rng):
     p["cons_side"], p["cons_v"], p["cons_a"], p["cons_b"] = side(), U(-0.35, 0.3), U(0.11, 0.19), U(0.12, 0.22)
     p["opac_side"], p["opac_v"], p["opac_a"], p["opac_dens"] = side(), U(-0.4, 0.25, (n, 2)), U(0.14, 0.24), U(0.45, 0.65)
     p["opac_two"] = rng.random(n) < 0.35
-    n_pat = c["pat"].max() + 1  # nodules are chronic: 1-3 per patient, same places and sizes
-    q = rng.uniform(-1, 1, (n_pat, 4, 3))[c["pat"]]
+    q = rng.uniform(-1, 1, (c["pat"].max() + 1, 4))[c["pat"]]  # a chronic nodule: same place and size
     p["nod_side"], p["nod_u"] = np.sign(q[:, 0] + 1e-9), 0.6 * q[:, 1]
     p["nod_v"], p["nod_r"] = 0.35 * q[:, 2] - 0.15, 0.11 + 0.02 * q[:, 3]  # radius ~3.5-4 px at 64 px
-    p["nod_k"] = rng.choice([1, 2, 3], n_pat, p=[0.5, 0.3, 0.2])[c["pat"]]
     p["edema"] = U(0.3, 0.6)
     p["atel_side"], p["atel_v"], p["atel_ang"], p["atel_len"] = side(), U(0.05, 0.25), U(-0.5, 0.3), U(0.14, 0.24)
     p["atel_lift"] = np.where(rng.random(n) < 0.5, U(0.07, 0.13), 0.0)  # volume loss: elevated hemidiaphragm
@@ -398,8 +400,8 @@ def _draw_findings(G, j, g, has, air, dens, ridge):
             cx, cy = 0.36 * sd, g["opac_v"][k]
             u, v, a, _, _ = view(cx - 1.3 * ra, cx + 1.3 * ra, cy - 1.5 * ra, cy + 1.5 * ra)
             a *= 1 - g["opac_dens"] * _ellipse(u, v, cx, cy, ra, 1.2 * ra, 1.5)
-    for k in range(g["nod_k"] if has[NOD] else 0):
-        cx, cy, r = g["nod_side"][k] * (0.36 + 0.17 * g["nod_u"][k]), g["nod_v"][k], g["nod_r"][k]
+    if has[NOD]:
+        cx, cy, r = g["nod_side"] * (0.36 + 0.17 * g["nod_u"]), g["nod_v"], g["nod_r"]
         u, v, a, de, _ = view(cx - r - 0.05, cx + r + 0.05, cy - r - 0.05, cy + r + 0.05)
         m = _ellipse(u, v, cx, cy, r, r, 3)
         de += 0.45 * m
@@ -510,13 +512,9 @@ def _sentences(i, c, p, tr):
         S.append(ch(["Hazy %s %s zone opacity." % (sd, z), "Patchy %s opacities." % sd,
                      "Ill-defined opacity in the %s lung." % sd if sd != "bilateral" else "Ill-defined bilateral opacities."]))
     if L[NOD]:
-        sd, z, mm = _SIDE[p["nod_side"][i, 0]], _zone(p["nod_v"][i, 0]), int(round(200 * p["nod_r"][i, 0]))
-        if p["nod_k"][i] > 1:
-            S.append(ch([cap(stable + "multiple pulmonary nodules, the largest %d mm." % mm),
-                         "%s rounded nodules, one in the %s %s zone." % (["", "", "Two", "Three"][p["nod_k"][i]], sd, z)]))
-        else:
-            S.append(ch([cap(stable + "%d mm nodule in the %s %s lung." % (mm, sd, z)),
-                         "Rounded nodule projecting over the %s %s zone." % (sd, z), "Well-defined %s %s zone nodule, CT recommended." % (sd, z)]))
+        sd, z, mm = _SIDE[p["nod_side"][i]], _zone(p["nod_v"][i]), int(round(200 * p["nod_r"][i]))
+        S.append(ch([cap(stable + "%d mm nodule in the %s %s lung." % (mm, sd, z)),
+                     "Rounded nodule projecting over the %s %s zone." % (sd, z), "Well-defined %s %s zone nodule, CT recommended." % (sd, z)]))
     if L[EDEMA]:
         sev = _sev(p["edema"][i], [0.45, 0.53], ("mild", "moderate", "severe"))
         S.append(ch(["%s pulmonary edema." % cap(sev), "Bilateral perihilar haziness consistent with %s pulmonary edema." % sev,
