@@ -15,6 +15,16 @@ from evaluate import _as_multilabel, _input, _safe
 # heatmaps: Grad-CAM on the last 4-D feature map (conv nets), attention rollout for ViTs
 
 
+def _forward_with_hooks(net, x, hooks):
+    """One no-grad forward pass for the hooks to observe; the hooks are removed even if it raises."""
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _trace_outputs(net, x):
     """(name, module, output shape) of every module, in the order their forward calls finish."""
     seen, hooks = [], []
@@ -23,12 +33,7 @@ def _trace_outputs(net, x):
             hooks.append(m.register_forward_hook(
                 lambda mod, inp, out, name=name: seen.append((name, mod, tuple(out.shape)))
                 if torch.is_tensor(out) else None))
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(net, x, hooks)
     return seen
 
 
@@ -101,12 +106,7 @@ def heatmaps(net, x, class_idx, method, target):
                 q, k, _ = out.detach().reshape(B, T, 3, nh, three_d // (3 * nh)).permute(2, 0, 3, 1, 4)
                 atts.append(torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1).mean(1))  # (B, T, T)
             hooks.append(_qkv(m).register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                net(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        _forward_with_hooks(net, x, hooks)
         T = atts[0].shape[-1]
         eye = torch.eye(T)
         R = eye.expand_as(atts[0]).clone()
