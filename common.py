@@ -9,7 +9,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 
@@ -80,6 +79,21 @@ def autocast(device, dtype):
         return contextlib.nullcontext()
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+def start_run(script, cfg, dist, log, save_config=True):
+    """The first lines of every train script: a header, the resolved config (printed; config.json in out_dir on
+    the master), per-rank seeds, TF32 matmuls on CUDA."""
+    import configurator
+    log.line(f"nanorad {script} | world {dist.world_size} | device {dist.device} | dtype {cfg['dtype']}")
+    log.line(configurator.format_config(cfg))
+    if dist.master and save_config:
+        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+    seed_everything(cfg["seed"] + dist.rank)
+    if dist.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def seed_everything(seed):

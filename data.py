@@ -466,6 +466,23 @@ def _report(out, meta, n_done, seconds):
             print(f"  {c:<{width}}  " + "  ".join(f"{v:7.2f}" for v in cells))
 
 
+def load_run_data(cfg, dist, log):
+    """meta.json of cfg['data_dir'] for a train script, generating the phantom first when that is what is missing
+    (on the master; the other ranks wait); checks that the data was prepared at cfg['image_size']."""
+    if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")) and cfg["dataset"] == "phantom":
+        if dist.master:
+            log.line(f"{cfg['data_dir']} is missing: generating the phantom ({cfg['phantom_images']} images at "
+                     f"{cfg['image_size']}px)")
+            prepare_phantom(cfg["data_dir"], n_images=cfg["phantom_images"], image_size=cfg["image_size"], seed=0)
+        if dist.ddp:
+            torch.distributed.barrier()
+    meta = load_meta(cfg["data_dir"])
+    if meta["image_size"] != cfg["image_size"]:
+        raise ValueError(f"image_size={cfg['image_size']} but {cfg['data_dir']} was prepared at {meta['image_size']}: "
+                         f"pass --image_size={meta['image_size']} or prepare the data again with --image_size={cfg['image_size']}")
+    return meta
+
+
 def prepare_phantom(out_dir, n_images=12000, image_size=64, seed=0, val_frac=0.15, test_frac=0.15):
     return prepare(dict(dataset="phantom", out_dir=str(out_dir), n_images=n_images, image_size=image_size, seed=seed,
                         val_frac=val_frac, test_frac=test_frac))

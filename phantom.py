@@ -23,7 +23,7 @@ Findings, drawn so that a radiologist recognises the idea:
                     without markings and a bright pleural line
   Consolidation     dense patch with air bronchograms (the bronchi stay dark inside it)
   Lung Opacity      larger, fainter, soft-edged haze; a third of them bilateral
-  Nodule            a round dense spot, ~7-8 px across at 64 px (smaller is not learnable there)
+  Nodule            a round dense spot, ~9-10 px across at 64 px (smaller is not learnable there)
   Edema             bilateral perihilar haze over thickened interstitium + Kerley B lines
   Atelectasis       a plate-like band at a base; half of them with volume loss (raised hemidiaphragm)
   Support Devices   endotracheal tube, nasogastric tube, central venous catheter, pacemaker + lead
@@ -46,11 +46,11 @@ Calibration (the issue's bar: the phantom must need a CNN). Pose, contrast (x0.5
 mid-grey), brightness, a gamma-like bend, a smooth shading field and noise vary per image, so
 position and global intensity say little (what a linear model uses), while local shapes stay
 (what a CNN learns). Measured at 64 px, seed 0:
-  logistic regression per class on standardised 16x16 thumbnails, 8000 train / 2000 val:
-      macro AUC 0.778 (cardiomegaly 0.87, effusion 0.88, edema 0.90, devices 0.89, nodule 0.61)
-  the quick start (python train.py: convnext_atto, 800 steps, batch 64, AdamW 4e-3, augment,
-      12000 images): val macro AUC 0.890 (nodule 0.78 is the weakest class, No Finding 0.97).
-  The issue asks <= 0.80 and >= 0.90: the linear bar holds, the CNN sits just under its bar.
+  logistic regression per class on standardised 16x16 thumbnails, 6000 train / 2000 val:
+      macro AUC 0.777 (cardiomegaly 0.85, effusion 0.85, edema 0.84, devices 0.90, nodule 0.72, consolidation 0.65)
+  the quick start (python train.py: convnext_atto, 800 steps, batch 64, AdamW 8e-3, no augmentation,
+      12000 images): val macro AUC 0.920 in 4 min 21 s on 2 cores (0.913 in another run) (nodule 0.81 is the weakest class, No Finding 0.98).
+  The issue asks <= 0.80 and >= 0.90: both hold.
 Speed, one core of a busy 2-core VM, per CPU-second: ~1500-1800 img/s at 128 px, ~3000-3600 at
 64 px (target 2000 at 128 px); text is ~25 us per image.
 """
@@ -148,12 +148,12 @@ def _sample_params(c, rng):
     # pneumothorax: side and depth of the rim of air (3-10% of the image width)
     p["ptx_side"], p["ptx_d"] = side(), U(0.12, 0.22)
     # consolidation / opacity / nodule / atelectasis: side, position in the lung, size
-    p["cons_side"], p["cons_v"], p["cons_a"], p["cons_b"] = side(), U(-0.35, 0.3), U(0.11, 0.19), U(0.12, 0.22)
+    p["cons_side"], p["cons_v"], p["cons_a"], p["cons_b"] = side(), U(-0.35, 0.3), U(0.13, 0.21), U(0.14, 0.24)
     p["opac_side"], p["opac_v"], p["opac_a"], p["opac_dens"] = side(), U(-0.4, 0.25, (n, 2)), U(0.14, 0.24), U(0.45, 0.65)
     p["opac_two"] = rng.random(n) < 0.35
     q = rng.uniform(-1, 1, (c["pat"].max() + 1, 4))[c["pat"]]  # a chronic nodule: same place and size
     p["nod_side"], p["nod_u"] = np.sign(q[:, 0] + 1e-9), 0.6 * q[:, 1]
-    p["nod_v"], p["nod_r"] = 0.35 * q[:, 2] - 0.15, 0.11 + 0.02 * q[:, 3]  # radius ~3.5-4 px at 64 px
+    p["nod_v"], p["nod_r"] = 0.35 * q[:, 2] - 0.15, 0.14 + 0.02 * q[:, 3]  # radius ~4.5-5 px at 64 px
     p["edema"] = U(0.3, 0.6)
     p["atel_side"], p["atel_v"], p["atel_ang"], p["atel_len"] = side(), U(0.05, 0.25), U(-0.5, 0.3), U(0.14, 0.24)
     p["atel_lift"] = np.where(rng.random(n) < 0.5, U(0.07, 0.13), 0.0)  # volume loss: elevated hemidiaphragm
@@ -404,7 +404,7 @@ def _draw_findings(G, j, g, has, air, dens, ridge):
         cx, cy, r = g["nod_side"] * (0.36 + 0.17 * g["nod_u"]), g["nod_v"], g["nod_r"]
         u, v, a, de, _ = view(cx - r - 0.05, cx + r + 0.05, cy - r - 0.05, cy + r + 0.05)
         m = _ellipse(u, v, cx, cy, r, r, 3)
-        de += 0.45 * m
+        de += 0.75 * m
         a *= 1 - 0.95 * m
     if has[EDEMA]:  # bilateral perihilar haze over thickened interstitium + Kerley B lines at the lateral bases
         u, v, a, _, r = view(-0.7, 0.7, -0.45, 0.6)
@@ -422,7 +422,7 @@ def _draw_findings(G, j, g, has, air, dens, ridge):
         a *= 1 - 0.95 * band
         de += 0.12 * band
     dev = int(g["dev"])
-    w = 0.032  # tube half-width: ~1 px at 64 px, scales with the image
+    w = 0.04  # tube half-width: ~1.3 px at 64 px, scales with the image
     if dev & 1:  # endotracheal tube down the trachea
         u, v, _, de, _ = view(-0.08, 0.08, -1.3, g["dev_v"])
         de += 0.9 * _band(u, w)
@@ -454,6 +454,29 @@ _NEG = {CM: ["No cardiomegaly.", "Heart size is normal.", "Normal cardiac silhou
 _NORMAL = ["No acute cardiopulmonary abnormality.", "The lungs are clear.", "Normal chest radiograph.",
            "Clear lungs. Normal heart size."]
 _SIDE = {-1.0: "right", 1.0: "left"}
+
+# zero-shot prompts in the reports' own words (train_clip.py --zs_prompts=phantom): class -> (positive, negative)
+PROMPTS = {
+    "Cardiomegaly": (["The heart is enlarged.", "Enlarged cardiac silhouette.", "Moderate cardiomegaly."], _NEG[CM]),
+    "Pleural Effusion": (["Moderate right pleural effusion.", "Small left pleural effusion.",
+                          "Moderate bilateral pleural effusions."], _NEG[EFF]),
+    "Pneumothorax": (["Large right pneumothorax.", "Left apical pneumothorax with a visible pleural edge.",
+                      "There is a small left pneumothorax."], _NEG[PTX]),
+    "Consolidation": (["Right lower zone consolidation.", "Consolidation in the left mid lung, likely pneumonia.",
+                       "Focal airspace consolidation in the right upper lung with air bronchograms."], _NEG[CONS]),
+    "Lung Opacity": (["Hazy right mid zone opacity.", "Patchy bilateral opacities.", "Ill-defined opacity in the left lung."],
+                     _NEG[OPAC]),
+    "Nodule": (["Rounded nodule projecting over the right upper zone.", "30 mm nodule in the left mid lung.",
+                "Well-defined left upper zone nodule, CT recommended."], _NEG[NOD]),
+    "Edema": (["Moderate pulmonary edema.", "Bilateral perihilar haziness consistent with mild pulmonary edema.",
+               "Interstitial edema with Kerley B lines."], _NEG[EDEMA]),
+    "Atelectasis": (["Plate-like atelectasis at the right base.", "Left basilar atelectasis.",
+                     "Subsegmental atelectasis in the right lower zone."], _NEG[ATEL]),
+    "Support Devices": (["The endotracheal tube is in good position.", "NG tube with tip in the stomach.",
+                         "Right internal jugular central venous catheter with tip in the SVC.", "Cardiac pacemaker in place."],
+                        ["No lines or tubes."]),
+    "No Finding": (_NORMAL, ["The heart is enlarged.", "Moderate right pleural effusion.", "Patchy bilateral opacities."]),
+}
 
 
 def _sev(x, cuts, words=("small", "moderate", "large")):

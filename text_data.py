@@ -77,13 +77,15 @@ def read_text_files(pattern, val_frac):
 
 
 def phantom_records(n_images, image_size, seed, val_frac, test_frac):
-    """phantom.generate, split by patient (a patient's studies never cross splits)."""
+    """phantom.generate, split by patient exactly as `python data.py --dataset=phantom` splits the same phantom
+    (same n_images, seed and fractions), so an image model trained with train.py on data/phantom never saw the
+    val/test images of these pairs (train_gpt.py --image_init relies on it)."""
+    import data
     import phantom
     d = phantom.generate(n_images, image_size=image_size, seed=seed)
-    splits = {}
-    for i, r in enumerate(d["records"]):
-        splits.setdefault(split_of(f"{seed}/{r['patient_id']}", val_frac, test_frac), []).append(i)
-    return d, {k: np.array(v, dtype=np.int64) for k, v in splits.items()}
+    recs = [dict(patient_id=str(r["patient_id"]), split="") for r in d["records"]]
+    rows = data.split_patients(recs, np.asarray(d["labels"], np.float32), "multilabel", val_frac, test_frac, seed)
+    return d, {k: np.asarray(v, dtype=np.int64) for k, v in rows.items() if len(v)}
 
 
 # -----------------------------------------------------------------------------
@@ -246,8 +248,8 @@ def main(argv=None):
     ap.add_argument("--n_images", type=int, default=12000, help="phantom: images (= reports) to generate")
     ap.add_argument("--image_size", type=int, default=64, help="phantom_pairs: pixels")
     ap.add_argument("--max_tokens", type=int, default=0, help="pairs: tokens per row (0 = longest report + 2)")
-    ap.add_argument("--val_frac", type=float, default=0.1, help="phantom/text: validation fraction (by patient / document)")
-    ap.add_argument("--test_frac", type=float, default=0.1, help="phantom_pairs: test fraction (by patient)")
+    ap.add_argument("--val_frac", type=float, default=0.15, help="phantom/text: validation fraction (by patient / document)")
+    ap.add_argument("--test_frac", type=float, default=0.15, help="phantom_pairs: test fraction (by patient)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     t0 = time.time()

@@ -30,7 +30,6 @@ exactly where a killed run stopped; with no checkpoint yet it starts from scratc
 
 import contextlib
 import glob
-import json
 import math
 import os
 import sys
@@ -85,7 +84,7 @@ batch_size = 64  # micro-batch per process
 gradient_accumulation_steps = 1  # global micro-steps per optimizer step, divided across ranks
 max_iters = 800  # optimizer steps
 # optimizer
-learning_rate = 4e-3  # peak LR for the head; AdamW
+learning_rate = 8e-3  # peak LR for the head; AdamW (quick start: 8e-3 beat 4e-3, 0.876 vs 0.866 at 400 iterations)
 lr_backbone_mult = 1.0  # backbone LR = learning_rate * lr_backbone_mult (discriminative LRs, e.g. 0.1)
 layer_decay = 1.0  # layer-wise LR decay (BEiT/ConvNeXt fine-tuning use 0.65-0.8); 1.0 = off
 weight_decay = 0.05
@@ -106,7 +105,8 @@ focal_gamma = 2.0
 label_smoothing = 0.0  # ce only
 pos_weight = "none"  # none | auto (negatives/positives per class, from the train split)
 mixup_alpha = 0.0  # 0 = off; 0.2-0.4 typical
-augment = True  # on-device random affine / crop / contrast / gamma / noise
+augment = False  # on-device random affine / crop / contrast / gamma / noise (real-data configs turn it on; the quick
+#                 start's 6 epochs learn faster without: 0.866 vs 0.849 val AUC at 400 iterations, measured)
 hflip = False  # left-right flips move the heart: off for chest X-rays
 # distillation: a trained train.py checkpoint teaches this model (Hinton et al. 2015)
 teacher_ckpt = ""  # path to a train.py checkpoint, e.g. out/convnext_tiny/best.pt; "" = off
@@ -257,27 +257,10 @@ def main(argv=None):
 
 def _train(cfg, dist, log):
     master = dist.master
-    log.line(f"nanorad train.py | world {dist.world_size} | device {dist.device} | dtype {cfg['dtype']}")
-    log.line(configurator.format_config(cfg))
-    if master:
-        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-    common.seed_everything(cfg["seed"] + dist.rank)
-    if dist.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    common.start_run("train.py", cfg, dist, log)
 
     # --- data
-    if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")) and cfg["dataset"] == "phantom":
-        if master:
-            log.line(f"{cfg['data_dir']} is missing: generating the phantom ({cfg['phantom_images']} images at {cfg['image_size']}px)")
-            data.prepare_phantom(cfg["data_dir"], n_images=cfg["phantom_images"], image_size=cfg["image_size"], seed=0)
-        if dist.ddp:
-            torch.distributed.barrier()
-    meta = data.load_meta(cfg["data_dir"])
-    if meta["image_size"] != cfg["image_size"]:
-        raise ValueError(f"image_size={cfg['image_size']} but {cfg['data_dir']} was prepared at {meta['image_size']}: "
-                         f"pass --image_size={meta['image_size']} or prepare the data again with --image_size={cfg['image_size']}")
+    meta = data.load_run_data(cfg, dist, log)
     task, classes = meta["task"], meta["classes"]
     train_split = data.PreparedSplit(cfg["data_dir"], "train")
     val_split = data.PreparedSplit(cfg["data_dir"], "val")

@@ -38,7 +38,6 @@ import contextlib
 import glob
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -106,6 +105,8 @@ grad_checkpoint = False
 # init
 init_from = "scratch"  # scratch | pretrained | resume
 pretrained_path = ""  # open_clip .pt/.bin/.safetensors, a HF CLIPModel folder, or a BiomedCLIP open_clip file
+image_init = ""  # image_model = a model.py name: start its tower from these weights (a train.py best.pt, a timm or
+#                  torchvision file, torchvision:<Weights>); the classifier head is replaced by the projection
 norm = "dataset"  # dataset (train mean/std) | imagenet | clip (OpenAI CLIP's RGB stats; for its weights)
 # LiT-style locking (Zhai et al. 2022)
 lock_image = False  # freeze the image tower ...
@@ -140,6 +141,8 @@ augment = True  # on-device affine / crop / contrast (no flips: laterality is in
 # zero-shot
 zs_templates = "a chest x-ray showing {}.|{} is seen.|there is {}.|findings consistent with {}.|{}."
 zs_negative = "no {}."  # negative prompt: the zs_neg_ metrics use softmax(positive, negative) per class
+zs_prompts = ""  # per-class prompts instead of the templates: "" | phantom (its reports' own wording) | a JSON file
+#                  {"<class>": {"pos": [...], "neg": [...]}}; each list is averaged like CLIP's prompt ensembling
 # selection
 select_metric = "zs_auc_macro"  # zs_auc_macro | r_mean | i2t_r5 | lab_i2t_r5 | any key of the eval record
 early_stop_patience = 0
@@ -326,10 +329,21 @@ def group_ids(keys):
 # zero-shot classification from prompts
 
 
-def class_prompts(classes, templates, negative):
-    pos = [[t.format(FINDING_PHRASES.get(c, c.lower())) for t in templates] for c in classes]
-    neg = [negative.format(c.lower()) for c in classes]
-    return pos, neg
+def class_prompts(classes, templates, negative, prompts=""):
+    """(positive prompts, negative prompts) per class: templates filled with the class phrase, or zs_prompts."""
+    if not prompts:
+        return ([[t.format(FINDING_PHRASES.get(c, c.lower())) for t in templates] for c in classes],
+                [[negative.format(FINDING_PHRASES.get(c, c.lower()))] for c in classes])
+    if prompts == "phantom":
+        import phantom
+        table = {c: {"pos": p, "neg": n} for c, (p, n) in phantom.PROMPTS.items()}
+    else:
+        with open(prompts) as f:
+            table = json.load(f)
+    missing = [c for c in classes if c not in table or not table[c].get("pos") or not table[c].get("neg")]
+    if missing:
+        raise ValueError(f"zs_prompts {prompts!r} has no 'pos' and 'neg' prompts for {missing}")
+    return [list(table[c]["pos"]) for c in classes], [list(table[c]["neg"]) for c in classes]
 
 
 @torch.no_grad()
@@ -338,12 +352,14 @@ def zero_shot(raw, img, labels, classes, tok, cfg, device):
     prompt), and top-1 accuracy on images with exactly one positive class."""
     from sklearn.metrics import roc_auc_score
     templates = [t for t in cfg["zs_templates"].split("|") if t]
-    pos, neg = class_prompts(classes, templates, cfg["zs_negative"])
-    T = len(templates)
-    e = encode_texts(raw, tok, [p for prompts in pos for p in prompts] + neg, cfg, device)  # one pass for all prompts
-    # average the template embeddings per class, as in CLIP's prompt ensembling
-    emb = F.normalize(e[:len(classes) * T].view(len(classes), T, -1).mean(1), dim=-1)  # (C, D)
-    neg_emb = e[len(classes) * T:]
+    pos, neg = class_prompts(classes, templates, cfg["zs_negative"], cfg["zs_prompts"])
+    flat = [t for prompts in pos + neg for t in prompts]
+    e = encode_texts(raw, tok, flat, cfg, device)  # one pass for all prompts
+    # average the prompt embeddings per class, as in CLIP's prompt ensembling
+    ends = np.cumsum([len(p) for p in pos + neg])
+    mean = torch.stack([e[a:b].mean(0) for a, b in zip(np.r_[0, ends[:-1]], ends)])
+    emb = F.normalize(mean[:len(classes)], dim=-1)  # (C, D)
+    neg_emb = F.normalize(mean[len(classes):], dim=-1)
     scale = float(raw.logit_scale.detach().exp())
     s_pos = (img @ emb.t()).numpy()
     s_neg = (img @ neg_emb.t()).numpy()
@@ -522,15 +538,7 @@ def main(argv=None):
 
 def _train(cfg, dist, log):
     master = dist.master
-    log.line(f"nanorad train_clip.py | world {dist.world_size} | device {dist.device} | dtype {cfg['dtype']}")
-    log.line(configurator.format_config(cfg))
-    if master and not cfg["eval_only"]:
-        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-    common.seed_everything(cfg["seed"] + dist.rank)
-    if dist.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    common.start_run("train_clip.py", cfg, dist, log, save_config=not cfg["eval_only"])
 
     # --- checkpoint to resume or to evaluate
     ckpt, ckpt_path = None, os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -553,16 +561,7 @@ def _train(cfg, dist, log):
             log.line(f"init_from='resume' but {ckpt_path} does not exist yet: starting from scratch")
 
     # --- data
-    if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")) and cfg["dataset"] == "phantom":
-        if master:
-            log.line(f"{cfg['data_dir']} is missing: generating the phantom ({cfg['phantom_images']} images at {cfg['image_size']}px)")
-            data.prepare_phantom(cfg["data_dir"], n_images=cfg["phantom_images"], image_size=cfg["image_size"], seed=0)
-        if dist.ddp:
-            tdist.barrier()
-    meta = data.load_meta(cfg["data_dir"])
-    if meta["image_size"] != cfg["image_size"]:
-        raise ValueError(f"image_size={cfg['image_size']} but {cfg['data_dir']} was prepared at {meta['image_size']}: "
-                         f"pass --image_size={meta['image_size']} or prepare the data again")
+    meta = data.load_run_data(cfg, dist, log)
     train_split = data.PreparedSplit(cfg["data_dir"], "train")
     val_split = data.PreparedSplit(cfg["data_dir"], "val")
     captions = {s.split: [r["text"] for r in s.index] for s in (train_split, val_split)}
@@ -606,6 +605,17 @@ def _train(cfg, dist, log):
         report = model_clip.load_clip_weights(raw, cfg["pretrained_path"])
         log.line(f"loaded {report['file']} ({report['layout']} layout, {report['loaded']} tensors)"
                  + (f" | adapted: {'; '.join(report['adapted'])}" if report["adapted"] else ""))
+    if ckpt is None and cfg["image_init"]:
+        if not isinstance(raw.visual, model_clip.ImageModelTower):
+            raise ValueError(f"image_init needs image_model = a model.py name (convnext_atto, vit_small, tv:resnet50, ...), "
+                             f"got image_model={args['image_model']!r}")
+        import model as models
+        if not cfg["image_init"].startswith("torchvision:") and not os.path.exists(cfg["image_init"]):
+            raise FileNotFoundError(f"image_init={cfg['image_init']!r} does not exist: train the image tower first (for "
+                                    f"the phantom recipe: python train.py, the quick start, writes out/quickstart/best.pt) "
+                                    f"or pass --image_init='' to start it from scratch")
+        r = models.load_pretrained(raw.visual.net, cfg["image_init"])
+        log.line(f"image tower from {cfg['image_init']} ({r['layout']} layout; head reset: {len(r['reset'])} tensors)")
     raw.to(dist.device)
     if cfg["lock_image"]:
         model_clip.lock_tower(raw, "visual", cfg["unlock_last_n"])

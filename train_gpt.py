@@ -84,6 +84,8 @@ aux_cls_weight = 0.0  # cond='image': weight of the auxiliary finding loss (BCE 
 #                       pairs' labels) added to the LM loss; ~1 makes the image encoder learn the findings first
 token_dropout = 0.0  # cond='image': fraction of report input tokens replaced by random ids (word dropout), so the
 #                      model cannot write the report from the text so far alone and must read the image; ~0.1-0.3
+image_init = ""  # cond='image' with image_encoder = a model.py name: start the encoder from these weights (a train.py
+#                  best.pt, timm/torchvision files); its classifier head is replaced by the token projection
 prefix_lr_mult = 1.0  # cond='image': lr multiplier of the image encoder + mapping network (a from-scratch encoder: 1-3)
 # optimizer (AdamW; decay on >= 2-D weights)
 learning_rate = 6e-4  # peak; ~1e-3 small models, 6e-4 GPT-2 small, 3e-5..1e-4 finetuning
@@ -279,6 +281,15 @@ def _train(cfg, dist, device, dtype, logger):
     iter_num, best_val_loss, ckpt = 0, float("inf"), None
     if cfg["init_from"] == "scratch":
         model = GPT(GPTConfig(**model_args))
+        if image_cond and cfg["image_init"]:
+            if cfg["image_encoder"] == "conv":
+                raise ValueError("image_init needs image_encoder = a model.py name (e.g. convnext_atto), not 'conv'")
+            if not cfg["image_init"].startswith("torchvision:") and not os.path.exists(cfg["image_init"]):
+                raise FileNotFoundError(f"image_init={cfg['image_init']!r} does not exist: train the image model first "
+                                        f"(for the phantom: python train.py writes out/quickstart/best.pt) or pass --image_init=''")
+            import model as models
+            r = models.load_pretrained(model.prefix.encoder.net, cfg["image_init"])
+            logger.line(f"image encoder from {cfg['image_init']} ({r['layout']} layout; head reset: {len(r['reset'])} tensors)")
     elif cfg["init_from"] in ("resume", "finetune"):
         ckpt = load_init_checkpoint(cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_path"])
         if ckpt["tokenizer"] != tok.to_dict():

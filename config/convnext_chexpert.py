@@ -33,3 +33,4 @@ select_metric = "auc_macro"
 ema_decay = 0.9998
 compile = True
 channels_last = True
+augment = True  # random affine / crop / contrast / gamma / noise on the device

@@ -21,3 +21,4 @@ weight_decay = 0.05
 eval_interval = 500
 compile = True
 channels_last = True
+augment = True  # random affine / crop / contrast / gamma / noise on the device

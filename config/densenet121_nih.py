@@ -21,3 +21,4 @@ min_lr = 3e-6
 weight_decay = 1e-4
 eval_interval = 500
 channels_last = True
+augment = True  # random affine / crop / contrast / gamma / noise on the device

@@ -58,3 +58,4 @@ eval_interval = 500
 select_metric = "auc_macro"  # best.pt; best_worst.pt keeps the best worst-class AUC, ckpt.pt the latest
 compile = True
 channels_last = True
+augment = True  # random affine / crop / contrast / gamma / noise on the device

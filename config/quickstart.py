@@ -11,4 +11,5 @@ batch_size = 64
 max_iters = 800
 lr_decay_iters = 800
 eval_interval = 200
-learning_rate = 4e-3
+learning_rate = 8e-3
+augment = False

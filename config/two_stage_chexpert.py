@@ -25,3 +25,4 @@ eval_interval = 500
 early_stop_patience = 4
 compile = True
 channels_last = True
+augment = True  # random affine / crop / contrast / gamma / noise on the device

@@ -19,3 +19,4 @@ loss = "ce"
 label_smoothing = 0.1
 select_metric = "acc"
 eval_interval = 250
+augment = True  # random affine / crop / contrast / gamma / noise on the device

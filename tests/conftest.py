@@ -28,3 +28,15 @@ def tiny_phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom32")
     data.prepare_phantom(str(out), n_images=600, image_size=32, seed=0)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """`python train.py` as the README's quick start runs it (defaults: 12,000 phantom images at 64 px, convnext_atto,
+    800 steps), in a temporary folder; made once per session (~5 min on 2 cores) and shared by the slow tests that
+    need a trained image model: the learning check, and the CLIP and report-GPT recipes that start from it."""
+    import train
+    root = tmp_path_factory.mktemp("quickstart")
+    data_dir, out_dir = root / "phantom", root / "out"
+    final = train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--tensorboard_log=False", "--log_interval=100"])
+    return dict(data_dir=str(data_dir), out_dir=str(out_dir), best=str(out_dir / "best.pt"), final=final)

@@ -202,7 +202,7 @@ def test_static_int8_conv_net_round_trip(tmp_path):
         export.resolve_quant_mode("static", "convnext_atto")
 
 # -----------------------------------------------------------------------------
-# knowledge distillation (train.py's teacher_ckpt): a ConvNeXt teacher helps a ViT student
+# knowledge distillation (train.py's teacher_ckpt): a longer-trained teacher helps a short-trained student
 
 
 @pytest.mark.slow
@@ -214,10 +214,13 @@ def test_distillation_improves_student(tmp_path):
     common = [f"--data_dir={d}", "--image_size=64", "--batch_size=32", "--tensorboard_log=False", "--log_interval=50",
               "--warmup_iters=10", "--seed=7"]
     teacher = str(tmp_path / "teacher")
-    train.main([*common, f"--out_dir={teacher}", "--model=convnext_atto", "--max_iters=200", "--lr_decay_iters=200",
-                "--eval_interval=100"])
-    student = ["--model=vit_tiny", "--max_iters=150", "--lr_decay_iters=150", "--eval_interval=150", "--learning_rate=1e-3"]
+    train.main([*common, f"--out_dir={teacher}", "--model=convnext_atto", "--max_iters=300", "--lr_decay_iters=300",
+                "--eval_interval=300", "--batch_size=64"])
+    # the student gets a sixth of the teacher's training compute: alone it reaches ~0.57-0.60 macro AUC, taught
+    # ~0.64-0.66 (measured with seeds 7, 8, 9 against a 0.76 teacher). A ViT student at this budget stays at
+    # chance either way, which made the comparison a coin toss.
+    student = ["--model=convnext_atto", "--max_iters=100", "--lr_decay_iters=100", "--eval_interval=100"]
     alone = train.main([*common, *student, f"--out_dir={tmp_path / 'alone'}"])
     taught = train.main([*common, *student, f"--out_dir={tmp_path / 'taught'}", f"--teacher_ckpt={teacher}/best.pt",
                          "--distill_alpha=0.7", "--distill_temperature=2.0"])
-    assert taught["best_auc_macro"] > alone["best_auc_macro"], (taught, alone)
+    assert taught["best_auc_macro"] > alone["best_auc_macro"] + 0.01, (taught, alone)

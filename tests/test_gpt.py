@@ -377,21 +377,36 @@ def test_ddp_two_processes_equal_one(reports_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_report_from_image_names_the_findings(tmp_path):
-    """Image-conditioned GPT on phantom (image, report) pairs: the greedy reports name the findings in the image.
-    The issue's target is finding macro-F1 >= 0.7; NOT reached yet. Measured with this exact run (CPU, 1 thread):
-    macro-F1 0.36 (0.32-0.36 over the runs tried; 0.333 under pytest's 2 threads), BLEU-4 0.29, ROUGE-L 0.48-0.49;
-    ~5 min on 2 free cores, 9 min on 2 heavily shared ones. Writing the normal report for every
-    image scores macro-F1 0.062 (BLEU-4 0.13, ROUGE-L 0.36), so >= 0.25 demands that the image is read."""
+def test_report_from_image_names_the_findings(tmp_path, quickstart_run):
+    """Image-conditioned GPT on phantom (image, report) pairs, the encoder started from the session's quick-start
+    classifier (config/gpt_report_from_image.py): the greedy reports name the findings in the image.
+    The issue's target is finding macro-F1 >= 0.7; NOT reachable with this encoder: the classifier's own macro-F1 on
+    these validation images is 0.54 at p > 0.5 (0.64 with per-class thresholds picked on them). Measured with this
+    run: macro-F1 0.43, BLEU-4 0.29, ROUGE-L 0.48 (~3 min on 2 cores). Writing the normal report for every image
+    scores macro-F1 0.062 (BLEU-4 0.13, ROUGE-L 0.36), so >= 0.3 demands that the image is read."""
     import train_gpt
     data = tmp_path / "pairs"
-    text_data.main(["--dataset=phantom_pairs", "--tokenizer=bpe", "--vocab_size=1024", "--n_images=6000",
-                    "--image_size=32", "--max_tokens=64", f"--out_dir={data}"])
+    text_data.main(["--dataset=phantom_pairs", "--tokenizer=bpe", "--vocab_size=1024", "--n_images=12000",
+                    "--image_size=64", "--max_tokens=64", f"--out_dir={data}"])  # the quick start's phantom and split
     res = train_gpt.main([_cfg("gpt_report_from_image.py"), f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}",
-                          "--max_iters=600", "--eval_interval=600", "--eval_reports=200", "--tensorboard=False"])
+                          f"--image_init={quickstart_run['best']}", "--tensorboard=False"])
     print(f"report from image: macro-F1 {res['macro_f1']:.3f}, BLEU-4 {res['bleu4']:.3f}, ROUGE-L {res['rouge_l']:.3f}, "
           f"per class {res['per_class_f1']}")
-    assert res["macro_f1"] >= 0.25, res
+    assert res["macro_f1"] >= 0.3, res
     import sample
     report = sample.main([f"--out_dir={tmp_path / 'run'}", "--image=val:0", "--temperature=0", "--num_samples=1"])[0]
     assert report.strip(), "sample.py writes a report for an image"
+
+
+def test_phantom_pairs_split_like_data_py(tmp_path):
+    """(image, report) pairs use data.py's patient split of the same phantom, so an image model trained by train.py on
+    data/phantom (train_gpt.py --image_init) never saw the val/test images it is judged on."""
+    import csv
+
+    import data
+    data.prepare_phantom(tmp_path / "ph", n_images=400, image_size=16, seed=0)
+    _, idx = text_data.phantom_records(400, 16, 0, 0.15, 0.15)
+    for split in ("train", "val", "test"):
+        with open(tmp_path / "ph" / f"{split}_index.csv") as f:
+            rows = sorted(int(r["path"].rsplit("/", 1)[-1]) for r in csv.DictReader(f))
+        assert rows == sorted(idx[split].tolist()), split

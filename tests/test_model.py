@@ -284,3 +284,23 @@ def test_unknown_model_names_the_valid_ones():
         M.build_model("convnext_huge", num_classes=2)
     with pytest.raises(ValueError, match="tv:resnet50"):
         M.build_model("tv:resnet5O", num_classes=2)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (4, 4), (3, 5), (7, 7), (8, 8)])
+def test_convnext_small_map_depthwise_equals_conv(hw):
+    """The CPU path for small feature maps (one tap matrix per channel) gives the conv's outputs and gradients."""
+    torch.manual_seed(0)
+    blk = M.ConvNeXtBlock(12)
+    with torch.no_grad():
+        blk.dwconv.bias.normal_()
+    x = torch.randn(5, 12, *hw, requires_grad=True)
+    g = torch.randn(5, 12, *hw)
+    ours = blk.depthwise(x)
+    ref = blk.dwconv(x)
+    assert ours.shape == ref.shape and (ours - ref).abs().max() < 1e-5
+    grads = torch.autograd.grad(ours, (x, blk.dwconv.weight, blk.dwconv.bias), g)
+    grads_ref = torch.autograd.grad(ref, (x, blk.dwconv.weight, blk.dwconv.bias), g)
+    for a, b in zip(grads, grads_ref):
+        assert (a - b).abs().max() < 1e-4
+    xl = x.detach().contiguous(memory_format=torch.channels_last)  # the layout inside the network
+    assert (blk.depthwise(xl) - ref).abs().max() < 1e-5

@@ -48,7 +48,8 @@ def test_run_folder_explains_itself(tmp_path, tiny_phantom):
 
 
 def test_resume_is_exact(tmp_path, tiny_phantom):
-    common = ["--max_iters=20", "--lr_decay_iters=20", "--eval_interval=10", "--drop_path=0.1", "--mixup_alpha=0.2"]
+    common = ["--max_iters=20", "--lr_decay_iters=20", "--eval_interval=10", "--drop_path=0.1", "--mixup_alpha=0.2",
+              "--augment=True"]
     straight, _ = run(tmp_path, tiny_phantom, *common, name="straight")
     half, _ = run(tmp_path, tiny_phantom, *common[1:], "--max_iters=10", name="resumed")
     run(tmp_path, tiny_phantom, *common, "--init_from=resume", name="resumed")
@@ -152,13 +153,8 @@ def test_ddp_two_processes_equal_one(tmp_path, tiny_phantom):
 
 
 @pytest.mark.slow
-def test_phantom_run_learns(tmp_path_factory):
-    """The quick-start recipe, shortened: the phantom must be learnable (macro AUC >= 0.85)."""
-    import data
-    d = str(tmp_path_factory.mktemp("phantom64"))
-    data.prepare_phantom(d, n_images=12000, image_size=64, seed=0)
-    out = str(tmp_path_factory.mktemp("learn"))
-    # measured: 300 iterations on 4,000 images reach only 0.81; the quick start's 800 reach ~0.89-0.90
-    final = train.main([f"--data_dir={d}", f"--out_dir={out}", "--max_iters=600", "--lr_decay_iters=600",
-                        "--eval_interval=600", "--tensorboard_log=False", "--log_interval=50"])
-    assert final["best_metric"] >= 0.85, final
+def test_phantom_run_learns(quickstart_run):
+    """The quick start itself (python train.py's defaults): the phantom must be learnable. The issue's bar for this
+    test is macro AUC >= 0.85; the quick start's own target is >= 0.90 (measured 0.913 and 0.920)."""
+    final = quickstart_run["final"]
+    assert final["best_metric"] >= 0.90, final
