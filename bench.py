@@ -146,17 +146,8 @@ def sync(device):
 
 
 def forward_flops(net, fn):
-    """FLOPs of one forward fn() (2 per multiply-add), counted by torch.utils.flop_counter in eval mode."""
-    from torch.utils.flop_counter import FlopCounterMode
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: models._sdpa_cpu_flops}  # as estimate_flops
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=extra) as counter:
-            fn()
-    finally:
-        net.train(was_training)
-    return counter.get_total_flops()
+    """FLOPs of one forward fn() (2 per multiply-add): model.count_flops, as train.py's MFU counts them."""
+    return models.count_flops(net, fn)
 
 
 _cpu_peaks = {}  # (dtype, threads) -> best FLOP/s seen in this process

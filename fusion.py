@@ -578,17 +578,8 @@ def load_vision_init(net, path):
 
 def estimate_flops(net, device="cpu"):
     """Forward FLOPs of one sample (all its modalities), as model.estimate_flops counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: models._sdpa_cpu_flops}
     raw = models.unwrap(net)
-    was = raw.training
-    raw.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=extra) as counter:
-            raw(**raw.dummy_inputs(1, device))
-    finally:
-        raw.train(was)
-    return counter.get_total_flops()
+    return models.count_flops(raw, lambda: raw(**raw.dummy_inputs(1, device)))
 
 
 def fusion_args_from_cfg(cfg, num_classes, train_split):

@@ -215,7 +215,7 @@ class ConvNeXtBlock(nn.Module):
         free), and on maps of <= 16 pixels (the last stages at small image sizes) the conv is done as one
         (HW x HW) matrix per channel gathered from the kernel taps, 10-20x faster still. Same numbers up to float
         rounding (tests/test_model.py)."""
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or _counting_flops:
             return self.dwconv(x)
         B, C, H, W = x.shape
         if H * W > 16:
@@ -677,22 +677,36 @@ def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs):
     return 2 * B * nh * T * S * hs * 2  # q @ k^T and att @ v, 2 FLOPs per multiply-add
 
 
-def estimate_flops(model, image_size, in_chans):
-    """Forward FLOPs for one image (2 per multiply-add), counted by torch.utils.flop_counter; a train step ~= 3x."""
+_counting_flops = False  # True inside count_flops: the CPU fast paths step aside so the plain ops are counted
+
+
+def count_flops(net, fn):
+    """Forward FLOPs of fn() (2 per multiply-add), counted by torch.utils.flop_counter in eval mode without grad.
+    The model's FLOPs as its layers define them: CPU-only fast paths (ConvNeXtBlock.depthwise's tap matrices) are
+    off while counting, so ours and timm's counts agree and MFU means the same on every device."""
+    global _counting_flops
     from torch.utils.flop_counter import FlopCounterMode
+    # the CPU flash-attention kernel has no formula in flop_counter (the CUDA ones do): count it like them
+    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+    raw = unwrap(net)
+    was_training = raw.training
+    raw.eval()
+    _counting_flops = True
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=extra) as counter:
+            fn()
+    finally:
+        _counting_flops = False
+        raw.train(was_training)
+    return counter.get_total_flops()
+
+
+def estimate_flops(model, image_size, in_chans):
+    """Forward FLOPs for one image (2 per multiply-add); a train step ~= 3x."""
     raw = unwrap(model)
     p = next(raw.parameters())
     x = torch.zeros(1, in_chans, image_size, image_size, device=p.device, dtype=p.dtype)
-    # the CPU flash-attention kernel has no formula in flop_counter (the CUDA ones do): count it like them
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
-    was_training = raw.training
-    raw.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=extra) as counter:
-            raw(x)
-    finally:
-        raw.train(was_training)
-    return counter.get_total_flops()
+    return count_flops(raw, lambda: raw(x))
 
 
 NO_DECAY = ("pos_embed", "cls_token", "class_token", "pos_embedding", "gamma", "layer_scale",

@@ -202,25 +202,24 @@ def test_static_int8_conv_net_round_trip(tmp_path):
         export.resolve_quant_mode("static", "convnext_atto")
 
 # -----------------------------------------------------------------------------
-# knowledge distillation (train.py's teacher_ckpt): a longer-trained teacher helps a short-trained student
+# knowledge distillation (train.py's teacher_ckpt): a teacher trained on more data helps a student on a small set
 
 
 @pytest.mark.slow
-def test_distillation_improves_student(tmp_path):
+def test_distillation_improves_student(tmp_path, quickstart_run):
+    """The teacher is the session's quick-start ConvNeXt (12,000 phantom images, val macro AUC ~0.92); the student,
+    the same small architecture, learns a new 1,000-image phantom (another generator seed, same ten findings) in
+    150 steps, alone or taught (alpha 0.7, T 2). Measured: alone 0.668 / 0.719 / 0.669, taught 0.705 / 0.735 / 0.714
+    (seeds 7 / 8 / 9: +0.016 to +0.045). With a teacher
+    trained on the student's own data the soft targets added nothing measurable in this budget (0.655 vs 0.653)."""
     if "teacher_ckpt" not in train.DEFAULTS:
         pytest.skip("train.py has no teacher_ckpt knob yet")
-    d = str(tmp_path / "phantom")
-    data.prepare_phantom(d, n_images=3000, image_size=64, seed=0)
-    common = [f"--data_dir={d}", "--image_size=64", "--batch_size=32", "--tensorboard_log=False", "--log_interval=50",
-              "--warmup_iters=10", "--seed=7"]
-    teacher = str(tmp_path / "teacher")
-    train.main([*common, f"--out_dir={teacher}", "--model=convnext_atto", "--max_iters=300", "--lr_decay_iters=300",
-                "--eval_interval=300", "--batch_size=64"])
-    # the student gets a sixth of the teacher's training compute: alone it reaches ~0.57-0.60 macro AUC, taught
-    # ~0.64-0.66 (measured with seeds 7, 8, 9 against a 0.76 teacher). A ViT student at this budget stays at
-    # chance either way, which made the comparison a coin toss.
-    student = ["--model=convnext_atto", "--max_iters=100", "--lr_decay_iters=100", "--eval_interval=100"]
-    alone = train.main([*common, *student, f"--out_dir={tmp_path / 'alone'}"])
-    taught = train.main([*common, *student, f"--out_dir={tmp_path / 'taught'}", f"--teacher_ckpt={teacher}/best.pt",
+    d = str(tmp_path / "small")
+    data.prepare_phantom(d, n_images=1000, image_size=64, seed=1)
+    common = [f"--data_dir={d}", "--batch_size=32", "--tensorboard_log=False", "--log_interval=50", "--max_iters=150",
+              "--lr_decay_iters=150", "--warmup_iters=15", "--eval_interval=50", "--learning_rate=2e-3", "--seed=7"]
+    alone = train.main([*common, f"--out_dir={tmp_path / 'alone'}"])
+    taught = train.main([*common, f"--out_dir={tmp_path / 'taught'}", f"--teacher_ckpt={quickstart_run['best']}",
                          "--distill_alpha=0.7", "--distill_temperature=2.0"])
-    assert taught["best_auc_macro"] > alone["best_auc_macro"] + 0.01, (taught, alone)
+    print(f"distillation: alone {alone['best_auc_macro']:.4f}, taught {taught['best_auc_macro']:.4f}")
+    assert taught["best_auc_macro"] > alone["best_auc_macro"] + 0.005, (taught, alone)
