@@ -17,6 +17,7 @@ unfreeze (linear probe), estimate_flops (for MFU).
 
 import functools
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -607,6 +608,16 @@ def _read_state_dict(path):
             obj = obj[key]
             break
     return obj
+
+
+def load_image_init(net, path):
+    """load_pretrained for a tower/encoder started from an image model's weights (train_clip.py and train_gpt.py
+    image_init): a missing file gets the fix in its message (train the image model first)."""
+    if not path.startswith("torchvision:") and not os.path.exists(path):
+        raise FileNotFoundError(f"image_init={path!r} does not exist: train the image model first (for the phantom "
+                                f"recipes: python train.py, the quick start, writes out/quickstart/best.pt) or pass "
+                                f"--image_init='' to start it from scratch")
+    return load_pretrained(net, path)
 
 
 def load_pretrained(model, path):

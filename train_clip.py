@@ -610,11 +610,7 @@ def _train(cfg, dist, log):
             raise ValueError(f"image_init needs image_model = a model.py name (convnext_atto, vit_small, tv:resnet50, ...), "
                              f"got image_model={args['image_model']!r}")
         import model as models
-        if not cfg["image_init"].startswith("torchvision:") and not os.path.exists(cfg["image_init"]):
-            raise FileNotFoundError(f"image_init={cfg['image_init']!r} does not exist: train the image tower first (for "
-                                    f"the phantom recipe: python train.py, the quick start, writes out/quickstart/best.pt) "
-                                    f"or pass --image_init='' to start it from scratch")
-        r = models.load_pretrained(raw.visual.net, cfg["image_init"])
+        r = models.load_image_init(raw.visual.net, cfg["image_init"])
         log.line(f"image tower from {cfg['image_init']} ({r['layout']} layout; head reset: {len(r['reset'])} tensors)")
     raw.to(dist.device)
     if cfg["lock_image"]:

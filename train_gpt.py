@@ -284,11 +284,8 @@ def _train(cfg, dist, device, dtype, logger):
         if image_cond and cfg["image_init"]:
             if cfg["image_encoder"] == "conv":
                 raise ValueError("image_init needs image_encoder = a model.py name (e.g. convnext_atto), not 'conv'")
-            if not cfg["image_init"].startswith("torchvision:") and not os.path.exists(cfg["image_init"]):
-                raise FileNotFoundError(f"image_init={cfg['image_init']!r} does not exist: train the image model first "
-                                        f"(for the phantom: python train.py writes out/quickstart/best.pt) or pass --image_init=''")
             import model as models
-            r = models.load_pretrained(model.prefix.encoder.net, cfg["image_init"])
+            r = models.load_image_init(model.prefix.encoder.net, cfg["image_init"])
             logger.line(f"image encoder from {cfg['image_init']} ({r['layout']} layout; head reset: {len(r['reset'])} tensors)")
     elif cfg["init_from"] in ("resume", "finetune"):
         ckpt = load_init_checkpoint(cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_path"])
