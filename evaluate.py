@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 import configurator
 
@@ -48,7 +48,7 @@ batch_size = 64           # inference batch; memory only, results do not depend 
 device = "auto"           # auto | cpu | cuda | cuda:1
 n_bootstrap = 1000        # bootstrap resamples of patients for the AUC CI; 0 = no CI. 1000 gives ~+-0.005 on the CI ends
 bootstrap_seed = 0        # fixed so the CI is reproducible
-threshold = "youden"      # how the operating point is chosen on validation: youden (max sens+spec-1) | sensitivity
+threshold = "youden"      # how the operating point is chosen on validation: youden (max sens+spec-1) | sensitivity | f1
 target_sensitivity = 0.9  # with threshold="sensitivity": the highest threshold that reaches this sensitivity on val
 n_bins = 15               # calibration bins (equal width); 10-15 is the usual choice (Guo et al. 2017)
 tta = 0                   # test-time augmentation: average the plain view and this many augmented views (0 = off)
@@ -264,6 +264,13 @@ def sensitivity_threshold(y, p, target):
     return float(min(t, 1.0)) if np.isfinite(t) else 1.0
 
 
+def f1_threshold(y, p):
+    """The threshold maximising F1 of (p >= t) over every distinct score (exact, from the precision-recall curve)."""
+    prec, rec, thr = precision_recall_curve(y, p)
+    f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
+    return float(thr[int(np.argmax(f1))])
+
+
 def binary_at_threshold(y, p, t):
     """Sensitivity, specificity, PPV, F1 of (p >= t) against binary y."""
     y = np.asarray(y).astype(bool)
@@ -327,8 +334,10 @@ def choose_thresholds(val_probs, val_labels, rule="youden", target=0.9):
             out.append(youden_threshold(y, p))
         elif rule == "sensitivity":
             out.append(sensitivity_threshold(y, p, target))
+        elif rule == "f1":
+            out.append(f1_threshold(y, p))
         else:
-            raise ValueError(f"threshold must be 'youden' or 'sensitivity', got {rule!r}")
+            raise ValueError(f"threshold must be 'youden', 'sensitivity' or 'f1', got {rule!r}")
     return np.array(out)
 
 
@@ -589,7 +598,6 @@ def make_figures(probs, labels, classes, task, rep):
     plt = _plt()
     if plt is None:
         return {}
-    from sklearn.metrics import precision_recall_curve
     onehot = _as_multilabel(labels, len(classes), task)
     C = len(classes)
     cols = min(C, 5)

@@ -50,6 +50,8 @@ class GPTConfig:
     n_classes: int = 0  # image-conditioned: a multi-label finding head on the pooled visual tokens whose probabilities
     #                     are n_classes more prefix tokens (0 = none); block_size must hold n_prefix + n_classes + text
     aux_cls_weight: float = 0.0  # weight of that head's BCE loss added to the LM loss when labels are given
+    finding_tags: str = "soft"  # soft: a finding token mixes absent/present by the probability p | hard: present
+    #                             iff p >= the class's threshold (prefix.thresholds, e.g. chosen for F1 on validation)
     layer_norm_eps: float = 1e-5
     rope_base: float = 10000.0
 
@@ -183,16 +185,41 @@ class PrefixConvEncoder(nn.Module):
 
 
 class BackbonePrefixEncoder(nn.Module):
-    """Any model.build_model classifier with num_classes = n_prefix * width, reshaped into tokens."""
+    """Any model.build_model classifier with num_classes = n_prefix * width (+ n_classes), its outputs reshaped into
+    tokens (and the last n_classes read as finding logits: the backbone's own classifier, which load_class_head can
+    start from an image model trained on the same findings)."""
 
-    def __init__(self, name, in_chans, image_size, width, n_prefix):
+    def __init__(self, name, in_chans, image_size, width, n_prefix, n_classes=0):
         super().__init__()
         import model as model_lib  # model.py's build_model; after the merge into model.py this is a local call
-        self.net = model_lib.build_model(name, num_classes=n_prefix * width, in_chans=in_chans, image_size=image_size)
-        self.n_prefix, self.width = n_prefix, width
+        self.net = model_lib.build_model(name, num_classes=n_prefix * width + n_classes, in_chans=in_chans,
+                                         image_size=image_size)
+        self.n_prefix, self.width, self.n_classes = n_prefix, width, n_classes
 
     def forward(self, x):
-        return self.net(x).view(x.size(0), self.n_prefix, self.width)
+        out = self.net(x)
+        tokens = out[:, :self.n_prefix * self.width].reshape(x.size(0), self.n_prefix, self.width)
+        return tokens, (out[:, self.n_prefix * self.width:] if self.n_classes else None)
+
+    @torch.no_grad()
+    def load_class_head(self, path, classes):
+        """Copy the classifier head of a train.py checkpoint over the same classes (same order) into the finding rows
+        of this head, so the report model starts with the image model's findings, not a fresh head. Returns the
+        names of the tensors copied ([] when the file is not such a checkpoint or its classes differ)."""
+        import model as model_lib
+        if not os.path.isfile(path):
+            return []
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ck, dict) or list((ck.get("meta") or {}).get("classes") or []) != list(classes):
+            return []
+        sd, _ = self.net.convert_state_dict(ck["model"])
+        copied, nc = [], self.n_classes
+        for name, p in self.net.named_parameters():
+            v = sd.get(name)
+            if model_lib.is_head_param(self.net, name) and v is not None and v.shape[0] == nc and v.shape[1:] == p.shape[1:]:
+                p[-nc:].copy_(v)
+                copied.append(name)
+        return copied
 
 
 class ImagePrefix(nn.Module):
@@ -202,7 +229,7 @@ class ImagePrefix(nn.Module):
             self.encoder = PrefixConvEncoder(config.in_chans, config.prefix_width, config.n_prefix)
         else:
             self.encoder = BackbonePrefixEncoder(config.image_encoder, config.in_chans, config.image_size,
-                                                 config.prefix_width, config.n_prefix)
+                                                 config.prefix_width, config.n_prefix, config.n_classes)
         # mapping network (ClipCap, Mokady et al. 2021): features -> the language model's embedding space
         self.mapping = nn.Sequential(nn.Linear(config.prefix_width, config.n_embd), nn.GELU(),
                                      nn.Linear(config.n_embd, config.n_embd))
@@ -210,20 +237,34 @@ class ImagePrefix(nn.Module):
         # auxiliary finding head (Liu et al. 2019, "Clinically accurate chest X-ray report generation"; R2Gen-style
         # multi-task setups): supervising the encoder with the labels makes the visual tokens carry the findings
         # from the first steps, before the language model has learned to look at them
-        self.cls_head = nn.Linear(config.n_embd, config.n_classes) if config.n_classes > 0 else None
+        # (a backbone encoder has it built in: the last n_classes outputs of its own classifier; the conv encoder
+        # gets a linear head on the pooled visual tokens)
+        self.cls_head = nn.Linear(config.n_embd, config.n_classes) if config.n_classes > 0 and config.image_encoder == "conv" else None
         # ... and the head's probabilities become one more prefix token per finding (semantic tags before the text,
         # as in Jing et al. 2018): token_k = absent_k + p_k * (present_k - absent_k), so the language model reads
-        # "effusion: 0.9" directly instead of decoding it from the visual tokens
+        # "effusion: 0.9" directly instead of decoding it from the visual tokens. finding_tags='hard' feeds the
+        # decision p_k >= threshold_k instead (0 or 1): the report then names exactly the findings the head calls at
+        # its operating point (thresholds chosen for F1 on validation by train_gpt.py), where greedy decoding from a
+        # soft p would name a finding only when the model believes it more likely than not (p ~ 0.5, too strict for F1)
+        assert config.finding_tags in ("soft", "hard"), f"finding_tags must be soft or hard, got {config.finding_tags!r}"
+        self.hard = config.finding_tags == "hard"
         if config.n_classes > 0:
             self.finding_emb = nn.Parameter(0.02 * torch.randn(2, config.n_classes, config.n_embd))
+            self.register_buffer("thresholds", torch.full((config.n_classes,), 0.5))
 
     def forward(self, images):
         """images (B, C, H, W) -> prefix tokens (B, n_prefix [+ n_classes], n_embd), finding logits (B, n_classes) | None."""
-        tokens = self.mapping(self.encoder(images)) + self.prefix_pos
-        if self.cls_head is None:
+        feats = self.encoder(images)
+        feats, logits = feats if isinstance(feats, tuple) else (feats, None)
+        tokens = self.mapping(feats) + self.prefix_pos
+        if self.cls_head is not None:
+            logits = self.cls_head(tokens.mean(dim=1))
+        if logits is None:
             return tokens, None
-        logits = self.cls_head(tokens.mean(dim=1))
-        p = torch.sigmoid(logits).unsqueeze(-1)  # (B, n_classes, 1)
+        p = torch.sigmoid(logits.float())
+        if self.hard:
+            p = (p >= self.thresholds).float()
+        p = p.to(tokens.dtype).unsqueeze(-1)  # (B, n_classes, 1)
         absent, present = self.finding_emb[0], self.finding_emb[1]
         return torch.cat([tokens, absent + p * (present - absent)], dim=1), logits
 
@@ -387,7 +428,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def classify(self, images):
         """Finding probabilities (B, n_classes) from the prefix's auxiliary head."""
-        assert self.prefix is not None and self.prefix.cls_head is not None, "the model has no finding head (n_classes=0)"
+        assert self.prefix is not None and self.config.n_classes > 0, "the model has no finding head (n_classes=0)"
         return torch.sigmoid(self.prefix(images)[1].float())
 
     # --- generation

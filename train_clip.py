@@ -146,6 +146,12 @@ zs_prompts = ""  # per-class prompts instead of the templates: "" | phantom (its
 # selection
 select_metric = "zs_auc_macro"  # zs_auc_macro | r_mean | i2t_r5 | lab_i2t_r5 | any key of the eval record
 early_stop_patience = 0
+# knowledge distillation from a trained CLIP (CLIP-KD, Yang et al. 2024): a small student learns the teacher's
+# image-text similarity structure on every batch, on top of (or instead of) the contrastive loss
+teacher_ckpt = ""  # a train_clip.py checkpoint of the big model (its own tokenizer, image size and normalization)
+distill_alpha = 0.5  # loss = (1 - alpha) x InfoNCE + alpha x KL(teacher || student) over the batch's similarities
+distill_temperature = 1.0  # softens both similarity distributions (the KL is scaled by T^2, as in Hinton et al.)
+distill_feature = 0.0  # + this x mean(1 - cos(student, teacher)) per embedding (needs equal embed_dim)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
@@ -201,6 +207,38 @@ def clip_loss(img, txt, scale, dist, margin=None, weight=None):
     return per.mean()
 
 
+def distill_loss(img, txt, scale, teacher, dist, temperature=1.0, feature=0.0):
+    """CLIP-KD on this rank's rows against the global batch. teacher = (image features, text features, logit scale)
+    of the same pairs (normalized, no grad). Relational term: KL(teacher || student) between the softmax over the
+    batch of each image's text similarities and of each text's image similarities, both at scale / temperature,
+    times temperature^2; feature term (weight `feature`): mean (1 - cosine) between student and teacher embeddings."""
+    t_img, t_txt, t_scale = teacher
+    all_img, all_txt = gather_with_grad(img, dist), gather_with_grad(txt, dist)
+    all_t_img, all_t_txt = gather_with_grad(t_img, dist), gather_with_grad(t_txt, dist)
+    kl = 0.0
+    for s_logits, t_logits in ((img @ all_txt.t(), t_img @ all_t_txt.t()), (txt @ all_img.t(), t_txt @ all_t_img.t())):
+        log_p_s = F.log_softmax(s_logits * (scale / temperature), dim=-1)
+        log_p_t = F.log_softmax(t_logits * (t_scale / temperature), dim=-1)
+        kl = kl + 0.5 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
+    loss = kl * temperature ** 2
+    if feature:
+        if img.shape[-1] != t_img.shape[-1]:
+            raise ValueError(f"distill_feature needs equal embedding widths: student embed_dim={img.shape[-1]}, "
+                             f"teacher {t_img.shape[-1]}; set --embed_dim={t_img.shape[-1]} or --distill_feature=0")
+        loss = loss + feature * 0.5 * ((1 - (img * t_img).sum(-1)).mean() + (1 - (txt * t_txt).sum(-1)).mean())
+    return loss
+
+
+def batch_loss(img, txt, scale, dist, cfg, margin=None, weight=None, teacher=None):
+    """The training loss of a batch of features: InfoNCE, mixed with distillation when a teacher's features come."""
+    loss = clip_loss(img, txt, scale, dist, margin, weight)
+    if teacher is None:
+        return loss
+    a = cfg.get("distill_alpha", 0.5)
+    return (1 - a) * loss + a * distill_loss(img, txt, scale, teacher, dist, cfg.get("distill_temperature", 1.0),
+                                             cfg.get("distill_feature", 0.0))
+
+
 def _rng_state(device):
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.startswith("cuda") else None)
 
@@ -213,9 +251,9 @@ def _set_rng(state, device):
 
 def forward_backward(net, micro, dist, cfg, feature_cache=True):
     """One optimizer step's forward + backward over this rank's micro-batches, leaving in .grad the gradient
-    of the contrastive loss (feature_cache: over the whole global batch; else: the mean of per-micro-batch
-    losses). micro: list of (images float (B,C,H,W), tokens (B,T), margin (B,) or None, weight (B,) or None).
-    Returns the loss (this rank's, detached)."""
+    of the loss (feature_cache: over the whole global batch; else: the mean of per-micro-batch losses).
+    micro: list of (images float (B,C,H,W), tokens (B,T), margin (B,) or None, weight (B,) or None, teacher
+    (image features, text features, scale) or None). Returns the loss (this rank's, detached)."""
     ctx_amp = common.autocast(dist.device, cfg["dtype"])
     k = len(micro)
 
@@ -224,11 +262,11 @@ def forward_backward(net, micro, dist, cfg, feature_cache=True):
 
     if k == 1 or not feature_cache:
         total = 0.0
-        for j, (x, t, m, w) in enumerate(micro):
+        for j, (x, t, m, w, teach) in enumerate(micro):
             with sync_ctx(j):
                 with ctx_amp:
                     img, txt, scale = net(x, t)
-                loss = clip_loss(img.float(), txt.float(), scale.float(), dist, m, w) / k
+                loss = batch_loss(img.float(), txt.float(), scale.float(), dist, cfg, m, w, teach) / k
                 loss.backward()
             total += loss.detach()
         return total
@@ -237,7 +275,7 @@ def forward_backward(net, micro, dist, cfg, feature_cache=True):
     fwd = net.module if dist.ddp else net
     rngs, imgs, txts = [], [], []
     with torch.no_grad():
-        for x, t, _, _ in micro:
+        for x, t, *_ in micro:
             rngs.append(_rng_state(dist.device))
             with ctx_amp:
                 img, txt, _ = fwd(x, t)
@@ -248,12 +286,14 @@ def forward_backward(net, micro, dist, cfg, feature_cache=True):
     txt_all = torch.cat(txts).requires_grad_(True)
     scale = common.unwrap(net).logit_scale.detach().exp().requires_grad_(True)
     cat = lambda i: None if micro[0][i] is None else torch.cat([mb[i] for mb in micro])  # noqa: E731
-    loss = clip_loss(img_all, txt_all, scale, dist, cat(2), cat(3))
+    teach = None if micro[0][4] is None else (torch.cat([mb[4][0] for mb in micro]), torch.cat([mb[4][1] for mb in micro]),
+                                              micro[0][4][2])
+    loss = batch_loss(img_all, txt_all, scale, dist, cfg, cat(2), cat(3), teach)
     g_img, g_txt, g_scale = torch.autograd.grad(loss, [img_all, txt_all, scale])
     # pass 3: each micro-batch again with a graph, backpropagating its slice of the cached gradients
     rng_now = _rng_state(dist.device)
     off = 0
-    for j, (x, t, _, _) in enumerate(micro):
+    for j, (x, t, *_) in enumerate(micro):
         B = x.shape[0]
         _set_rng(rngs[j], dist.device)
         with sync_ctx(j):
@@ -388,16 +428,28 @@ def zero_shot(raw, img, labels, classes, tok, cfg, device):
 # images and captions -> features
 
 
+def _norm_stats(meta, cfg):
+    """Per-channel (mean, std) in [0, 1] pixel units of the run's input normalization (norm, in_chans)."""
+    C, norm = cfg["in_chans"], cfg["norm"]
+    if norm not in ("dataset", "imagenet", "clip"):
+        raise ValueError(f"norm must be dataset, imagenet or clip, got {norm!r}")
+    if norm == "dataset":
+        return [float(meta["mean"])] * C, [float(meta["std"])] * C
+    m, s = (CLIP_MEAN, CLIP_STD) if norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    return (list(m), list(s)) if C == 3 else ([sum(m) / 3] * C, [sum(s) / 3] * C)
+
+
 def images_to_float(x, meta, cfg):
-    if cfg["norm"] == "clip":
-        x = x.float() / 255.0
-        x = x.expand(-1, 3, -1, -1) if cfg["in_chans"] == 3 else x
-        m = torch.tensor(CLIP_MEAN if cfg["in_chans"] == 3 else [sum(CLIP_MEAN) / 3], device=x.device).view(1, -1, 1, 1)
-        s = torch.tensor(CLIP_STD if cfg["in_chans"] == 3 else [sum(CLIP_STD) / 3], device=x.device).view(1, -1, 1, 1)
-        return (x - m) / s
-    if cfg["norm"] not in ("dataset", "imagenet"):
-        raise ValueError(f"norm must be dataset, imagenet or clip, got {cfg['norm']!r}")
-    return data.to_float(x, meta["mean"], meta["std"], cfg["in_chans"], cfg["norm"] == "imagenet")
+    """uint8 (B,1,H,W) or float in [0, 1] -> the normalized (B,in_chans,H,W) input of the image tower."""
+    m, s = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in _norm_stats(meta, cfg))
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return (x.expand(-1, m.shape[1], -1, -1) - m) / s
+
+
+def images_to_unit(x, meta, cfg):
+    """The inverse of images_to_float: a normalized input -> gray (B,1,H,W) in [0, 1] pixel units."""
+    m, s = _norm_stats(meta, cfg)
+    return x[:, :1] * s[0] + m[0]
 
 
 def trim(tokens, lengths):
@@ -486,6 +538,41 @@ def load_tokens(data_dir, split_name, captions, tok, cfg, master):
         np.savez(tmp, tokens=tokens, lengths=lengths)
         os.replace(tmp, path)
     return tokens, lengths
+
+
+class Teacher:
+    """A trained CLIP, frozen, that embeds the student's training batches in its own terms: its tokenizer and
+    context length over the same captions, its image size and normalization over the same (augmented) pixels."""
+
+    def __init__(self, path, captions, cfg, meta, device, master):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"teacher_ckpt={path!r} does not exist: train the teacher first (python train_clip.py "
+                                    f"config/clip_phantom.py writes out/clip_phantom/best.pt) or set --teacher_ckpt=''")
+        ck = common.load_checkpoint(path)
+        if "model_args" not in ck or "logit_scale" not in ck.get("model", {}):
+            raise ValueError(f"teacher_ckpt={path!r} is not a train_clip.py checkpoint (no CLIP model_args / logit_scale)")
+        self.cfg = {**ck["config"], "dtype": cfg["dtype"]}
+        self.meta, self.student_cfg, self.student_meta = ck["meta"], cfg, meta
+        self.net = model_clip.build_clip(**ck["model_args"])
+        self.net.load_state_dict(ck["model"])
+        self.net.requires_grad_(False).eval().to(device)
+        t = self.cfg
+        self.tok = tok_lib.build_tokenizer(t["tokenizer"], t["tokenizer_path"], t["context_length"], None,
+                                           t["bpe_vocab_size"], saved=ck.get("tokenizer"))
+        self.tokens, self.lengths = load_tokens(cfg["data_dir"], "train", captions, self.tok, t, master)
+        self.n_params, self.iter = sum(p.numel() for p in self.net.parameters()), ck["iter"]
+
+    @torch.no_grad()
+    def __call__(self, x, idx):
+        """x: the student's normalized (augmented) images; idx: their rows in the training split."""
+        x = images_to_float(images_to_unit(x, self.student_meta, self.student_cfg), self.meta, self.cfg)
+        S = self.net.model_args["image_size"]
+        if x.shape[-1] != S or x.shape[-2] != S:
+            x = F.interpolate(x, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+        t = trim(torch.from_numpy(self.tokens[idx]).long(), torch.from_numpy(self.lengths[idx])).to(x.device)
+        with common.autocast(str(x.device), self.cfg["dtype"]):
+            img, txt, scale = self.net(x, t)
+        return img.float(), txt.float(), scale.float()
 
 
 def critical_flags(captions, terms):
@@ -617,6 +704,14 @@ def _train(cfg, dist, log):
         model_clip.lock_tower(raw, "visual", cfg["unlock_last_n"])
     if cfg["lock_text"]:
         model_clip.lock_tower(raw, "text", cfg["unlock_last_n"])
+    teacher = None
+    if cfg["teacher_ckpt"] and not cfg["eval_only"]:
+        teacher = Teacher(cfg["teacher_ckpt"], captions["train"], cfg, meta, dist.device, master)
+        log.line(f"teacher: {cfg['teacher_ckpt']} (iter {teacher.iter}, {teacher.n_params / 1e6:.2f}M params, image "
+                 f"{teacher.net.model_args['image_model']} at {teacher.net.model_args['image_size']} px, tokenizer "
+                 f"{teacher.cfg['tokenizer']}) | loss = {1 - cfg['distill_alpha']:g} x InfoNCE + {cfg['distill_alpha']:g} "
+                 f"x KL at T={cfg['distill_temperature']:g}" + (f" + {cfg['distill_feature']:g} x feature cosine"
+                                                                if cfg["distill_feature"] else ""))
     n_params = sum(p.numel() for p in raw.parameters())
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     log.line(f"model: image {args['image_model']} | text {args['text_model']} | embed {args['embed_dim']} | "
@@ -727,7 +822,7 @@ def _train(cfg, dist, log):
             c = torch.from_numpy(crit[idx]).to(dist.device).float()
             m = cfg["margin"] + cfg["critical_margin"] * c if (cfg["margin"] or cfg["critical_margin"]) else None
             w = 1.0 + (cfg["critical_weight"] - 1.0) * c if cfg["critical_weight"] != 1.0 else None
-            micro.append((x, t, m, w))
+            micro.append((x, t, m, w, teacher(x, idx) if teacher is not None else None))
         loss = forward_backward(net, micro, dist, cfg, cfg["feature_cache"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss ({float(loss)}) at iter {iter_num}: the last good checkpoint "

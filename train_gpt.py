@@ -56,7 +56,9 @@ out_dir = "out/gpt"
 eval_interval = 250  # steps between evaluations (+ checkpoint); the last step always evaluates
 log_interval = 10  # steps between log lines
 eval_max_windows = 200  # val windows of block_size tokens (0 = every token of val.bin)
-eval_reports = 64  # cond='image': val images to write a report for at each eval (greedy); 0 = off
+eval_reports = 64  # cond='image': images to write a report for at each eval (greedy), from report_split; 0 = off
+report_split = "val"  # cond='image': the split those images come from (test when finding_tags='hard': its thresholds
+#                       are chosen on val, so scoring the reports on val would grade them on the images that tuned them)
 eval_only = False  # evaluate the init_from model and exit
 always_save_checkpoint = True  # False: save only when val loss improves
 init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | finetune (weights of init_path, fresh optimizer) | gpt2 (HF dir init_path)
@@ -87,6 +89,9 @@ token_dropout = 0.0  # cond='image': fraction of report input tokens replaced by
 image_init = ""  # cond='image' with image_encoder = a model.py name: start the encoder from these weights (a train.py
 #                  best.pt, timm/torchvision files); its classifier head is replaced by the token projection
 prefix_lr_mult = 1.0  # cond='image': lr multiplier of the image encoder + mapping network (a from-scratch encoder: 1-3)
+finding_tags = "soft"  # cond='image' with a finding head: soft (token = mix by the head's probability) | hard (token =
+#                       the decision p >= threshold, per class the F1-best threshold on the val split, re-chosen at
+#                       every eval: the reports then name what the head calls at its operating point)
 # optimizer (AdamW; decay on >= 2-D weights)
 learning_rate = 6e-4  # peak; ~1e-3 small models, 6e-4 GPT-2 small, 3e-5..1e-4 finetuning
 max_iters = 5000  # optimizer steps
@@ -185,6 +190,19 @@ def generate_reports(model, pairs, rows, tok, mean, std, device, dtype, batch_si
     return [text for _, text in sorted(out)]
 
 
+@torch.no_grad()
+def finding_probs(model, pairs, rows, mean, std, device, dtype, batch_size=256):
+    """The finding head's probabilities (len(rows), n_classes) for these rows (every rank computes all of them)."""
+    model.eval()
+    out = []
+    for i in range(0, len(rows), batch_size):
+        images_u8, _, _ = pairs.batch(rows[i: i + batch_size])
+        with common.autocast(device, dtype):
+            out.append(model.classify(images_to_float(images_u8, mean, std, device)).cpu())
+    model.train()
+    return torch.cat(out).numpy()
+
+
 def pairs_eval_batches(pairs, batch_size, mean, std, device, dist):
     rows = np.arange(len(pairs))[dist.rank::dist.world_size]
     for i in range(0, len(rows), batch_size):
@@ -277,7 +295,13 @@ def _train(cfg, dist, device, dtype, logger):
     model_args.update(block_size=seq_len, vocab_size=tok.vocab_size, n_prefix=cfg["n_prefix"] if image_cond else 0)
     if image_cond:
         model_args.update(image_size=meta["image_size"], in_chans=1, aux_cls_weight=cfg["aux_cls_weight"],
-                          n_classes=n_classes)
+                          n_classes=n_classes, finding_tags=cfg["finding_tags"])
+        if cfg["finding_tags"] == "hard" and n_classes == 0:
+            raise ValueError("finding_tags='hard' needs a finding head: set aux_cls_weight > 0 (e.g. 1.0)")
+        report_pairs = val_pairs if cfg["report_split"] == "val" else text_data.Pairs(data_dir, cfg["report_split"])
+        if cfg["finding_tags"] == "hard" and cfg["report_split"] == "val":
+            logger.line("warning: finding_tags='hard' chooses its thresholds on val and report_split='val' scores the "
+                        "reports on the same images (optimistic); set --report_split=test")
     iter_num, best_val_loss, ckpt = 0, float("inf"), None
     if cfg["init_from"] == "scratch":
         model = GPT(GPTConfig(**model_args))
@@ -286,7 +310,9 @@ def _train(cfg, dist, device, dtype, logger):
                 raise ValueError("image_init needs image_encoder = a model.py name (e.g. convnext_atto), not 'conv'")
             import model as models
             r = models.load_image_init(model.prefix.encoder.net, cfg["image_init"])
-            logger.line(f"image encoder from {cfg['image_init']} ({r['layout']} layout; head reset: {len(r['reset'])} tensors)")
+            kept = model.prefix.encoder.load_class_head(cfg["image_init"], meta["classes"]) if n_classes else []
+            logger.line(f"image encoder from {cfg['image_init']} ({r['layout']} layout; head reset: {len(r['reset'])} tensors"
+                        + (f"; its classifier over the same {n_classes} findings kept as the finding head: {kept})" if kept else ")"))
     elif cfg["init_from"] in ("resume", "finetune"):
         ckpt = load_init_checkpoint(cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_path"])
         if ckpt["tokenizer"] != tok.to_dict():
@@ -360,11 +386,20 @@ def _train(cfg, dist, device, dtype, logger):
             res = evaluate_loss(raw_model, pairs_eval_batches(val_pairs, cfg["batch_size"], mean, std, device, dist),
                                 tbytes, dist, device, dtype)
             if cfg["eval_reports"] and (step > 0 or last):
-                rows = np.arange(min(cfg["eval_reports"], len(val_pairs)))
-                hyps = generate_reports(raw_model, val_pairs, rows, tok, mean, std, device, dtype, cfg["batch_size"], dist)
-                refs = [val_pairs.index[r]["text"] for r in rows]
-                rm = text_data.report_metrics(hyps, refs, val_pairs.labels[rows], meta["classes"])
-                res.update(bleu4=rm["bleu4"], rouge_l=rm["rouge_l"], macro_f1=rm["macro_f1"])
+                rows = np.arange(min(cfg["eval_reports"], len(report_pairs)))
+                if cfg["finding_tags"] == "hard":  # the operating point: per class the F1-best threshold on val
+                    import evaluate
+                    p_val = finding_probs(raw_model, val_pairs, np.arange(len(val_pairs)), mean, std, device, dtype)
+                    thr = evaluate.choose_thresholds(p_val, val_pairs.labels.astype(np.float64), "f1")
+                    raw_model.prefix.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
+                    p_rep = finding_probs(raw_model, report_pairs, rows, mean, std, device, dtype)
+                    res["thresholds"] = [round(float(t), 4) for t in thr]
+                    res["head_macro_f1"] = text_data.finding_scores(p_rep >= thr, report_pairs.labels[rows],
+                                                                      meta["classes"])["macro_f1"]
+                hyps = generate_reports(raw_model, report_pairs, rows, tok, mean, std, device, dtype, cfg["batch_size"], dist)
+                refs = [report_pairs.index[r]["text"] for r in rows]
+                rm = text_data.report_metrics(hyps, refs, report_pairs.labels[rows], meta["classes"])
+                res.update(bleu4=rm["bleu4"], rouge_l=rm["rouge_l"], macro_f1=rm["macro_f1"], report_split=cfg["report_split"])
                 res["per_class_f1"] = {c: round(v["f1"], 4) for c, v in rm["per_class"].items()}
                 res["sample_report"] = hyps[0]
         else:
@@ -382,7 +417,8 @@ def _train(cfg, dist, device, dtype, logger):
         if step % cfg["eval_interval"] == 0 or last_step or cfg["eval_only"]:
             res = run_eval(step, last_step or cfg["eval_only"])
             last_eval = dict(res, step=step)
-            extra = "".join(f" | {k} {res[k]:.4f}" for k in ("bleu4", "rouge_l", "macro_f1") if k in res)
+            extra = "".join(f" | {k} {res[k]:.4f}" for k in ("bleu4", "rouge_l", "macro_f1", "head_macro_f1") if k in res)
+            extra += f" ({res['report_split']} reports)" if "report_split" in res else ""
             logger.line(f"eval step {step} | val loss {res['val_loss']:.4f} | ppl {res['val_ppl']:.2f} | "
                         f"bpb {res['val_bpb']:.4f}{extra}")
             if "sample_report" in res:

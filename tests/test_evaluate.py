@@ -190,6 +190,10 @@ def test_thresholds_against_brute_force():
     assert evaluate.binary_at_threshold(y, p, t9)["sensitivity"] >= 0.9
     above = np.unique(p[p > t9])
     assert all(evaluate.binary_at_threshold(y, p, u)["sensitivity"] < 0.9 for u in above)  # the highest such threshold
+    f1 = lambda t: evaluate.binary_at_threshold(y, p, t)["f1"]  # noqa: E731
+    assert f1(evaluate.f1_threshold(y, p)) == pytest.approx(max(f1(u) for u in np.unique(p)), abs=1e-12)
+    thr = evaluate.choose_thresholds(np.stack([p, p], 1), np.stack([y, y], 1).astype(float), "f1")
+    assert thr.tolist() == [evaluate.f1_threshold(y, p)] * 2
 
 
 def test_calibration_ece():
