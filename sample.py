@@ -93,6 +93,15 @@ def main(argv=None):
         u8 = load_image(cfg["image"], ckpt)
         images = (torch.from_numpy(u8).to(device).float() / 255.0 - ckpt["data"]["mean"]) / ckpt["data"]["std"]
         images = images.expand(cfg["num_samples"], -1, -1, -1)
+        if model.config.n_classes > 0:  # what the finding head sees: the tags the report is conditioned on
+            with torch.no_grad():
+                p = model.classify(images[:1])[0].cpu()
+            thr = model.prefix.thresholds.cpu()
+            hard = model.config.finding_tags == "hard"
+            names = ckpt["data"].get("classes") or [f"class {k}" for k in range(len(p))]
+            print("findings (head probability" + (", threshold" if hard else "") + "): " + ", ".join(
+                f"{n} {p[k]:.2f}" + (f"{'>=' if p[k] >= thr[k] else '<'}{thr[k]:.2f}" if hard else "")
+                for k, n in enumerate(names) if p[k] >= 0.1 or (hard and p[k] >= thr[k])))
     elif model.config.n_prefix > 0:
         raise ValueError("this checkpoint writes reports from images: pass --image=path.png (or --image=val:0)")
 

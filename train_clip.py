@@ -29,6 +29,10 @@ text equals the query's caption; with labels (phantom) the `lab_` metrics count 
 (label vector) equal the image's as a match, since many reports differ only in the randomly chosen
 negative sentences ("No edema." vs "No nodule."), which no image can predict.
 
+Distillation (a small CLIP from a big one, CLIP-KD): --teacher_ckpt=<a train_clip.py checkpoint> adds, per batch,
+KL(teacher || student) over the batch's similarity distributions (distill_alpha, distill_temperature) and a cosine
+term to the teacher's embeddings (distill_feature); config/distill_clip_phantom.py, config/distill_clip_roco.py.
+
 Retrieval from a trained run (validation pool):
     python train_clip.py --eval_only=True --out_dir=out/clip_phantom --query="left pleural effusion"
     python train_clip.py --eval_only=True --out_dir=out/clip_phantom --image=xray.png
