@@ -87,7 +87,8 @@ aux_cls_weight = 0.0  # cond='image': weight of the auxiliary finding loss (BCE 
 token_dropout = 0.0  # cond='image': fraction of report input tokens replaced by random ids (word dropout), so the
 #                      model cannot write the report from the text so far alone and must read the image; ~0.1-0.3
 image_init = ""  # cond='image' with image_encoder = a model.py name: start the encoder from these weights (a train.py
-#                  best.pt, timm/torchvision files); its classifier head is replaced by the token projection
+#                  best.pt, timm/torchvision files); its classifier head becomes the token projection (+ the finding
+#                  head: a train.py head over the same classes is kept for those rows)
 prefix_lr_mult = 1.0  # cond='image': lr multiplier of the image encoder + mapping network (a from-scratch encoder: 1-3)
 finding_tags = "soft"  # cond='image' with a finding head: soft (token = mix by the head's probability) | hard (token =
 #                       the decision p >= threshold, per class the F1-best threshold on the val split, re-chosen at
