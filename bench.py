@@ -382,7 +382,7 @@ def clip_rows(cfg, cleanup):
     tokens = tokens.to(dev)
     target = torch.arange(B, device=dev)
 
-    def loss_fn(net):  # symmetric InfoNCE over the batch (train_clip.clip_loss on one process)
+    def loss_fn(net):  # symmetric InfoNCE over the batch (model_clip.clip_loss on one process)
         img, txt, scale = net(images, tokens)
         logits = scale.float() * img.float() @ txt.float().t()
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))

@@ -181,7 +181,7 @@ class PrefixConvEncoder(nn.Module):
 
     def forward(self, x):
         f = F.adaptive_avg_pool2d(self.net(x), self.grid)  # (B, width, g, g)
-        return f.flatten(2).transpose(1, 2)  # (B, n_prefix, width)
+        return f.flatten(2).transpose(1, 2), None  # (B, n_prefix, width); no finding logits of its own
 
 
 class BackbonePrefixEncoder(nn.Module):
@@ -254,8 +254,7 @@ class ImagePrefix(nn.Module):
 
     def forward(self, images):
         """images (B, C, H, W) -> prefix tokens (B, n_prefix [+ n_classes], n_embd), finding logits (B, n_classes) | None."""
-        feats = self.encoder(images)
-        feats, logits = feats if isinstance(feats, tuple) else (feats, None)
+        feats, logits = self.encoder(images)  # (B, n_prefix, width), the backbone's finding logits or None
         tokens = self.mapping(feats) + self.prefix_pos
         if self.cls_head is not None:
             logits = self.cls_head(tokens.mean(dim=1))

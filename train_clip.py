@@ -166,81 +166,17 @@ FINDING_PHRASES = {"No Finding": "no acute cardiopulmonary abnormality", "Suppor
                    "Edema": "pulmonary edema", "Nodule": "a pulmonary nodule", "Lung Opacity": "lung opacity"}
 
 # -----------------------------------------------------------------------------
-# the contrastive loss, exact under DDP
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for our slice (an all_reduce, so gloo works too)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.rank, ctx.B = tdist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(tdist.get_world_size())]
-        tdist.all_gather(parts, x.contiguous())
-        parts[ctx.rank] = x  # not needed for the values; keeps the local rows bit-identical
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        tdist.all_reduce(grad)
-        return grad[ctx.rank * ctx.B:(ctx.rank + 1) * ctx.B]
-
-
-def gather_with_grad(x, dist):
-    return _GatherWithGrad.apply(x) if dist.ddp else x
-
-
-def clip_loss(img, txt, scale, dist, margin=None, weight=None):
-    """Symmetric InfoNCE of this rank's rows against every rank's features: mean over local pairs of
-    (CE(image -> texts) + CE(text -> images)) / 2. With DDP's gradient averaging (and the gathered gradients
-    summed back) the parameter gradients equal those of one process holding the whole batch.
-    margin (B,): subtracted from the positive cosine (AM-softmax); weight (B,): per-pair loss weight."""
-    all_img, all_txt = gather_with_grad(img, dist), gather_with_grad(txt, dist)
-    B = img.shape[0]
-    labels = torch.arange(B, device=img.device) + dist.rank * B
-    logits_i = scale * img @ all_txt.t()  # (B, N)
-    logits_t = scale * txt @ all_img.t()  # (B, N)
-    if margin is not None:
-        rows = torch.arange(B, device=img.device)
-        m = torch.zeros_like(logits_i).index_put_((rows, labels), scale * margin)
-        logits_i, logits_t = logits_i - m, logits_t - m
-    per = 0.5 * (F.cross_entropy(logits_i, labels, reduction="none") + F.cross_entropy(logits_t, labels, reduction="none"))
-    if weight is not None:
-        per = per * weight
-    return per.mean()
-
-
-def distill_loss(img, txt, scale, teacher, dist, temperature=1.0, feature=0.0):
-    """CLIP-KD on this rank's rows against the global batch. teacher = (image features, text features, logit scale)
-    of the same pairs (normalized, no grad). Relational term: KL(teacher || student) between the softmax over the
-    batch of each image's text similarities and of each text's image similarities, both at scale / temperature,
-    times temperature^2; feature term (weight `feature`): mean (1 - cosine) between student and teacher embeddings."""
-    t_img, t_txt, t_scale = teacher
-    all_img, all_txt = gather_with_grad(img, dist), gather_with_grad(txt, dist)
-    all_t_img, all_t_txt = gather_with_grad(t_img, dist), gather_with_grad(t_txt, dist)
-    kl = 0.0
-    for s_logits, t_logits in ((img @ all_txt.t(), t_img @ all_t_txt.t()), (txt @ all_img.t(), t_txt @ all_t_img.t())):
-        log_p_s = F.log_softmax(s_logits * (scale / temperature), dim=-1)
-        log_p_t = F.log_softmax(t_logits * (t_scale / temperature), dim=-1)
-        kl = kl + 0.5 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean()
-    loss = kl * temperature ** 2
-    if feature:
-        if img.shape[-1] != t_img.shape[-1]:
-            raise ValueError(f"distill_feature needs equal embedding widths: student embed_dim={img.shape[-1]}, "
-                             f"teacher {t_img.shape[-1]}; set --embed_dim={t_img.shape[-1]} or --distill_feature=0")
-        loss = loss + feature * 0.5 * ((1 - (img * t_img).sum(-1)).mean() + (1 - (txt * t_txt).sum(-1)).mean())
-    return loss
+# the training loss (InfoNCE and distillation terms: model_clip.clip_loss / distill_loss, exact under DDP)
 
 
 def batch_loss(img, txt, scale, dist, cfg, margin=None, weight=None, teacher=None):
     """The training loss of a batch of features: InfoNCE, mixed with distillation when a teacher's features come."""
-    loss = clip_loss(img, txt, scale, dist, margin, weight)
+    loss = model_clip.clip_loss(img, txt, scale, dist, margin, weight)
     if teacher is None:
         return loss
-    a = cfg.get("distill_alpha", 0.5)
-    return (1 - a) * loss + a * distill_loss(img, txt, scale, teacher, dist, cfg.get("distill_temperature", 1.0),
-                                             cfg.get("distill_feature", 0.0))
+    a = cfg["distill_alpha"]
+    return (1 - a) * loss + a * model_clip.distill_loss(img, txt, scale, teacher, dist, cfg["distill_temperature"],
+                                                        cfg["distill_feature"])
 
 
 def _rng_state(device):

@@ -31,7 +31,6 @@ greedy reports for eval_reports val images.
 """
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -239,7 +238,7 @@ def main(argv=None):
     # --- setup: distributed, device, precision, seed
     dist = common.setup_distributed(cfg["device"], cfg["backend"])
     device = dist.device
-    dtype = common.resolve_dtype(cfg["dtype"], device)
+    cfg["dtype"] = dtype = common.resolve_dtype(cfg["dtype"], device)
     logger = common.Logger(cfg["out_dir"], cfg["tensorboard"], dist.master)
     try:
         return _train(cfg, dist, device, dtype, logger)
@@ -249,14 +248,7 @@ def main(argv=None):
 
 
 def _train(cfg, dist, device, dtype, logger):
-    common.seed_everything(cfg["seed"])
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if dist.master:
-        with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-    logger.line(f"config:\n{configurator.format_config(cfg)}")
+    common.start_run("train_gpt.py", cfg, dist, logger)  # header, config (+ config.json), seeds, TF32
 
     # --- data
     data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])

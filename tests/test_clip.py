@@ -297,24 +297,23 @@ def test_distill_loss_matches_definition():
     """The relational term is KL(teacher || student) of the row softmaxes at scale / T, times T^2, averaged over the
     image->text and text->image directions; zero when the student's similarities equal the teacher's."""
     import common
-    import train_clip
     x, t, m, w, ti, tt = _global_batch(8)
     g = torch.Generator().manual_seed(3)
     si = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
     st = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
     dist = common.Dist(False, 0, 0, 1, "cpu", True)
     T, s_scale, t_scale = 2.0, torch.tensor(10.0), torch.tensor(20.0)
-    got = train_clip.distill_loss(si, st, s_scale, (ti, tt, t_scale), dist, T)
+    got = model_clip.distill_loss(si, st, s_scale, (ti, tt, t_scale), dist, T)
     ref = 0.0
     for s_l, t_l in ((si @ st.t(), ti @ tt.t()), (st @ si.t(), tt @ ti.t())):
         p = torch.softmax(t_l * t_scale / T, -1)
         q = torch.softmax(s_l * s_scale / T, -1)
         ref += 0.5 * (p * (p.log() - q.log())).sum(-1).mean()
     assert float(got) == pytest.approx(float(ref) * T * T, rel=1e-5)
-    same = train_clip.distill_loss(ti, tt, t_scale, (ti, tt, t_scale), dist, T, feature=1.0)
+    same = model_clip.distill_loss(ti, tt, t_scale, (ti, tt, t_scale), dist, T, feature=1.0)
     assert abs(float(same)) < 1e-6
     with pytest.raises(ValueError, match="embed_dim"):
-        train_clip.distill_loss(si[:, :8], st[:, :8], s_scale, (ti, tt, t_scale), dist, T, feature=1.0)
+        model_clip.distill_loss(si[:, :8], st[:, :8], s_scale, (ti, tt, t_scale), dist, T, feature=1.0)
 
 
 _WORKER = r"""
@@ -426,6 +425,14 @@ def test_train_clip_smoke(tiny_phantom, tmp_path):
     assert lines[-1]["final"] and lines[0]["iter"] == 0
     res = train_clip.main(common_args + ["--eval_only=True", "--val_size=50", "--query=left pleural effusion", "--top_k=3"])
     assert len(res["images"]) == 3 and all(0 <= i < 50 for i, _, _ in res["images"])
+    # the run as the teacher of a narrower student with another BPE vocabulary (the teacher keeps its own tokenizer)
+    student = train_clip.main([f"--data_dir={tiny_phantom}", f"--out_dir={tmp_path / 'student'}", "--image_size=32",
+                               "--device=cpu", "--tensorboard_log=False", "--tokenizer=bpe", "--bpe_vocab_size=280",
+                               "--max_iters=2", "--eval_interval=2", "--batch_size=8", "--vision_width=16",
+                               "--vision_layers=1", "--vision_heads=2", "--text_width=16", "--text_layers=1",
+                               "--text_heads=2", "--embed_dim=16", "--val_size=50", "--warmup_iters=1",
+                               f"--teacher_ckpt={out}/best.pt", "--distill_feature=1.0"])
+    assert student["iters"] == 2 and np.isfinite(student["last"]["loss_pool"])
 
 
 @pytest.mark.slow
