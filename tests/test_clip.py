@@ -285,7 +285,7 @@ def test_feature_cache_accumulation_equals_big_batch(distill):
     assert abs(loss_big - loss_acc) < 1e-6
     assert g_big.keys() == g_acc.keys() and "logit_scale" in g_big
     for n in g_big:
-        torch.testing.assert_close(g_acc[n], g_big[n], atol=1e-5, rtol=0, msg=n)
+        torch.testing.assert_close(g_acc[n], g_big[n], atol=1e-5, rtol=1e-5, msg=n)
     _, g_plain = _reference(4, feature_cache=False, distill=distill)  # per-micro-batch losses see fewer negatives
     assert any((g_plain[n] - g_big[n]).abs().max() > 1e-4 for n in g_big)
     if distill:  # the teacher's terms change the loss and the gradients
@@ -361,9 +361,11 @@ def test_ddp_gather_with_grad_equals_single_process(tmp_path):
         for rank in range(2):
             for accum in (1, 2):
                 r = torch.load(tmp_path / f"rank{rank}_accum{accum}_distill{int(distill)}.pt")
-                assert abs(r["loss"] - loss_ref) < 1e-5
+                assert r["loss"] == pytest.approx(loss_ref, rel=1e-5, abs=1e-5)
                 for n in g_ref:
-                    torch.testing.assert_close(r["grads"][n], g_ref[n], atol=1e-5, rtol=0,
+                    # float32 sums in another order (per-rank halves, then all-reduce): the error scales with the
+                    # values (|grad| ~ 19 for the position embeddings), so the tolerance is relative plus a floor
+                    torch.testing.assert_close(r["grads"][n], g_ref[n], atol=1e-5, rtol=1e-5,
                                                msg=f"rank {rank} accum {accum} distill {distill} {n}")
 
 
