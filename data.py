@@ -167,14 +167,34 @@ def _pos_counts(labels, task, classes):
     return {c: int((labels[:, j] == 1).sum()) for j, c in enumerate(classes)}
 
 
-def _pixel_sums(images):
-    """Exact integer sums (sum, sum of squares, count of pixels) so that mean/std do not depend on chunking."""
+def _scan_images(images):
+    """One pass over (N,S,S) uint8 (array or memmap): exact integer pixel sums (sum, sum of squares, count), so
+    mean/std do not depend on chunking, and the sha256 of the bytes, so the content hash costs no second read."""
+    h = hashlib.sha256()
     s = ss = 0
     for i in range(0, len(images), 256):
-        a = np.asarray(images[i:i + 256])
+        a = np.ascontiguousarray(images[i:i + 256])
+        h.update(a)
         s += int(a.sum(dtype=np.uint64))
         ss += int((a.astype(np.uint32) ** 2).sum(dtype=np.uint64))
-    return s, ss, int(np.prod(images.shape))
+    return (s, ss, int(np.prod(images.shape))), h.hexdigest()
+
+
+def _array_sha256(a):
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a)
+    return h.hexdigest()
+
+
+def _data_hash(split_parts):
+    """split_parts: {split: {"images": hex, "labels": hex[, "labels_raw": hex]}} -> (data_hash, {split: hex}).
+    Each split's hash covers its image bytes and label arrays; data_hash covers every split, in SPLITS order.
+    Train scripts store it in checkpoints (resume onto other data is refused) and compare.py checks its arms."""
+    per = {s: hashlib.sha256("\n".join(f"{k}:{v}" for k, v in sorted(parts.items())).encode()).hexdigest()
+           for s, parts in split_parts.items()}
+    order = [s for s in SPLITS if s in per] + sorted(s for s in per if s not in SPLITS)
+    return hashlib.sha256("\n".join(f"{s}:{per[s]}" for s in order).encode()).hexdigest(), per
 
 
 def _mean_std(s, ss, n):
@@ -184,11 +204,21 @@ def _mean_std(s, ss, n):
     return mean / 255.0, math.sqrt(max(ss / n - mean * mean, 0.0)) / 255.0
 
 
-def _write_tables(out, split, labels, records):
-    tmp = out / f"{split}_labels.npy.tmp"
+def _save_npy(path, a):
+    tmp = Path(f"{path}.tmp")
     with open(tmp, "wb") as f:
-        np.save(f, labels)
-    os.replace(tmp, out / f"{split}_labels.npy")
+        np.save(f, a)
+    os.replace(tmp, path)
+
+
+def _write_tables(out, split, labels, records, labels_raw=None):
+    """{split}_labels.npy, {split}_labels_raw.npy (readers that keep raw codes: CheXpert 1/0/-1/NaN) and
+    {split}_index.csv; returns the label hashes for data_hash."""
+    _save_npy(out / f"{split}_labels.npy", labels)
+    hashes = dict(labels=_array_sha256(labels))
+    if labels_raw is not None:
+        _save_npy(out / f"{split}_labels_raw.npy", labels_raw)
+        hashes["labels_raw"] = _array_sha256(labels_raw)
     tmp = out / f"{split}_index.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -196,16 +226,19 @@ def _write_tables(out, split, labels, records):
         for i, r in enumerate(records):
             w.writerow([i] + [r.get(k, "") for k in INDEX_COLUMNS[1:]])
     os.replace(tmp, out / f"{split}_index.csv")
+    return hashes
 
 
-def _finish_meta(out, meta, split_labels, pixel_sums):
+def _finish_meta(out, meta, split_labels, pixel_sums, split_parts):
     """Fill the derived fields, then write meta.json atomically: its presence marks a finished folder."""
     meta = dict(meta)
     meta.setdefault("name", Path(out).name)
     meta["splits"] = {s: int(len(y)) for s, y in split_labels.items()}
     meta["pos_counts"] = {s: _pos_counts(y, meta["task"], meta["classes"]) for s, y in split_labels.items()}
     meta["mean"], meta["std"] = _mean_std(*pixel_sums)
+    meta["data_hash"], meta["split_hashes"] = _data_hash(split_parts)
     meta.setdefault("bad_images", [])
+    meta.setdefault("warnings", [])
     meta["index_columns"] = INDEX_COLUMNS
     meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     _atomic_json(Path(out) / "meta.json", meta)
@@ -213,24 +246,26 @@ def _finish_meta(out, meta, split_labels, pixel_sums):
 
 
 def write_prepared(out_dir, splits, meta):
-    """splits: {name: (images (N,H,W) uint8, labels, records)}; meta needs task, classes (+ anything else).
+    """splits: {name: (images (N,H,W) uint8, labels, records[, labels_raw])}; meta needs task, classes (+ anything else).
     Every file goes through tmp + os.replace and meta.json comes last."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)
     sizes = {images.shape[1:] for images, _, _ in splits.values()}
     assert len(sizes) == 1 and sizes.pop()[0] > 0, "all splits need square images of one size"
-    for name, (images, labels, records) in splits.items():
+    parts, sums = {}, {}
+    for name, (images, labels, records, *raw) in splits.items():
         assert images.dtype == np.uint8 and images.ndim == 3 and images.shape[1] == images.shape[2], \
             f"{name}: images must be (N, S, S) uint8, got {images.dtype} {images.shape}"
         assert len(images) == len(labels) == len(records), f"{name}: images/labels/records lengths differ"
         tmp = out / f"{name}_images.u8.tmp"
         np.ascontiguousarray(images).tofile(tmp)
         os.replace(tmp, out / f"{name}_images.u8")
-        _write_tables(out, name, labels, records)
+        sums[name], image_hash = _scan_images(images)
+        parts[name] = dict(images=image_hash, **_write_tables(out, name, labels, records, raw[0] if raw else None))
     meta = dict(meta, image_size=int(next(iter(splits.values()))[0].shape[1]))
-    train = splits.get("train", next(iter(splits.values())))[0]
-    return _finish_meta(out, meta, {s: v[1] for s, v in splits.items()}, _pixel_sums(train))
+    train = "train" if "train" in splits else next(iter(splits))
+    return _finish_meta(out, meta, {s: v[1] for s, v in splits.items()}, sums[train], parts)
 
 
 def load_meta(data_dir):
@@ -278,8 +313,10 @@ class PreparedSplit:
 # prepare: read -> split -> decode every image once (all cores, resumable) -> write
 
 
-_PREPARED_NAMES = ["meta.json", "prepare_state.json"] + [f"{s}_{x}" for s in SPLITS for x in
-                   ("images.u8", "images.u8.partial", "images.u8.tmp", "labels.npy", "index.csv")]
+_PREPARED_NAMES = ["meta.json", "meta.json.tmp", "prepare_state.json", "prepare_state.json.tmp"] + [
+    f"{s}_{x}" for s in SPLITS for x in ("images.u8", "images.u8.partial", "images.u8.tmp", "labels.npy",
+                                         "labels.npy.tmp", "labels_raw.npy", "labels_raw.npy.tmp", "index.csv",
+                                         "index.csv.tmp")]
 
 
 def _clear(out):
@@ -335,9 +372,11 @@ def _decode_all(out, src, split_rows, cfg, digest):
         _clear(out)
         state = None
     if state is None:
-        state = dict(input_hash=digest, n_chunks=len(chunks), done={})
+        state = dict(input_hash=digest, n_chunks=len(chunks), done={}, finalizing=[])
     for s in SPLITS:
         partial, size = out / f"{s}_images.u8.partial", len(split_rows[s]) * S * S
+        if s in state.get("finalizing", []):
+            continue  # its partial is complete (being moved into place) or already moved: never recreate it (issue 13)
         if not partial.is_file() or os.path.getsize(partial) != size:
             with open(partial, "wb") as f:
                 f.truncate(size)  # sparse zeros; every row gets written exactly once per chunk
@@ -384,6 +423,57 @@ def _decode_all(out, src, split_rows, cfg, digest):
     return chunks, state, max(time.time() - t0, 1e-9), n_todo
 
 
+def _finalize(out, src, split_rows, chunks, state, meta):
+    """Move each split's decoded partial into place (dropping skipped rows), write its tables, check every final
+    array against the sums its chunks reported, then write meta.json. A split is recorded in prepare_state.json as
+    finalizing before its move, so a rerun after a kill anywhere in here redoes the move from the (complete) partial
+    or keeps the already-moved file; it never recreates a zero partial over a finished split (issue 13)."""
+    S, state_path = meta["image_size"], out / "prepare_state.json"
+    bad_all, labels_by_split, parts, sums = [], {}, {}, {}
+    for s in SPLITS:
+        rows = split_rows[s]
+        split_chunks = [c for c, ch in enumerate(chunks) if ch[0] == s]
+        bad = {chunks[c][1] + j: (p, why) for c in split_chunks for j, p, why in state["done"][str(c)]["bad"]}
+        keep = np.array([i for i in range(len(rows)) if i not in bad], np.int64)
+        partial, final = out / f"{s}_images.u8.partial", out / f"{s}_images.u8"
+        if s not in state.setdefault("finalizing", []):
+            state["finalizing"].append(s)
+            _atomic_json(state_path, state)
+        if partial.is_file() and not bad:
+            os.replace(partial, final)
+        elif partial.is_file():  # drop the bad rows: copy the good ones into a fresh file
+            src_mm = np.memmap(partial, np.uint8, "r", shape=(len(rows), S, S)) if len(rows) else np.zeros((0, S, S))
+            with open(out / f"{s}_images.u8.tmp", "wb") as f:
+                for a in range(0, len(keep), 1024):
+                    f.write(np.ascontiguousarray(src_mm[keep[a:a + 1024]]).tobytes())
+            del src_mm
+            os.replace(out / f"{s}_images.u8.tmp", final)
+            partial.unlink()
+        if not final.is_file():
+            raise FileNotFoundError(f"{final} and its .partial are both missing, though prepare_state.json says the "
+                                    f"split was decoded: the folder was changed by hand; rerun with --overwrite=True")
+        labels_by_split[s] = src.labels[rows][keep]
+        raw = src.labels_raw[rows][keep] if src.labels_raw is not None else None
+        parts[s] = _write_tables(out, s, labels_by_split[s], [src.records[rows[i]] for i in keep], raw)
+        bad_all += [bad[i][0] for i in sorted(bad)]
+    for s in SPLITS:  # the check that makes a wrong image file an error instead of a silent all-zero training set
+        n = len(labels_by_split[s])
+        final = out / f"{s}_images.u8"
+        if os.path.getsize(final) != n * S * S:
+            raise ValueError(f"{final} holds {os.path.getsize(final)} bytes, expected {n}x{S}x{S}: the folder is "
+                             f"damaged; rerun with --overwrite=True")
+        mm = np.memmap(final, np.uint8, "r", shape=(n, S, S)) if n else np.zeros((0, S, S), np.uint8)
+        sums[s], parts[s]["images"] = _scan_images(mm)
+        del mm
+        want = tuple(sum(state["done"][str(c)][k] for c, ch in enumerate(chunks) if ch[0] == s) for k in ("s", "ss", "n"))
+        if sums[s] != want:
+            raise ValueError(f"{final}: pixel sums {sums[s]} differ from the decoded chunks' {want}: the file is not what "
+                             f"was decoded (damaged folder); rerun with --overwrite=True")
+    meta = _finish_meta(out, dict(meta, bad_images=bad_all), labels_by_split, sums["train"], parts)
+    state_path.unlink(missing_ok=True)
+    return meta
+
+
 def prepare(cfg):
     """Prepare cfg['dataset'] into cfg['out_dir']; returns meta (None if stopped by _stop_after_chunks)."""
     unknown = set(cfg) - set(DEFAULTS)
@@ -408,6 +498,9 @@ def prepare(cfg):
                                   f"--overwrite=True to re-prepare it, or choose another --out_dir")
         print(f"{out}: re-preparing (--overwrite=True)")
         _clear(out)
+    elif cfg["overwrite"] and (out / "prepare_state.json").is_file():
+        print(f"{out}: discarding the unfinished prepare (--overwrite=True)")
+        _clear(out)
     out.mkdir(parents=True, exist_ok=True)
     split_rows = split_patients(src.records, src.labels, src.task, cfg["val_frac"], cfg["test_frac"], cfg["seed"])
     meta = dict(name=out.name, source=src.source, task=src.task, classes=src.classes, resize_mode=cfg["resize_mode"],
@@ -424,30 +517,7 @@ def prepare(cfg):
         if result is None:
             return None
         chunks, state, seconds, n_done = result
-        S, bad_all, labels_by_split = cfg["image_size"], [], {}
-        for s in SPLITS:
-            rows = split_rows[s]
-            bad = {a + j: (p, why) for c, (cs, a, _) in enumerate(chunks) if cs == s
-                   for j, p, why in state["done"][str(c)]["bad"]}
-            keep = np.array([i for i in range(len(rows)) if i not in bad], np.int64)
-            partial, final = out / f"{s}_images.u8.partial", out / f"{s}_images.u8"
-            if partial.is_file() and not bad:
-                os.replace(partial, final)
-            elif partial.is_file():  # drop the bad rows: copy the good ones into a fresh file
-                src_mm = np.memmap(partial, np.uint8, "r", shape=(len(rows), S, S))
-                with open(out / f"{s}_images.u8.tmp", "wb") as f:
-                    for a in range(0, len(keep), 1024):
-                        f.write(np.ascontiguousarray(src_mm[keep[a:a + 1024]]).tobytes())
-                del src_mm
-                os.replace(out / f"{s}_images.u8.tmp", final)
-                partial.unlink()
-            assert final.is_file(), f"{final} missing after decoding; rerun with --overwrite=True"
-            labels_by_split[s] = src.labels[rows][keep]
-            _write_tables(out, s, labels_by_split[s], [src.records[rows[i]] for i in keep])
-            bad_all += [bad[i][0] for i in sorted(bad)]
-        sums = [sum(state["done"][str(c)][k] for c, ch in enumerate(chunks) if ch[0] == "train") for k in ("s", "ss", "n")]
-        meta = _finish_meta(out, dict(meta, image_size=S, bad_images=bad_all), labels_by_split, sums)
-        (out / "prepare_state.json").unlink(missing_ok=True)
+        meta = _finalize(out, src, split_rows, chunks, state, dict(meta, image_size=cfg["image_size"]))
     _report(out, meta, n_done, seconds)
     return meta
 

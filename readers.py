@@ -5,7 +5,7 @@ import gzip
 import operator
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,10 @@ class Source:
     hash_files: list       # files whose bytes define the inputs (csv, txt, generator source)
     source: str            # where it came from, for meta.json
     images: np.ndarray = None  # (N, H, W) uint8 when the reader makes the pixels itself (phantom)
+    labels_raw: np.ndarray = None  # (N, C) float32 the dataset's own codes before any policy (CheXpert 1/0/-1/NaN)
+    patient_id_source: str = ""    # where patient ids come from (a column, the path, a file-name rule, "file")
+    root: str = ""                 # the folder that paths read from the dataset's files must stay inside
+    warnings: list = field(default_factory=list)  # sentences for meta.json (also printed/warned by prepare)
 
 
 def _record(path, patient_id, study_id="", view="", age="", sex="", text="", indication="", split=""):
