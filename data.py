@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -332,6 +333,8 @@ def input_hash(src, cfg):
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     h.update("\n".join(r["path"] for r in src.records).encode())
+    if cfg["dataset"] == "folder":  # patient ids come from a file-name rule there, and the split depends on them
+        h.update(("\n" + src.patient_id_source + "\n" + "\n".join(r["patient_id"] for r in src.records)).encode())
     return h.hexdigest()[:16]
 
 
@@ -474,6 +477,37 @@ def _finalize(out, src, split_rows, chunks, state, meta):
     return meta
 
 
+def check_splits(src, split_rows, cfg):
+    """Refuse an empty split with a sentence; return (and warn) one sentence per class absent from a split: a class
+    without positives (or, multi-label, without negatives) has no AUC there, so its selection metric would be NaN."""
+    for s in SPLITS:
+        if len(split_rows[s]) == 0:
+            n_pat = len({r["patient_id"] for r in src.records})
+            if s == "train":
+                raise ValueError(f"the train split is empty ({len(src.records)} images of {n_pat} patients): every "
+                                 f"patient went to val/test; lower --val_frac/--test_frac or pass --official_split=False")
+            hinted = sorted({r["split"] for r in src.records if r["split"]}) or "none"
+            raise ValueError(f"the {s} split is empty ({len(src.records)} images of {n_pat} patients; val_frac="
+                             f"{cfg['val_frac']}, test_frac={cfg['test_frac']}, the dataset's own splits: {hinted}): add "
+                             f"images, raise --{s}_frac, or check the dataset's split files/folders")
+    out = []
+    for s in SPLITS:
+        y = src.labels[split_rows[s]]
+        for j, c in enumerate(src.classes):
+            if src.task == "multiclass":
+                if not (y == j).any():
+                    out.append(f"class {c!r} has no images in the {s} split ({len(y)} images): its per-class metrics "
+                               f"there are undefined (NaN)")
+            else:
+                pos, neg = int((y[:, j] == 1).sum()), int((y[:, j] == 0).sum())
+                if pos == 0 or neg == 0:
+                    out.append(f"class {c!r} has no {'positives' if pos == 0 else 'negatives'} in the {s} split "
+                               f"({len(y)} images): its AUC there is undefined (NaN)")
+    for w in out:
+        warnings.warn(w, stacklevel=2)
+    return out
+
+
 def prepare(cfg):
     """Prepare cfg['dataset'] into cfg['out_dir']; returns meta (None if stopped by _stop_after_chunks)."""
     unknown = set(cfg) - set(DEFAULTS)
@@ -503,13 +537,18 @@ def prepare(cfg):
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
     split_rows = split_patients(src.records, src.labels, src.task, cfg["val_frac"], cfg["test_frac"], cfg["seed"])
+    split_warnings = check_splits(src, split_rows, cfg)
     meta = dict(name=out.name, source=src.source, task=src.task, classes=src.classes, resize_mode=cfg["resize_mode"],
-                label_policy=src.label_policy, input_hash=digest,
+                label_policy=src.label_policy, input_hash=digest, patient_id_source=src.patient_id_source,
+                warnings=list(src.warnings) + split_warnings,
                 config={k: cfg[k] for k in COMMON_KNOBS + READER_KNOBS[cfg["dataset"]]})
+    if src.labels_raw is not None:
+        meta["raw_labels"] = True  # {split}_labels_raw.npy: the dataset's own codes, for evaluation labels (issue 15)
 
     if src.images is not None:  # the phantom: pixels already made, same split and write path
         assert src.images.shape[1:] == (cfg["image_size"],) * 2, "generator image size differs from image_size"
-        splits = {s: (src.images[r], src.labels[r], [src.records[i] for i in r]) for s, r in split_rows.items()}
+        splits = {s: (src.images[r], src.labels[r], [src.records[i] for i in r])
+                  + ((src.labels_raw[r],) if src.labels_raw is not None else ()) for s, r in split_rows.items()}
         meta = write_prepared(out, splits, meta)
         n_done, seconds = len(src.records), time.time() - t0
     else:
@@ -526,6 +565,8 @@ def _report(out, meta, n_done, seconds):
     print(f"wrote {out}/: meta.json, {{split}}_images.u8 / _labels.npy / _index.csv at {meta['image_size']}px")
     print("  " + " | ".join(f"{s} {meta['splits'][s]}" for s in SPLITS) +
           f" | mean {meta['mean']:.4f} std {meta['std']:.4f} | {n_done / max(seconds, 1e-9):.0f} img/s")
+    for w in meta.get("warnings", []):
+        print(f"  WARNING: {w}")
     if meta["bad_images"]:
         print(f"  skipped {len(meta['bad_images'])} bad images (listed in meta.json bad_images)")
     if meta["classes"]:

@@ -5,6 +5,7 @@ import gzip
 import operator
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,7 +292,49 @@ def read_vinbigdata(root, binary=False):
 _SPLIT_DIRS = {"train": "", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
+# Default patient-id rules for file names, tried in order when --patient_pattern is not given. A rule is used only
+# when it matches EVERY file stem and finds fewer patients than files (otherwise it would not group anything).
+FOLDER_PATIENT_RULES = [
+    ("p<digits> / patient<digits> prefix (p007_img0, patient12-a)", re.compile(r"^((?:patient|p)\d+)(?=[-_. ]|$)", re.I)),
+    ("<id>_ prefix holding a digit (00000001_000, person1_bacteria_1)", re.compile(r"^([A-Za-z]*\d[A-Za-z0-9]*)_")),
+]
+
+
+def _folder_patient_ids(stems, patient_pattern, root):
+    """-> (patient ids, patient_id_source, warnings). See read_folder's docstring for the rule."""
+    if patient_pattern:
+        pattern = re.compile(patient_pattern)
+        ids = []
+        for path, stem in stems:
+            m = pattern.search(stem)
+            if m is None:
+                raise ValueError(f"{path}: --patient_pattern={patient_pattern!r} does not match the file stem")
+            ids.append(m.group(1) if m.groups() else m.group(0))
+        return ids, f"patient_pattern {patient_pattern!r}", []
+    for name, rule in FOLDER_PATIENT_RULES:
+        ms = [rule.match(stem) for _, stem in stems]
+        if all(ms):
+            ids = [m.group(1) for m in ms]
+            if len(set(ids)) < len(ids):
+                return ids, f"inferred: {name}", []
+    msg = (f"{root}: no patient id in the file names (e.g. {stems[0][1]!r}), so every FILE is its own patient and "
+           f"images of one patient can land in both train and test; pass --patient_pattern='<regex on the file "
+           f"stem, group 1 = patient id>' if the names carry one")
+    return [stem for _, stem in stems], "file", [msg]
+
+
 def read_folder(root, patient_pattern="", official_split=True):
+    """root/<class>/*.png or root/{train,val,test}/<class>/*.png -> multi-class records.
+
+    Patient ids (splits are by patient, so this decides whether one patient's images can cross splits):
+    --patient_pattern='<regex>' searches each file stem, group 1 (or the whole match) is the patient. Without it,
+    the first of FOLDER_PATIENT_RULES that matches every stem and groups at least two files is used:
+      1. a leading p<digits> or patient<digits> token (case-insensitive), followed by - _ . space or the end:
+         p007_img0.png, p007_img1.png -> patient p007;
+      2. a leading token holding a digit, followed by '_': 00000001_000.png -> 00000001 (NIH style),
+         person1_bacteria_1.jpeg -> person1 (Kermany pneumonia style).
+    If none does, every file is its own patient: a warning says so and meta.json records patient_id_source="file".
+    The rule used is meta.json's patient_id_source."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--root={root} is not a folder (expected root/<class>/*.png)")
@@ -299,25 +342,22 @@ def read_folder(root, patient_pattern="", official_split=True):
     split_layout = bool(subs) and all(d.name.lower() in _SPLIT_DIRS for d in subs)
     tops = [(d, _SPLIT_DIRS[d.name.lower()] if official_split else "") for d in subs] if split_layout else [(root, "")]
     classes = sorted({c.name for top, _ in tops for c in top.iterdir() if c.is_dir()})
-    pattern = re.compile(patient_pattern) if patient_pattern else None
-    records, labels = [], []
+    found, labels = [], []
     for top, hint in tops:
         for j, cls in enumerate(classes):
             for p in sorted((top / cls).rglob("*")) if (top / cls).is_dir() else []:
-                if p.suffix.lower() not in IMAGE_EXTS:
-                    continue
-                pid = p.stem
-                if pattern is not None:
-                    m = pattern.search(p.stem)
-                    if m is None:
-                        raise ValueError(f"{p}: --patient_pattern={patient_pattern!r} does not match the file stem")
-                    pid = m.group(1) if m.groups() else m.group(0)
-                records.append(_record(p, pid, pid, split=hint))
-                labels.append(j)
-    if not records:
+                if p.suffix.lower() in IMAGE_EXTS:
+                    found.append((p, hint))
+                    labels.append(j)
+    if not found:
         raise FileNotFoundError(f"no images ({sorted(IMAGE_EXTS)}) under {root}/<class>/")
+    ids, id_source, warns = _folder_patient_ids([(p, p.stem) for p, _ in found], patient_pattern, root)
+    for w in warns:
+        warnings.warn(w, stacklevel=2)
+    records = [_record(p, pid, pid, split=hint) for (p, hint), pid in zip(found, ids)]
     policy = dict(layout="root/<split>/<class>" if split_layout else "root/<class>", patient_pattern=patient_pattern)
-    return Source(records, np.array(labels, np.int64), classes, "multiclass", policy, [], f"folder:{root}")
+    return Source(records, np.array(labels, np.int64), classes, "multiclass", policy, [], f"folder:{root}",
+                  patient_id_source=id_source, root=str(root), warnings=warns)
 
 
 def read_covidx(root, official_split=True):

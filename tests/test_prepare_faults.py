@@ -163,3 +163,78 @@ def test_data_hash_same_data_same_hash_one_pixel_differs(tmp_path):
     m2 = data.write_prepared(tmp_path / "w2", {"train": (images, np.zeros((2, 1), np.float32), recs)},
                              dict(task="multilabel", classes=["x"]))
     assert m1["data_hash"] != m2["data_hash"]
+
+
+# -----------------------------------------------------------------------------
+# folder data sets: patient ids are an explicit decision
+
+
+def _patients_by_split(out):
+    return {s: {r["patient_id"] for r in data.PreparedSplit(out, s).index} for s in data.SPLITS}
+
+
+@pytest.mark.parametrize("fmt,expect", [("p{p:03d}_img{k}", "p{p:03d}"), ("patient{p}-view{k}", "patient{p}"),
+                                        ("{p:08d}_{k:03d}", "{p:08d}"), ("person{p}_bacteria_{k}", "person{p}")])
+def test_folder_patient_id_inferred_from_file_names_no_overlap(tmp_path, fmt, expect):
+    root = tmp_path / "raw"
+    for p in range(24):  # 24 patients x 3 images, a class per patient
+        for k in range(3):
+            _png(root / ("a", "b", "c")[p % 3] / (fmt.format(p=p, k=k) + ".png"), 11 * p + 3 * k)
+    src = readers.read_folder(root)
+    assert src.patient_id_source.startswith("inferred") and not src.warnings
+    assert sorted({r["patient_id"] for r in src.records}) == sorted(expect.format(p=p) for p in range(24))
+    meta = data.prepare(_cfg(root, tmp_path / "out"))
+    assert meta["patient_id_source"].startswith("inferred")
+    pats = _patients_by_split(tmp_path / "out")
+    assert all(pats[s] for s in data.SPLITS) and not (pats["train"] & pats["val"]) and not (pats["train"] & pats["test"]) \
+        and not (pats["val"] & pats["test"])
+    for s in data.SPLITS:  # every image of a patient is in that patient's split
+        for r in data.PreparedSplit(tmp_path / "out", s).index:
+            assert Path(r["path"]).stem.startswith(r["patient_id"])
+
+
+def test_folder_without_patient_ids_warns_and_records_file(tmp_path):
+    root = tmp_path / "raw"
+    for i in range(12):  # no id rule fits: one name without a prefix breaks "every stem matches"
+        _png(root / ("a", "b")[i % 2] / (f"p{i // 2:03d}_img{i % 2}.png" if i else "scan.png"), 9 * i)
+    with pytest.warns(UserWarning, match="every FILE is its own patient.*patient_pattern"):
+        src = readers.read_folder(root)
+    assert src.patient_id_source == "file" and src.records[0]["patient_id"] == Path(src.records[0]["path"]).stem
+    with pytest.warns(UserWarning, match="its own patient"):
+        meta = data.prepare(_cfg(root, tmp_path / "out"))
+    saved = json.load(open(tmp_path / "out" / "meta.json"))
+    assert saved["patient_id_source"] == "file" == meta["patient_id_source"]
+    assert any("its own patient" in w for w in saved["warnings"])
+    # the explicit pattern is the fix, and changes the input hash (a folder prepared without it is not reused)
+    meta2 = data.prepare(_cfg(root, tmp_path / "out2", patient_pattern=r"^(p\d+|scan)"))
+    assert meta2["patient_id_source"].startswith("patient_pattern")
+    assert all("own patient" not in w for w in meta2["warnings"])
+    assert meta2["input_hash"] != meta["input_hash"]
+
+
+# -----------------------------------------------------------------------------
+# empty splits are refused; classes absent from a split are warned about
+
+
+def test_empty_split_refused_with_a_sentence(tmp_path):
+    root = tmp_path / "raw"
+    for i in range(20):
+        _png(root / ("a", "b")[i % 2] / f"img{i}.png", 20 * i)
+    with pytest.raises(ValueError, match=r"the test split is empty .*--test_frac"):
+        with pytest.warns(UserWarning):
+            data.prepare(_cfg(root, tmp_path / "out", test_frac=0.0))
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_class_absent_from_a_split_is_named(tmp_path):
+    root = tmp_path / "raw"
+    for i in range(30):
+        _png(root / "common" / f"p{i:03d}_0.png", 7 * i)
+        _png(root / "common" / f"p{i:03d}_1.png", 7 * i + 1)
+    _png(root / "rare" / "p900_0.png", 5)  # one patient: the class can be in one split only
+    _png(root / "rare" / "p900_1.png", 6)
+    with pytest.warns(UserWarning, match=r"class 'rare' has no images in the (train|val|test) split"):
+        meta = data.prepare(_cfg(root, tmp_path / "out"))
+    absent = [w for w in meta["warnings"] if "'rare'" in w]
+    assert len(absent) == 2 and {s for s in data.SPLITS if meta["pos_counts"][s]["rare"] == 0} == \
+        {s for s in data.SPLITS if any(f"the {s} split" in w for w in absent)}
