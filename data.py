@@ -58,12 +58,16 @@ DEFAULTS = dict(
     official_split=True,       # use the dataset's own split (CheXpert valid.csv, NIH test_list.txt, COVIDx test.txt, ...)
     uncertain_policy="ignore", # CheXpert -1: ignore (NaN, masked) | zeros | ones  (U-Ignore/U-Zeros/U-Ones, Irvin et al. 2019)
     blank_policy="zeros",      # CheXpert empty cell: zeros (the paper: not mentioned = negative) | ignore (NaN, torchxrayvision)
+    test_source="auto",        # chexpert: valid (test = exactly valid.csv, val carved from train patients) | carve (valid.csv
+                               #   = val, test carved) | auto: valid when valid.csv exists (papers report on it), else carve
+    test_csv="",               # chexpert: the 500-study test labels CSV (Path + 14 columns) = the test split; valid.csv = val
     views="all",               # chexpert/nih: all | frontal | lateral | AP | PA | comma list, e.g. AP,PA
     binary=False,              # vinbigdata: one 'Abnormal' label instead of 14 findings + No finding
     patient_pattern="",        # folder: regex on the file stem; group 1 (or the match) is the patient id; "" -> stem
     n_images=12000,            # phantom: number of generated images
     on_bad_image="error",      # error: stop naming the file | skip: drop it from its split, count it, list it in meta.json
     overwrite=False,           # re-prepare an out_dir that was prepared from other inputs
+    allow_outside_root=False,  # read image paths from a CSV/list that leave --root ('../..', absolute names)
     num_workers=0,             # decode processes; 0 -> all cores
     chunk_size=256,            # images per work unit = per checkpoint of a resumable prepare
     bench=False,               # run the loader benchmark instead of preparing
@@ -136,6 +140,8 @@ def split_patients(records, labels, task, val_frac, test_frac, seed=0):
     row_split = assign[inv]
     out = {name: np.flatnonzero(row_split == s).astype(np.int64) for s, name in enumerate(SPLITS)}
     assert_patients_disjoint(records, out)
+    for s in has_hinted:  # a split the dataset's own files give is exactly their patients (CheXpert valid.csv = test)
+        assert np.array_equal(out[SPLITS[s]], np.flatnonzero(forced[inv] == s)), f"{SPLITS[s]} != its hinted patients"
     return out
 
 
@@ -298,6 +304,15 @@ class PreparedSplit:
         self.labels = np.load(self.data_dir / f"{split}_labels.npy")
         assert len(self.labels) == n, f"{split}_labels.npy has {len(self.labels)} rows, meta.json says {n}"
         self._index = None
+
+    @property
+    def labels_raw(self):
+        """(N, C) float32 the dataset's own label codes (CheXpert 1/0/-1/NaN) when meta.json says raw_labels, else None."""
+        if not self.meta.get("raw_labels"):
+            return None
+        raw = np.load(self.data_dir / f"{self.split}_labels_raw.npy")
+        assert raw.shape == self.labels.shape, f"{self.split}_labels_raw.npy {raw.shape} != labels {self.labels.shape}"
+        return raw
 
     @property
     def index(self):
@@ -826,7 +841,7 @@ def bench(cfg):
 def main(argv=None):
     import configurator
     argv = sys.argv[1:] if argv is None else list(argv)
-    argv = [f"{a}=True" if a in ("--bench", "--overwrite", "--binary") else a for a in argv]
+    argv = [f"{a}=True" if a in ("--bench", "--overwrite", "--binary", "--allow_outside_root") else a for a in argv]
     cfg = configurator.load(DEFAULTS, argv)
     if cfg["bench"]:
         return bench(cfg)

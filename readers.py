@@ -16,7 +16,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"
 
 # knobs that change what a reader produces (they go into the input hash and meta.json)
 READER_KNOBS = {
-    "chexpert": ["uncertain_policy", "blank_policy", "views", "official_split"],
+    "chexpert": ["uncertain_policy", "blank_policy", "views", "official_split", "test_source", "test_csv"],
     "nih": ["views", "official_split"],
     "vinbigdata": ["binary"],
     "folder": ["patient_pattern", "official_split"],
@@ -104,7 +104,65 @@ def _chexpert_base(csv_path, first_path):
     return d.parent, False
 
 
-def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="all", official_split=True):
+_CHEXPERT_TEST_SOURCES = ("auto", "valid", "carve")
+
+
+def _read_chexpert_csv(csv_path, hint, wanted, demographics=True):
+    """-> (records, label cells as strings) of one CheXpert CSV. demographics=False: the test labels file, which has
+    only Path and the 14 observations (view then comes from the file name: view1_frontal.jpg)."""
+    records, cells = [], []
+    pid_re = re.compile(r"(patient\d+)/(study\d+)")
+    with _open_text(csv_path) as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        col = {h: i for i, h in enumerate(header)}
+        need = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] if demographics else ["Path"]
+        missing = [c for c in need + CHEXPERT_CLASSES if c not in col]
+        if missing:
+            raise ValueError(f"{csv_path}: missing CheXpert columns {missing}")
+        get_labels = operator.itemgetter(*[col[c] for c in CHEXPERT_CLASSES])
+        ip = col["Path"]
+        isex, iage, ifl, iap = (col.get(c) for c in ("Sex", "Age", "Frontal/Lateral", "AP/PA"))
+        prefix = None
+        for line_no, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            path = row[ip]
+            if ifl is not None:
+                fl, ap = row[ifl], row[iap] if iap is not None else ""
+            else:
+                fl, ap = ("Lateral" if "lateral" in path.rsplit("/", 1)[-1].lower() else "Frontal"), ""
+            if wanted is not None and not _keep_view(wanted, fl, ap):
+                continue
+            if prefix is None:  # plain string joins: pathlib would cost seconds over 223k rows
+                base, rel = _chexpert_base(csv_path, path)
+                prefix, cut = str(base) + os.sep, (len(Path(path).parts[0]) + 1 if rel else 0)
+            m = pid_re.search(path)
+            if m is None:
+                raise ValueError(f"{csv_path} line {line_no}: no patientNNNNN/studyN in path {path!r}")
+            cells.append(get_labels(row))
+            age = row[iage] if iage is not None else ""
+            records.append(dict(path=prefix + path[cut:], patient_id=m.group(1),
+                                study_id=f"{m.group(1)}/{m.group(2)}", view=ap or fl,
+                                age=age if age.isdigit() else _age(age),
+                                sex=_SEX.get(row[isex], "") if isex is not None else "",
+                                text="", indication="", split=hint))
+    return records, cells, (prefix[:-1] if prefix else str(Path(csv_path).parent))
+
+
+def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="all", official_split=True,
+                  test_source="carve", test_csv=""):
+    """CheXpert-v1.0[-small]: train.csv (labeller labels) + valid.csv (200 studies, 3-radiologist consensus).
+
+    test_source says which rows are the test split (papers report on valid.csv, Irvin et al. 2019):
+      valid -- exactly the valid.csv rows; val is carved from training patients (patient-disjoint, stratified);
+      carve -- valid.csv is the val split and test is carved from training patients (the behaviour before issue 15,
+               and this function's default; data.py's default is auto);
+      auto  -- valid when valid.csv is there, else carve.
+    test_csv='<file>': the 500-study test labels file (Path + the 14 columns, radiologist consensus); its rows are the
+      test split and valid.csv stays the val split (then test_source must not be 'valid').
+    Returns labels after the policies (-1 -> uncertain_policy, blank -> blank_policy) and labels_raw with CheXpert's
+    own codes (1, 0, -1 = uncertain, NaN = blank), which evaluation turns into its own labels."""
     root = Path(root)
     if root.is_file():
         train_csv, folder = root, root.parent
@@ -120,41 +178,40 @@ def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="
     if uncertain_policy not in u_map or blank_policy not in b_map:
         raise ValueError(f"uncertain_policy={uncertain_policy!r} must be one of {list(u_map)}; "
                          f"blank_policy={blank_policy!r} must be one of {list(b_map)}")
+    if test_source not in _CHEXPERT_TEST_SOURCES:
+        raise ValueError(f"test_source={test_source!r} must be one of {list(_CHEXPERT_TEST_SOURCES)}")
+    if test_csv:
+        if test_source == "valid":
+            raise ValueError(f"--test_csv={test_csv} makes that file the test split, and --test_source=valid asks for "
+                             f"valid.csv: drop one of them (with --test_csv, valid.csv is the val split)")
+        if not Path(test_csv).is_file():
+            raise FileNotFoundError(f"--test_csv={test_csv} not found: pass the CheXpert test labels CSV "
+                                    f"(Path + the 14 observation columns)")
+        resolved = "test_csv"
+    elif test_source == "valid" and valid_csv is None:
+        raise FileNotFoundError(f"--test_source=valid needs {folder}/valid.csv" +
+                                (" and --official_split=True" if not official_split else "") +
+                                "; pass --test_source=carve to carve the test split from training patients")
+    else:
+        resolved = "valid" if test_source == "valid" or (test_source == "auto" and valid_csv) else "carve"
     wanted = _parse_views(views)
-    records, cells = [], []
-    pid_re = re.compile(r"(patient\d+)/(study\d+)")
-    for csv_path, hint in ((train_csv, ""), (valid_csv, "val")):
-        if csv_path is None:
-            continue
-        with _open_text(csv_path) as f:
-            reader = csv.reader(f)
-            header = next(reader)
-            col = {h: i for i, h in enumerate(header)}
-            missing = [c for c in ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + CHEXPERT_CLASSES if c not in col]
-            if missing:
-                raise ValueError(f"{csv_path}: missing CheXpert columns {missing}")
-            get_labels = operator.itemgetter(*[col[c] for c in CHEXPERT_CLASSES])
-            ip, isex, iage, ifl, iap = (col[c] for c in ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"))
-            prefix = None
-            for line_no, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                fl, ap = row[ifl], row[iap]
-                if wanted is not None and not _keep_view(wanted, fl, ap):
-                    continue
-                path = row[ip]
-                if prefix is None:  # plain string joins: pathlib would cost seconds over 223k rows
-                    base, rel = _chexpert_base(csv_path, path)
-                    prefix, cut = str(base) + os.sep, (len(Path(path).parts[0]) + 1 if rel else 0)
-                m = pid_re.search(path)
-                if m is None:
-                    raise ValueError(f"{csv_path} line {line_no}: no patientNNNNN/studyN in path {path!r}")
-                cells.append(get_labels(row))
-                age = row[iage]
-                records.append(dict(path=prefix + path[cut:], patient_id=m.group(1),
-                                    study_id=f"{m.group(1)}/{m.group(2)}", view=ap or fl,
-                                    age=age if age.isdigit() else _age(age), sex=_SEX.get(row[isex], ""),
-                                    text="", indication="", split=hint))
+    parts = [(train_csv, "", True), (valid_csv, "test" if resolved == "valid" else "val", True)]
+    if test_csv:
+        parts.append((Path(test_csv), "test", False))
+    records, cells, bases = [], [], []
+    for csv_path, hint, demographics in parts:
+        if csv_path is not None:
+            r, c, base = _read_chexpert_csv(csv_path, hint, wanted, demographics)
+            records += r
+            cells += c
+            bases.append(base)
+    held_out = {r["patient_id"] for r in records if r["split"]}
+    if held_out:
+        both = held_out & {r["patient_id"] for r in records if not r["split"]}
+        if both:
+            raise ValueError(f"patients {sorted(both)[:5]} are in {train_csv} and in the held-out CSV "
+                             f"({valid_csv if not test_csv else test_csv}); CheXpert's splits are patient-disjoint: "
+                             f"fix the CSVs or pass --official_split=False")
     cells = np.array(cells, dtype=str).reshape(-1, len(CHEXPERT_CLASSES))
     blank = cells == ""
     cells[blank] = "nan"
@@ -169,10 +226,13 @@ def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="
     labels = raw.copy()
     labels[raw == -1.0] = u_map[uncertain_policy]
     labels[blank] = b_map[blank_policy]
+    official_test = {"valid": "valid.csv", "test_csv": str(test_csv), "carve": None}[resolved]
     policy = dict(uncertain=uncertain_policy, blank=blank_policy, views=views,
-                  official_val="valid.csv" if valid_csv else None)
+                  official_val="valid.csv" if valid_csv and resolved != "valid" else None,
+                  test_source=resolved, official_test=official_test)
     return Source(records, labels, list(CHEXPERT_CLASSES), "multilabel", policy,
-                  [p for p in (train_csv, valid_csv) if p], f"chexpert:{root}")
+                  [p for p in (train_csv, valid_csv, test_csv) if p], f"chexpert:{root}", labels_raw=raw,
+                  patient_id_source="path: patientNNNNN", root=os.path.commonpath(bases))
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +299,8 @@ def read_nih(root, views="all", official_split=True):
     labels = np.stack(rows) if rows else np.zeros((0, len(NIH_CLASSES)), np.float32)
     policy = dict(no_finding="all zeros", views=views, official_test="test_list.txt" if test_names else None)
     hash_files = [csv_path] + ([test_list] if test_names is not None else [])
-    return Source(records, labels, list(NIH_CLASSES), "multilabel", policy, hash_files, f"nih:{root}")
+    return Source(records, labels, list(NIH_CLASSES), "multilabel", policy, hash_files, f"nih:{root}",
+                  patient_id_source="csv column Patient ID", root=str(folder))
 
 
 # -----------------------------------------------------------------------------
@@ -283,7 +344,9 @@ def read_vinbigdata(root, binary=False):
     if binary:
         nf = labels[:, col[no_finding]] if no_finding is not None else np.zeros(len(labels), np.float32)
         labels, classes = (1.0 - nf)[:, None].astype(np.float32), ["Abnormal"]
-    return Source(records, labels, classes, "multilabel", policy, [csv_path], f"vinbigdata:{root}")
+    return Source(records, labels, classes, "multilabel", policy, [csv_path], f"vinbigdata:{root}",
+                  patient_id_source="image_id (VinBigData has no patient ids: one patient per image)",
+                  root=str(folder))
 
 
 # -----------------------------------------------------------------------------
@@ -383,7 +446,7 @@ def read_covidx(root, official_split=True):
     records = [_record(path, pid, pid, split=hint) for pid, path, _, hint, _ in rows]
     labels = np.array([classes.index(r[2]) for r in rows], np.int64)
     return Source(records, labels, classes, "multiclass", dict(labels=classes), sorted({r[4] for r in rows}),
-                  f"covidx:{root}")
+                  f"covidx:{root}", patient_id_source="list column patient_id", root=str(root))
 
 
 def read_roco(root, official_split=True):
@@ -407,7 +470,7 @@ def read_roco(root, official_split=True):
     if not records:
         raise FileNotFoundError(f"no {{train,validation,test}}/radiology/captions.txt under {root}")
     return Source(records, np.zeros((len(records), 0), np.float32), [], "multilabel", dict(labels="none (captions)"),
-                  files, f"roco:{root}")
+                  files, f"roco:{root}", patient_id_source="image id (ROCO has no patient ids)", root=str(root))
 
 
 # -----------------------------------------------------------------------------
@@ -425,7 +488,24 @@ def read_phantom(n_images=12000, image_size=64, seed=0):
     return Source(records, np.asarray(g["labels"], np.float32), list(g["classes"]), "multilabel",
                   dict(generator="phantom.generate", seed=seed), [phantom.__file__],
                   f"phantom.generate(n_images={n_images}, image_size={image_size}, seed={seed})",
-                  images=np.asarray(g["images"], np.uint8))
+                  images=np.asarray(g["images"], np.uint8), patient_id_source="generator patient_id")
+
+
+def check_inside_root(src, root, allow_outside_root=False):
+    """Refuse image paths that leave the dataset root ('../../..' in a CSV, an absolute name in a list file): a list
+    file should not make prepare read (and copy into the prepared folder) files from elsewhere on the machine.
+    The check is on the path as written (os.path.abspath, no symlink resolution), so a symlinked image folder inside
+    the root is fine. src.root is the folder the reader joined the listed paths to (the --root otherwise)."""
+    base = os.path.abspath(src.root or (root if os.path.isdir(root) else os.path.dirname(os.path.abspath(root))))
+    inside = base.rstrip(os.sep) + os.sep
+    outside = [r["path"] for r in src.records if not os.path.abspath(r["path"]).startswith(inside)]
+    if not outside:
+        return
+    msg = (f"{len(outside)} image path(s) leave the dataset root {base}, e.g. {os.path.abspath(outside[0])!r}, "
+           f"from {', '.join(map(str, src.hash_files)) or 'the reader'}")
+    if not allow_outside_root:
+        raise ValueError(f"{msg}: fix those rows, or pass --allow_outside_root=True if the images really live there")
+    src.warnings.append(f"{msg} (read because --allow_outside_root=True)")
 
 
 def read_dataset(cfg):
@@ -438,7 +518,9 @@ def read_dataset(cfg):
         raise ValueError(f"--dataset={name}: unknown; choose one of phantom, {', '.join(readers)}")
     if not root:
         raise ValueError(f"--dataset={name} needs --root=<the raw dataset folder>")
-    return readers[name](root, **{k: cfg[k] for k in READER_KNOBS[name]})
+    src = readers[name](root, **{k: cfg[k] for k in READER_KNOBS[name]})
+    check_inside_root(src, root, cfg.get("allow_outside_root", False))
+    return src
 
 
 # -----------------------------------------------------------------------------

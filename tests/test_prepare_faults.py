@@ -238,3 +238,59 @@ def test_class_absent_from_a_split_is_named(tmp_path):
     absent = [w for w in meta["warnings"] if "'rare'" in w]
     assert len(absent) == 2 and {s for s in data.SPLITS if meta["pos_counts"][s]["rare"] == 0} == \
         {s for s in data.SPLITS if any(f"the {s} split" in w for w in absent)}
+
+
+# -----------------------------------------------------------------------------
+# paths read from a dataset's files must stay inside its root
+
+
+CHEX_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + readers.CHEXPERT_CLASSES
+
+
+def _chexpert_csv(base, rows):
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / "train.csv", "w") as f:
+        f.write(",".join(CHEX_HEADER) + "\n")
+        for path in rows:
+            f.write(f"{path},Male,50,Frontal,AP" + ",1.0" + ",0.0" * 13 + "\n")
+
+
+def _outside(dataset, root):
+    cfg = dict(data.DEFAULTS, dataset=dataset, root=str(root))
+    with pytest.raises(ValueError, match=r"leave the dataset root .*allow_outside_root=True"):
+        readers.read_dataset(cfg)
+    src = readers.read_dataset(dict(cfg, allow_outside_root=True))
+    assert any("allow_outside_root=True" in w for w in src.warnings)
+    return src
+
+
+def test_chexpert_path_leaving_root_refused(tmp_path):
+    base = tmp_path / "chex" / "CheXpert-v1.0-small"
+    _png(base / "train/patient00001/study1/view1_frontal.jpg", 3)
+    _chexpert_csv(base, ["CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg",
+                         "CheXpert-v1.0-small/../../../../etc/patient00002/study1/view1_frontal.jpg"])
+    assert len(readers.read_chexpert(base).records) == 2  # the reader alone reads; read_dataset (prepare) checks
+    _outside("chexpert", base)
+    _chexpert_csv(base, ["CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"])
+    readers.read_dataset(dict(data.DEFAULTS, dataset="chexpert", root=str(base)))  # inside: fine
+
+
+def test_covidx_absolute_name_refused(tmp_path):
+    cx = tmp_path / "covidx"
+    cx.mkdir()
+    (cx / "train.txt").write_text("p1 a.png positive sirm\np2 /etc/passwd negative rsna\n")
+    (cx / "test.txt").write_text("p3 c.png positive bimcv\n")
+    src = _outside("covidx", cx)
+    assert "/etc/passwd" in [r["path"] for r in src.records]
+    (cx / "train.txt").write_text("p1 a.png positive sirm\np2 ../../b.png negative rsna\n")
+    _outside("covidx", cx)
+
+
+def test_nih_image_index_leaving_root_refused(tmp_path):
+    root = tmp_path / "nih"
+    root.mkdir()
+    header = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
+    (root / "Data_Entry_2017_v2020.csv").write_text(header + "00000001_000.png,No Finding,0,1,58,M,PA\n"
+                                                    "../../../x/00000002_000.png,Hernia,0,2,60,F,PA\n")
+    _png(root / "images" / "00000001_000.png", 1)
+    _outside("nih", root)
