@@ -9,6 +9,7 @@ training with batches that are a pure function of (seed, step).
     python data.py --dataset=folder --root=/data/lung9 --patient_pattern='-(\\d+)-'  # root/<class>/*.png
     python data.py --dataset=covidx --root=/data/covidx                # train.txt / test.txt + train/ test/
     python data.py --dataset=roco --root=/data/roco-dataset/data       # {train,validation,test}/radiology/
+    python data.py --dataset=mimic_cxr --root=/data/mimic-cxr-jpg/2.0.0 --clinical_root=/data/mimiciv  # + hosp/, ed/
     python data.py --bench --image_size=224 --batch_size=64            # memmap loader vs torchvision+PIL
 
 Writes out_dir (default data/<dataset>): meta.json, {split}_images.u8 (N x H x W uint8),
@@ -47,7 +48,7 @@ from readers import (CHEXPERT_CLASSES, IMAGE_EXTS, NIH_CLASSES, READER_KNOBS, So
 # config: python data.py --key=value overrides these (configurator.load)
 
 DEFAULTS = dict(
-    dataset="phantom",         # phantom | chexpert | nih | vinbigdata | folder | covidx | roco
+    dataset="phantom",         # phantom | chexpert | nih | vinbigdata | folder | covidx | roco | mimic_cxr
     root="",                   # raw dataset folder (chexpert/nih/vinbigdata also accept the csv itself)
     out_dir="",                # "" -> data/<dataset>
     image_size=0,              # output side in pixels; 0 -> 64 for phantom, 256 for real data, 224 for --bench
@@ -61,6 +62,8 @@ DEFAULTS = dict(
     test_source="auto",        # chexpert: valid (test = exactly valid.csv, val carved from train patients) | carve (valid.csv
                                #   = val, test carved) | auto: valid when valid.csv exists (papers report on it), else carve
     test_csv="",               # chexpert: the 500-study test labels CSV (Path + 14 columns) = the test split; valid.csv = val
+    mimic_labeler="chexpert",  # mimic_cxr: chexpert | negbio (mimic-cxr-2.0.0-<labeler>.csv.gz)
+    clinical_root="",          # mimic_cxr: folder with MIMIC-IV hosp/patients.csv.gz and MIMIC-IV-ED ed/*.csv.gz ("" -> root)
     views="all",               # chexpert/nih: all | frontal | lateral | AP | PA | comma list, e.g. AP,PA
     binary=False,              # vinbigdata: one 'Abnormal' label instead of 14 findings + No finding
     patient_pattern="",        # folder: regex on the file stem; group 1 (or the match) is the patient id; "" -> stem
@@ -218,7 +221,7 @@ def _save_npy(path, a):
     os.replace(tmp, path)
 
 
-def _write_tables(out, split, labels, records, labels_raw=None):
+def _write_tables(out, split, labels, records, labels_raw=None, columns=INDEX_COLUMNS):
     """{split}_labels.npy, {split}_labels_raw.npy (readers that keep raw codes: CheXpert 1/0/-1/NaN) and
     {split}_index.csv; returns the label hashes for data_hash."""
     _save_npy(out / f"{split}_labels.npy", labels)
@@ -229,9 +232,9 @@ def _write_tables(out, split, labels, records, labels_raw=None):
     tmp = out / f"{split}_index.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(INDEX_COLUMNS)
+        w.writerow(columns)
         for i, r in enumerate(records):
-            w.writerow([i] + [r.get(k, "") for k in INDEX_COLUMNS[1:]])
+            w.writerow([i] + [r.get(k, "") for k in columns[1:]])
     os.replace(tmp, out / f"{split}_index.csv")
     return hashes
 
@@ -246,7 +249,7 @@ def _finish_meta(out, meta, split_labels, pixel_sums, split_parts):
     meta["data_hash"], meta["split_hashes"] = _data_hash(split_parts)
     meta.setdefault("bad_images", [])
     meta.setdefault("warnings", [])
-    meta["index_columns"] = INDEX_COLUMNS
+    meta.setdefault("index_columns", INDEX_COLUMNS)
     meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     _atomic_json(Path(out) / "meta.json", meta)
     return meta
@@ -269,7 +272,8 @@ def write_prepared(out_dir, splits, meta):
         np.ascontiguousarray(images).tofile(tmp)
         os.replace(tmp, out / f"{name}_images.u8")
         sums[name], image_hash = _scan_images(images)
-        parts[name] = dict(images=image_hash, **_write_tables(out, name, labels, records, raw[0] if raw else None))
+        parts[name] = dict(images=image_hash, **_write_tables(out, name, labels, records, raw[0] if raw else None,
+                                                             meta.get("index_columns", INDEX_COLUMNS)))
     meta = dict(meta, image_size=int(next(iter(splits.values()))[0].shape[1]))
     train = "train" if "train" in splits else next(iter(splits))
     return _finish_meta(out, meta, {s: v[1] for s, v in splits.items()}, sums[train], parts)
@@ -472,7 +476,8 @@ def _finalize(out, src, split_rows, chunks, state, meta):
                                     f"split was decoded: the folder was changed by hand; rerun with --overwrite=True")
         labels_by_split[s] = src.labels[rows][keep]
         raw = src.labels_raw[rows][keep] if src.labels_raw is not None else None
-        parts[s] = _write_tables(out, s, labels_by_split[s], [src.records[rows[i]] for i in keep], raw)
+        parts[s] = _write_tables(out, s, labels_by_split[s], [src.records[rows[i]] for i in keep], raw,
+                                 meta["index_columns"])
         bad_all += [bad[i][0] for i in sorted(bad)]
     for s in SPLITS:  # the check that makes a wrong image file an error instead of a silent all-zero training set
         n = len(labels_by_split[s])
@@ -555,6 +560,7 @@ def prepare(cfg):
     split_warnings = check_splits(src, split_rows, cfg)
     meta = dict(name=out.name, source=src.source, task=src.task, classes=src.classes, resize_mode=cfg["resize_mode"],
                 label_policy=src.label_policy, input_hash=digest, patient_id_source=src.patient_id_source,
+                index_columns=INDEX_COLUMNS + list(src.extra_columns),
                 warnings=list(src.warnings) + split_warnings,
                 config={k: cfg[k] for k in COMMON_KNOBS + READER_KNOBS[cfg["dataset"]]})
     if src.labels_raw is not None:

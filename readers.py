@@ -22,6 +22,7 @@ READER_KNOBS = {
     "folder": ["patient_pattern", "official_split"],
     "covidx": ["official_split"],
     "roco": ["official_split"],
+    "mimic_cxr": ["uncertain_policy", "blank_policy", "views", "official_split", "mimic_labeler", "clinical_root"],
     "phantom": ["n_images"],
 }
 
@@ -43,6 +44,7 @@ class Source:
     patient_id_source: str = ""    # where patient ids come from (a column, the path, a file-name rule, "file")
     root: str = ""                 # the folder that paths read from the dataset's files must stay inside
     warnings: list = field(default_factory=list)  # sentences for meta.json (also printed/warned by prepare)
+    extra_columns: list = field(default_factory=list)  # record keys written to the index csv after data.INDEX_COLUMNS
 
 
 def _record(path, patient_id, study_id="", view="", age="", sex="", text="", indication="", split=""):
@@ -474,6 +476,155 @@ def read_roco(root, official_split=True):
 
 
 # -----------------------------------------------------------------------------
+# reader: MIMIC-CXR-JPG 2.0.0 (Johnson et al. 2019) + reports + MIMIC-IV hosp/patients + MIMIC-IV-ED triage
+
+MIMIC_TRIAGE = ["temperature", "heartrate", "resprate", "o2sat", "sbp", "dbp", "pain", "acuity", "chiefcomplaint"]
+MIMIC_COLUMNS = ["findings", "impression"] + MIMIC_TRIAGE  # index columns beyond data.INDEX_COLUMNS
+_MIMIC_SPLIT = {"train": "", "validate": "val", "test": "test"}
+_FRONTAL, _LATERAL = {"PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD"}, {"LATERAL", "LL", "RL", "LAO", "RAO"}
+_SECTION = re.compile(r"^\s*([A-Z][A-Z /&]+):", re.M)
+
+
+def _report_sections(text):
+    """Free-text MIMIC-CXR report -> {SECTION NAME: text} (INDICATION, FINDINGS, IMPRESSION, ...), whitespace
+    collapsed. Text before the first heading is kept under ''."""
+    out, heads = {}, list(_SECTION.finditer(text))
+    starts = [(m.group(1).strip(), m.end(), m.start()) for m in heads]
+    if not heads or heads[0].start() > 0:
+        out[""] = " ".join(text[:heads[0].start() if heads else len(text)].split())
+    for k, (name, a, _) in enumerate(starts):
+        b = starts[k + 1][2] if k + 1 < len(starts) else len(text)
+        out[name] = " ".join(text[a:b].split())
+    return out
+
+
+def _mimic_time(date, time_):
+    """StudyDate 21800506 + StudyTime 213014.531 -> 'YYYY-MM-DD HH:MM:SS' (sorts like the ED's intime/outtime)."""
+    t = f"{float(time_ or 0):06.0f}" if time_ else "000000"
+    return f"{date[:4]}-{date[4:6]}-{date[6:8]} {t[:2]}:{t[2:4]}:{t[4:6]}"
+
+
+def _mimic_clinical(folder, times):
+    """subject -> (gender, anchor_age, anchor_year) from hosp/patients.csv.gz; (subject, study) -> triage row of the ED
+    stay whose [intime, outtime] holds the study time, from ed/edstays.csv.gz + ed/triage.csv.gz. Empty when absent."""
+    patients, triage, files = {}, {}, []
+    pat = _first_file(Path(folder) / "hosp", ["patients.csv"])
+    if pat is not None:
+        files.append(pat)
+        with _open_text(pat) as f:
+            for row in csv.DictReader(f):
+                patients[row["subject_id"]] = (row["gender"], row["anchor_age"], row["anchor_year"])
+    stays_csv, tri_csv = _first_file(Path(folder) / "ed", ["edstays.csv"]), _first_file(Path(folder) / "ed", ["triage.csv"])
+    if stays_csv is not None and tri_csv is not None:
+        files += [stays_csv, tri_csv]
+        with _open_text(tri_csv) as f:
+            by_stay = {row["stay_id"]: row for row in csv.DictReader(f)}
+        stays = {}
+        with _open_text(stays_csv) as f:
+            for row in csv.DictReader(f):
+                stays.setdefault(row["subject_id"], []).append((row["intime"], row["outtime"], row["stay_id"]))
+        for (subject, study), t in times.items():
+            hit = [sid for a, b, sid in sorted(stays.get(subject, [])) if a <= t <= b and sid in by_stay]
+            if hit:
+                triage[subject, study] = by_stay[hit[0]]
+    return patients, triage, files
+
+
+def read_mimic_cxr(root, uncertain_policy="ignore", blank_policy="zeros", views="all", official_split=True,
+                   mimic_labeler="chexpert", clinical_root=""):
+    """MIMIC-CXR-JPG as PhysioNet ships it, under root:
+      mimic-cxr-2.0.0-{chexpert,negbio,metadata,split}.csv.gz and files/pXX/p<subject>/s<study>/<dicom_id>.jpg;
+      reports (mimic-cxr-reports) at files/pXX/p<subject>/s<study>.txt: INDICATION (or HISTORY / REASON FOR
+      EXAMINATION) -> indication, FINDINGS and IMPRESSION -> their columns, both -> text;
+      clinical_root (default root) may hold MIMIC-IV hosp/patients.csv.gz (sex; age = anchor_age + study year -
+      anchor_year) and MIMIC-IV-ED ed/edstays.csv.gz + ed/triage.csv.gz (MIMIC_TRIAGE columns of the ED stay whose
+      intime..outtime holds the study time; dates are shifted per subject alike in all three databases).
+    One record per image (dicom_id); labels per study from the mimic_labeler CSV (chexpert | negbio) under the CheXpert
+    policies, labels_raw with the raw codes (a study the labeler skipped is all blank). The official split file
+    (train / validate / test) is honoured; a subject in two official splits is an error."""
+    root = Path(root)
+    names = {k: _first_file(root, [f"mimic-cxr-2.0.0-{k}.csv"]) for k in ("metadata", "split", mimic_labeler)}
+    if mimic_labeler not in ("chexpert", "negbio"):
+        raise ValueError(f"mimic_labeler={mimic_labeler!r} must be 'chexpert' or 'negbio'")
+    missing = [f"mimic-cxr-2.0.0-{k}.csv.gz" for k, v in names.items() if v is None and (k != "split" or official_split)]
+    if missing:
+        raise FileNotFoundError(f"{missing} not under {root}: pass --root=<the MIMIC-CXR-JPG folder "
+                                f"(physionet.org/files/mimic-cxr-jpg/2.0.0)>")
+    u_map, b_map = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}, {"zeros": 0.0, "ignore": np.nan}
+    if uncertain_policy not in u_map or blank_policy not in b_map:
+        raise ValueError(f"uncertain_policy={uncertain_policy!r} must be one of {list(u_map)}; "
+                         f"blank_policy={blank_policy!r} must be one of {list(b_map)}")
+    wanted = _parse_views(views)
+    study_cells = {}
+    with _open_text(names[mimic_labeler]) as f:
+        reader = csv.DictReader(f)
+        absent = [c for c in CHEXPERT_CLASSES + ["subject_id", "study_id"] if c not in reader.fieldnames]
+        if absent:
+            raise ValueError(f"{names[mimic_labeler]}: missing columns {absent}")
+        for row in reader:
+            study_cells[row["subject_id"], row["study_id"]] = [row[c] for c in CHEXPERT_CLASSES]
+    split_of = {}
+    if official_split:
+        with _open_text(names["split"]) as f:
+            for row in csv.DictReader(f):
+                if row["split"] not in _MIMIC_SPLIT:
+                    raise ValueError(f"{names['split']}: unknown split {row['split']!r}; expected train/validate/test")
+                split_of[row["dicom_id"]] = _MIMIC_SPLIT[row["split"]]
+    images, times = [], {}
+    with _open_text(names["metadata"]) as f:
+        for row in csv.DictReader(f):
+            vp = row["ViewPosition"]
+            kind = "frontal" if vp in _FRONTAL else "lateral" if vp in _LATERAL else ""
+            if wanted is not None and not _keep_view(wanted, vp, kind):
+                continue
+            key = (row["subject_id"], row["study_id"])
+            t = _mimic_time(row["StudyDate"], row["StudyTime"])
+            times[key] = min(times.get(key, t), t)
+            images.append((row["dicom_id"], key, vp, t))
+    patients, triage, clinical_files = _mimic_clinical(clinical_root or root, times)
+    records, cells, reports, subject_split = [], [], {}, {}
+    for dicom_id, (subject, study), vp, t in images:
+        folder = root / "files" / f"p{subject[:2]}" / f"p{subject}"
+        if (subject, study) not in reports:
+            txt = folder / f"s{study}.txt"
+            reports[subject, study] = _report_sections(txt.read_text(encoding="utf-8")) if txt.is_file() else {}
+        sec = reports[subject, study]
+        indication = sec.get("INDICATION") or sec.get("HISTORY") or sec.get("REASON FOR EXAMINATION") or \
+            sec.get("CLINICAL HISTORY", "")
+        findings, impression = sec.get("FINDINGS", ""), sec.get("IMPRESSION", "")
+        gender, anchor_age, anchor_year = patients.get(subject, ("", "", ""))
+        age = str(int(anchor_age) + int(t[:4]) - int(anchor_year)) if anchor_age else ""
+        hint = split_of.get(dicom_id, "") if official_split else ""
+        if subject_split.setdefault(subject, hint) != hint:
+            raise ValueError(f"{names['split']}: subject {subject} is in two official splits "
+                             f"({subject_split[subject] or 'train'}, {hint or 'train'}); rerun with --official_split=False")
+        rec = _record(folder / f"s{study}" / f"{dicom_id}.jpg", subject, f"s{study}", vp, age, gender,
+                      text=" ".join(x for x in (f"FINDINGS: {findings}" if findings else "",
+                                                f"IMPRESSION: {impression}" if impression else "") if x),
+                      indication=indication, split=hint)
+        tri = triage.get((subject, study), {})
+        rec.update(findings=findings, impression=impression, **{c: tri.get(c, "") for c in MIMIC_TRIAGE})
+        records.append(rec)
+        cells.append(study_cells.get((subject, study), [""] * len(CHEXPERT_CLASSES)))
+    cells = np.array(cells, dtype=str).reshape(-1, len(CHEXPERT_CLASSES))
+    blank = cells == ""
+    try:
+        raw = np.where(blank, "nan", cells).astype(np.float32)
+    except ValueError:
+        raise ValueError(f"{names[mimic_labeler]}: label cells must be 1.0/0.0/-1.0/blank") from None
+    labels = raw.copy()
+    labels[raw == -1.0] = u_map[uncertain_policy]
+    labels[blank] = b_map[blank_policy]
+    n_unlabelled = sum((s, st) not in study_cells for s, st in {r[1] for r in images})
+    policy = dict(uncertain=uncertain_policy, blank=blank_policy, views=views, labeler=mimic_labeler,
+                  official_split="mimic-cxr-2.0.0-split.csv.gz" if official_split else None,
+                  studies_without_labels=n_unlabelled, clinical=[str(p) for p in clinical_files])
+    return Source(records, labels, list(CHEXPERT_CLASSES), "multilabel", policy,
+                  [p for p in names.values() if p] + clinical_files, f"mimic_cxr:{root}", labels_raw=raw,
+                  patient_id_source="subject_id", root=str(root), extra_columns=list(MIMIC_COLUMNS))
+
+
+# -----------------------------------------------------------------------------
 # reader: the phantom (phantom.py makes the pixels; they go through the same split/write path)
 
 
@@ -514,6 +665,7 @@ def read_dataset(cfg):
         return read_phantom(cfg["n_images"], cfg["image_size"], cfg["seed"])
     readers = dict(chexpert=read_chexpert, nih=read_nih, vinbigdata=read_vinbigdata, folder=read_folder,
                    covidx=read_covidx, roco=read_roco)
+    readers["mimic_cxr"] = read_mimic_cxr
     if name not in readers:
         raise ValueError(f"--dataset={name}: unknown; choose one of phantom, {', '.join(readers)}")
     if not root:
