@@ -13,11 +13,18 @@ training with batches that are a pure function of (seed, step).
     python data.py --bench --image_size=224 --batch_size=64            # memmap loader vs torchvision+PIL
 
 Writes out_dir (default data/<dataset>): meta.json, {split}_images.u8 (N x H x W uint8),
-{split}_labels.npy, {split}_index.csv for split in train/val/test (layout: CONTRACT.md).
-Splits are patient-level (asserted disjoint) and stratified by label. Decoding uses every core;
-a killed prepare resumes where it stopped when rerun with the same arguments, and meta.json is
-written last, so a folder without it is never read. A folder prepared from other inputs (another
-CSV, other knobs) is refused unless --overwrite=True, which re-prepares it.
+{split}_labels.npy, {split}_index.csv for split in train/val/test, and {split}_labels_raw.npy where
+the dataset has raw label codes (CheXpert, MIMIC-CXR: 1, 0, -1 = uncertain, NaN = blank).
+Splits are patient-level (asserted disjoint) and stratified by label; meta.json says where the
+patient ids came from (patient_id_source: a folder set without ids in its file names gets a loud
+warning, see readers.read_folder). An empty split is refused; a class absent from a split is
+warned about. CheXpert's test split is exactly valid.csv by default (--test_source, --test_csv).
+Paths listed in a dataset's files must stay inside its root (--allow_outside_root=True to allow).
+Decoding uses every core; a killed prepare resumes where it stopped when rerun with the same
+arguments, also when killed while finishing; meta.json is written last, only after each final
+image file's pixel sums equal what was decoded, so a folder without it is never read. meta.json's
+data_hash (and split_hashes) is a sha256 of the image bytes and label arrays. A folder prepared
+from other inputs (another CSV, other knobs) is refused unless --overwrite=True, which re-prepares it.
 """
 
 import csv
