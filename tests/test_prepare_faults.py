@@ -63,7 +63,7 @@ def test_kill_inside_finalization_then_rerun_gives_the_uninterrupted_bytes(tmp_p
     ref = tmp_path / "ref"
     data.prepare(_cfg(root, ref))
     out = tmp_path / "out"
-    real_replace, real_finish = os.replace, data._finish_meta
+    real_replace = os.replace
 
     def replace(src, dst):  # the move happens, then the process "dies" before anything else
         real_replace(src, dst)
