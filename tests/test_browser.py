@@ -25,7 +25,7 @@ def _browser():
     profile = tempfile.mkdtemp(prefix="nanorad-chromium-")
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--disable-dev-shm-usage", "--window-size=1280,1100", f"--user-data-dir={profile}"):
+              "--disable-dev-shm-usage", "--window-size=1400,1500", f"--user-data-dir={profile}"):
         opts.add_argument(a)
     return webdriver.Chrome(service=Service(executable_path=driver), options=opts), profile
 
@@ -42,6 +42,8 @@ def test_page_classifies_a_real_xray_and_searches_and_drafts(serve_models, real_
     with Server(args, tmp_path / "serve.log") as srv:
         status, api = srv.post_file("/v1/classify", xray.name, xray.read_bytes())
         assert status == 200, api
+        status, report = srv.post_file("/v1/report", xray.name, xray.read_bytes())
+        assert status == 200, report
         driver, profile = _browser()
         try:
             wait = WebDriverWait(driver, 120)
@@ -79,12 +81,16 @@ def test_page_classifies_a_real_xray_and_searches_and_drafts(serve_models, real_
 
             # the report draft from the image-conditioned GPT
             driver.find_element(By.ID, "draft").click()
+            want = report["report"] or "(the model wrote an empty report)"  # the tiny test GPT may end at once
             wait.until(lambda d: d.find_element(By.ID, "report").text not in ("", "writing ..."))
-            assert "error" not in driver.find_element(By.ID, "report").get_attribute("class")
+            assert driver.find_element(By.ID, "report").text == want.strip()
+            present = [t["finding"] for t in report["tags"] if t["present"]]
+            assert driver.find_element(By.ID, "tags").text == "finding head: " + (", ".join(present) or "none")
 
             out = ROOT / "out"
             out.mkdir(exist_ok=True)
             shot = out / "serve_demo.png"
+            driver.execute_script("window.scrollTo(0, 0)")
             assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
             print(f"screenshot: {shot}")
         finally:
