@@ -81,12 +81,15 @@ class BadInput(ValueError):
 
 
 def _fastapi():
+    import importlib.util
     try:
         import fastapi
-        import multipart  # noqa: F401  (python-multipart: FastAPI's form parser)
         import uvicorn  # noqa: F401
     except ImportError:
-        raise ImportError("serve.py needs FastAPI, uvicorn and python-multipart: pip install -r requirements-serve.txt") from None
+        fastapi = None
+    # python-multipart (FastAPI's form parser) is imported as python_multipart since 0.0.13, multipart before
+    if fastapi is None or not (importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")):
+        raise ImportError("serve.py needs FastAPI, uvicorn and python-multipart: pip install -r requirements-serve.txt")
     return fastapi
 
 

@@ -3,6 +3,7 @@ process under a bounded load. The browser test is tests/test_browser.py."""
 
 import base64
 import http.client
+import importlib.util
 import io
 import json
 import os
@@ -19,8 +20,10 @@ import pytest
 from conftest import ROOT
 
 pytest.importorskip("fastapi")
-pytest.importorskip("multipart")
+pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")  # TestClient's transport
+if not (importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")):
+    pytest.skip("python-multipart is not installed (pip install -r requirements-serve.txt)", allow_module_level=True)
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
