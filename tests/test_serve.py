@@ -352,17 +352,33 @@ def test_load_8_clients_x_20_requests(serve_models, tmp_path):
                     if err:
                         errors.append(err)
 
+        health, running = [], [True]
+
+        def prober():  # the event loop must keep answering while the worker computes
+            while running[0]:
+                t1 = time.perf_counter()
+                status = srv.get("/healthz")[0]
+                health.append((status, time.perf_counter() - t1))
+                time.sleep(0.2)
+
         t0 = time.perf_counter()
         threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-        for t in threads:
+        probe = threading.Thread(target=prober)
+        for t in threads + [probe]:
             t.start()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        running[0] = False
+        probe.join()
         assert not errors, errors[:5]
         assert len(lat) == 160 and srv.get("/healthz")[0] == 200
         batches = json.loads(srv.get("/v1/models")[1])["server"]["classify_batches"]
     p50, p95 = np.percentile(lat, [50, 95])
+    h = np.array([dt for _, dt in health])
     print(f"load: 8 clients x 20 requests in {wall:.1f} s = {160 / wall:.1f} req/s | latency p50 {1000 * p50:.0f} ms "
-          f"p95 {1000 * p95:.0f} ms | classify batches {batches}")
+          f"p95 {1000 * p95:.0f} ms | classify batches {batches} | /healthz during the load: {len(h)} probes, "
+          f"median {1000 * np.median(h):.0f} ms, max {1000 * h.max():.0f} ms")
     assert batches["max"] > 1, batches
+    assert all(status == 200 for status, _ in health) and len(h) >= 5
+    assert np.median(h) < 0.25 * p50, (np.median(h), p50)  # not queued behind the inference
