@@ -54,7 +54,12 @@ def setup_distributed(device="auto", backend="auto", timeout_s=None):
     if not tdist.is_initialized():
         timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30)  # 30 min: torch's default
         _STORE["store"], _STORE["timeout_s"] = _rendezvous_store(rank, world, timeout), timeout.total_seconds()
-        tdist.init_process_group(backend=backend, store=_STORE["store"], rank=rank, world_size=world, timeout=timeout)
+        try:
+            tdist.init_process_group(backend=backend, store=_STORE["store"], rank=rank, world_size=world, timeout=timeout)
+        except RuntimeError as e:  # a rank that never starts: the same sentence as a hung collective
+            if _is_collective_failure(e):
+                raise _silent_peers_error(e) from e
+            raise
     return Dist(True, rank, local_rank, world, device, rank == 0)
 
 
@@ -88,7 +93,7 @@ def cleanup_distributed():
 def _is_collective_failure(e):
     text = str(e)
     return isinstance(e, RuntimeError) and any(s in text for s in (
-        "Timed out", "timed out", "Timeout", "Connection reset by peer", "Connection closed by peer"))
+        "Timed out", "timed out", "Timeout", "wait timeout", "Connection reset by peer", "Connection closed by peer"))
 
 
 def _silent_peers_error(failure, grace_s=5.0):

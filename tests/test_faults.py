@@ -68,6 +68,34 @@ def test_hung_peer_fails_within_timeout_naming_it():
     assert 2 <= elapsed <= 2 + 2 + 2, (elapsed, msg)  # the timeout + the wait for the others to check in
 
 
+def _rank_zero_alone(port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0",
+                      TORCHELASTIC_USE_AGENT_STORE="True")
+    try:
+        common.setup_distributed("cpu", "gloo", timeout_s=1)
+        results.put("no error")
+    except RuntimeError as e:
+        results.put(str(e))
+
+
+def test_rank_that_never_starts_is_named():
+    """Under torchrun (the agent hosts the store, here this test does) rank 1 never starts: rank 0's
+    init_process_group fails after dist_timeout with the same sentence."""
+    port = free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    p = ctx.Process(target=_rank_zero_alone, args=(port, results), daemon=True)
+    p.start()
+    try:
+        msg = results.get(timeout=60)
+    finally:
+        p.kill()
+        p.join()
+    del store
+    assert "rank 1 stopped answering" in msg and "dist_timeout=1 s" in msg, msg
+
+
 @pytest.mark.slow
 def test_torchrun_restart_resumes_to_the_same_weights(tmp_path, tiny_phantom):
     """torchrun --max-restarts=2 with --init_from=resume: rank 1 dies once in the middle of iteration 5 (after the
