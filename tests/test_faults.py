@@ -253,10 +253,38 @@ def test_torchvision_cache_file_is_hash_checked_before_reading(tmp_path, monkeyp
     cache.mkdir(parents=True)
     marker = tmp_path / "pwned"
     _malicious(str(cache / "convnext_tiny-983f1562.pth"), marker)
-    net = M.build_model("convnext_tiny", num_classes=2, image_size=64)
+    net = M.build_model("convnext_atto", num_classes=2, image_size=32)  # refused before any shape is compared
     with pytest.raises(ValueError, match="is not torchvision's ConvNeXt_Tiny_Weights.IMAGENET1K_V1: its sha256 starts"):
         M.load_pretrained(net, "torchvision:ConvNeXt_Tiny_Weights.IMAGENET1K_V1")
     assert not marker.exists()
+
+
+def test_torchvision_file_with_its_hash_loads(tmp_path, monkeypatch):
+    """The good path of the check: a file whose sha256 starts with its name's hex digits loads (from the cache, and
+    after a download that torch.hub checks against the same prefix)."""
+    import hashlib
+    import shutil
+    import types
+    import torchvision
+    src = M.build_model("convnext_atto", num_classes=1000, in_chans=3, image_size=32)
+    staged = tmp_path / "staged.pth"
+    torch.save(src.state_dict(), staged)
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+    url = f"https://download.example/convnext_atto-{digest[:8]}.pth"
+    monkeypatch.setattr(torchvision.models, "get_weight", lambda name: types.SimpleNamespace(url=url))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    downloads = []
+
+    def download(u, dst, hash_prefix=None, progress=True):
+        downloads.append((u, hash_prefix))
+        shutil.copy(staged, dst)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    for _ in range(2):  # first a download, then the cached file
+        net = M.build_model("convnext_atto", num_classes=2, in_chans=1, image_size=32)
+        report = M.load_pretrained(net, "torchvision:ConvNeXt_Atto_Weights.FAKE")
+        assert not report["missing"] and report["reset"]
+        assert torch.equal(net.stem.weight, src.stem.weight.sum(1, keepdim=True))
+    assert downloads == [(url, digest[:8])]
 
 
 def test_weights_file_with_code_is_refused(tmp_path):
