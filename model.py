@@ -734,7 +734,7 @@ def load_pretrained(model, path):
     if n_loaded < MIN_BACKBONE_LOADED * len(backbone):
         expected = [k for k in backbone if k not in load]
         raise ValueError(
-            f"{path} ({layout} layout) does not fit {name}: only {n_loaded}/{len(backbone)} of its backbone tensors (head "
+            f"{path}{f' ({layout} layout)' if n_loaded else ''} does not fit {name}: only {n_loaded}/{len(backbone)} of its backbone tensors (head "
             f"excluded) are in the file, so the run would train from scratch while calling itself pretrained; {name} "
             f"expects {expected[:3]}, the file has {unexpected[:3] or list(sd)[:3]}; pass weights of the same architecture "
             f"(a train.py checkpoint of {name}, or its torchvision / timm file) or --init_from=scratch")
