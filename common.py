@@ -74,7 +74,9 @@ def _rendezvous_store(rank, world, timeout):
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                            is_master=rank == 0 and not agent_hosts, timeout=timeout)
-    # every node's agent counts the failure that restarts a run, so all ranks agree on the count
+    # One node: all ranks share the count. Several nodes: an agent restarted by another node's failure counts it too
+    # when its own ranks failed with it (their peer vanished), the usual case; if not, the counts differ and the
+    # ranks fail after dist_timeout with the sentence naming the silent ranks, rather than hanging.
     return tdist.PrefixStore(f"nanorad/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
