@@ -100,14 +100,17 @@ def test_rank_that_never_starts_is_named():
 def test_torchrun_restart_resumes_to_the_same_weights(tmp_path, tiny_phantom):
     """torchrun --max-restarts=2 with --init_from=resume: rank 1 dies once in the middle of iteration 5 (after the
     iteration-4 checkpoint); torchrun restarts both ranks, they resume from ckpt.pt, and the final weights equal an
-    uninterrupted 2-process run's. Before the per-restart store prefix the restarted ranks hung in init_process_group."""
+    uninterrupted 2-process run's. Before the per-restart store prefix, a restarted rank 0 that came up before rank 1
+    read the dead rank 1's gloo address from torchrun's store and hung in init_process_group."""
     marker = tmp_path / "died_once"
     wrapper = tmp_path / "die_once.py"
     wrapper.write_text(textwrap.dedent(f"""
-        import os, sys
+        import os, sys, time
         sys.path.insert(0, {str(ROOT)!r})
         import data, train
         marker, calls, to_float = {str(marker)!r}, [0], data.to_float
+        if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] != "0":
+            time.sleep(5)  # restarted rank 1 comes up later than rank 0 (a loaded machine, another node)
 
         def dying_to_float(*args, **kwargs):  # iterations 1-4 (accumulation 1 per rank) + eval 0 and 4 -> call 8
             calls[0] += 1
