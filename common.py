@@ -5,12 +5,18 @@ each script still shows its own loop.
 """
 
 import contextlib
+import errno
 import json
 import math
 import os
+import pickle
 import random
+import shutil
+import sys
 import time
+import zipfile
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -30,8 +36,10 @@ class Dist:
     master: bool
 
 
-def setup_distributed(device="auto", backend="auto"):
-    """One process: returns a world of 1. Under torchrun: init_process_group and pick this rank's device."""
+def setup_distributed(device="auto", backend="auto", timeout_s=None):
+    """One process: returns a world of 1. Under torchrun: init_process_group and pick this rank's device.
+    timeout_s (the scripts' dist_timeout knob): a collective that a peer does not join within it fails on the other
+    ranks with a sentence naming the silent ranks (cleanup_distributed writes it), instead of torch's 30 min hang."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -44,13 +52,79 @@ def setup_distributed(device="auto", backend="auto"):
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
     if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend)
+        timeout = timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30)  # 30 min: torch's default
+        _STORE["store"], _STORE["timeout_s"] = _rendezvous_store(rank, world, timeout), timeout.total_seconds()
+        try:
+            tdist.init_process_group(backend=backend, store=_STORE["store"], rank=rank, world_size=world, timeout=timeout)
+        except RuntimeError as e:  # a rank that never starts: the same sentence as a hung collective
+            if _is_collective_failure(e):
+                raise _silent_peers_error(e) from e
+            raise
     return Dist(True, rank, local_rank, world, device, rank == 0)
 
 
+_STORE = {}  # this process's rendezvous store and timeout: cleanup_distributed asks it who stopped answering
+
+
+def _rendezvous_store(rank, world, timeout):
+    """The TCP store at MASTER_ADDR:MASTER_PORT (hosted by torchrun's agent, or by rank 0 without one), seen through
+    a prefix per torchrun restart. torchrun keeps one store for all restarts of a run, and torch's env:// rendezvous
+    adds no such prefix: restarted workers read the dead round's gloo addresses and hang in init_process_group
+    (issue 13; read in torch/distributed/elastic/rendezvous/dynamic_rendezvous.py, which shares the store)."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                           is_master=rank == 0 and not agent_hosts, timeout=timeout)
+    # One node: all ranks share the count. Several nodes: an agent restarted by another node's failure counts it too
+    # when its own ranks failed with it (their peer vanished), the usual case; if not, the counts differ and the
+    # ranks fail after dist_timeout with the sentence naming the silent ranks, rather than hanging.
+    return tdist.PrefixStore(f"nanorad/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def cleanup_distributed():
+    """destroy_process_group; called from the scripts' `finally`. When the exception on its way out is a collective
+    that timed out or lost its peer, it is replaced by one sentence that names the ranks that stopped answering."""
+    failure = sys.exc_info()[1]
+    error = _silent_peers_error(failure) if _STORE and _is_collective_failure(failure) else None
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+    _STORE.clear()
+    if error is not None:
+        raise error from failure
+
+
+def _is_collective_failure(e):
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Timed out", "timed out", "Timeout", "wait timeout", "Connection reset by peer", "Connection closed by peer"))
+
+
+def _silent_peers_error(failure, grace_s=5.0):
+    """Every rank whose collective failed checks in at the store and waits up to grace_s for the others: the ranks
+    that never check in are the ones that stopped answering (hung, crashed, or never reached the collective)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store, timeout_s = _STORE["store"], _STORE["timeout_s"]
+    what = str(failure).strip().splitlines()[0][:200]
+    try:
+        store.set(f"failed/{rank}", "1")
+        deadline = time.monotonic() + min(grace_s, timeout_s)
+        while True:
+            answered = [r for r in range(world) if store.check([f"failed/{r}"])]
+            if len(answered) == world or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except RuntimeError as e:  # the store itself is gone (its host died): say what we know
+        return RuntimeError(f"rank {rank}: a collective failed ({what}) and the rendezvous store at "
+                            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} no longer answers ({e}); "
+                            f"read the other ranks' output for the first error")
+    silent = [r for r in range(world) if r not in answered]
+    if not silent:
+        return RuntimeError(f"rank {rank}: a collective failed on every rank ({what}); dist_timeout={timeout_s:g} s")
+    return RuntimeError(
+        f"rank {rank}: rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped answering: a collective "
+        f"got no answer within dist_timeout={timeout_s:g} s or lost its peer ({what}), while rank"
+        f"{'s' if len(answered) > 1 else ''} {', '.join(map(str, answered))} waited in it; read rank {silent[0]}'s output "
+        f"for a crash or a hang (a stuck data read, a rank that skipped a collective), or raise --dist_timeout if "
+        f"that rank is only slow")
 
 
 def print0(*args, **kwargs):
@@ -158,13 +232,65 @@ def plain(obj):
 
 
 def save_checkpoint(obj, path):
+    """torch.save to path.tmp, fsync it, os.replace onto path, fsync the folder: after a crash or power loss path is
+    the old checkpoint or the new one, never a mix. A full disk removes the partial temp file and says so."""
     tmp = f"{path}.tmp"
-    torch.save(plain(obj), tmp)
-    os.replace(tmp, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(plain(obj), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        written = os.path.getsize(tmp) if os.path.isfile(tmp) else 0
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(folder).free
+            raise OSError(e.errno, f"no space left on {folder} while writing {path} ({written / 2**20:.1f} MiB written "
+                                   f"before the disk filled, {free / 2**20:.1f} MiB free now; the partial {tmp} was "
+                                   f"removed): free space there or point out_dir at a larger disk") from e
+        raise
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself reaches the disk
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path, map_location="cpu"):
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """torch.load(weights_only=True): no code runs. A truncated or empty file is one sentence naming it and the
+    files next to it that may hold the run (an interrupted save's .tmp, older periodic checkpoints, best.pt)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds Python objects other than tensors and plain types, which nanorad does not "
+                             f"unpickle (no code runs from a checkpoint): load it only if you trust it, and save its "
+                             f"state dict with torch.save(model.state_dict(), ...)") from e
+        size = os.path.getsize(path)
+        reason = (str(e).strip().splitlines() or ["end of file"])[0].split(". ")[0][:120]
+        raise ValueError(f"{path} is corrupt or truncated ({size} bytes; torch.load: {reason}): "
+                         f"{_checkpoint_alternatives(path)}") from e
+
+
+def _checkpoint_alternatives(path):
+    """Where the run may still be: path.tmp (a save interrupted before its rename), then the other .pt files of the
+    folder (periodic ckpt_<iter>.pt, best.pt), newest first."""
+    folder = os.path.dirname(os.path.abspath(path))
+    others = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".pt")]
+    others = sorted((p for p in others if os.path.abspath(p) != os.path.abspath(path) and os.path.getsize(p) > 0),
+                    key=os.path.getmtime, reverse=True)
+    tmp = [f"{path}.tmp"] if os.path.isfile(f"{path}.tmp") and os.path.getsize(f"{path}.tmp") > 0 else []
+    if not tmp and not others:
+        return "no other checkpoint is next to it; start the run again (--init_from=scratch) or restore the file from a copy"
+    hint = (f"try {tmp[0]} (a save interrupted before its rename; copy it over {os.path.basename(path)} if it loads)"
+            if tmp else "")
+    if others:
+        hint += ("; else " if hint else "try ") + "an older checkpoint next to it: " + ", ".join(others[:3])
+        hint += f" (copy it to {os.path.basename(path)} to resume from it)"
+    return hint
 
 
 def rng_state():

@@ -16,14 +16,17 @@ unfreeze (linear probe), estimate_flops (for MFU).
 """
 
 import functools
+import hashlib
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file as load_safetensors
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
@@ -578,36 +581,107 @@ def build_model(model, num_classes, in_chans=1, image_size=224, drop_path=0.0, d
 # -----------------------------------------------------------------------------
 # pretrained weights: torchvision / timm / nanorad files, or a torchvision weights name to download
 
+MIN_BACKBONE_LOADED = 0.9  # load_pretrained refuses a file that fills less of the backbone (issue 13: 0/128 trained on)
 
-def _read_state_dict(path):
-    if path.startswith("torchvision:"):
-        import torchvision
-        weights_name = path.split(":", 1)[1]
-        try:
-            weights = torchvision.models.get_weight(weights_name)
-        except (KeyError, ValueError, AttributeError) as e:
-            raise ValueError(f"unknown torchvision weights {weights_name!r} ({e}); names look like "
-                             f"torchvision:ConvNeXt_Tiny_Weights.IMAGENET1K_V1 or torchvision:ResNet50_Weights.IMAGENET1K_V2") from e
-        try:
-            return weights.get_state_dict(progress=False, check_hash=True)
-        except OSError as e:  # URLError, socket timeouts, DNS failures are all OSErrors
-            file = weights.url.rsplit("/", 1)[-1]
-            raise RuntimeError(
-                f"could not download {weights_name} from {weights.url} ({type(e).__name__}: {e}). Offline? Download the "
-                f"file on a machine with internet, copy it here and pass its path instead (pretrained_path=/path/to/{file}), "
-                f"or put it in {torch.hub.get_dir()}/checkpoints/ where torchvision looks first.") from e
+
+def read_weights(path):
+    """The one weights reader of nanorad (model_clip.py and model_gpt.py use it too): a .safetensors file through the
+    safetensors package, anything else through torch.load(weights_only=True), so no code in a file ever runs. A
+    checkpoint {'model' | 'state_dict' | 'model_state_dict': ...} gives its state dict; DDP / torch.compile prefixes
+    (module., _orig_mod.) are dropped. Returns {name: tensor}."""
+    return _state_dict_of(_load_file(path), path)
+
+
+def _load_file(path):
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError(f"{path} is a .safetensors file: pip install safetensors, or convert it to .pth") from e
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        return load_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds Python objects other than tensors and plain types, and nanorad runs no code "
+                         f"from a weights file (torch.load weights_only=True refused it: "
+                         f"{str(e).strip().splitlines()[0][:150]}); use a plain state dict (.pth / .safetensors) from a "
+                         f"source you trust") from e
+
+
+def _state_dict_of(obj, path):
     for key in ("model", "state_dict", "model_state_dict"):  # nanorad checkpoints {'model': ...}, lightning-style files
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    return obj
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict {{name: tensor}}; pass a file saved with "
+                         f"torch.save(model.state_dict(), ...) or a nanorad checkpoint")
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in obj.items()}
+
+
+def _torchvision_file(weights_name):
+    """The cached file of a torchvision weights enum (downloaded when absent), after checking that its sha256 starts
+    with the hex digits torchvision puts in the file name (convnext_tiny-983f1562.pth): a file placed in the cache by
+    hand is checked before anything reads it. torch.hub's own loader skips that check for cached files and unpickles
+    them with weights_only=False (issue 13)."""
+    import torchvision
+    try:
+        weights = torchvision.models.get_weight(weights_name)
+    except (KeyError, ValueError, AttributeError) as e:
+        raise ValueError(f"unknown torchvision weights {weights_name!r} ({e}); names look like "
+                         f"torchvision:ConvNeXt_Tiny_Weights.IMAGENET1K_V1 or torchvision:ResNet50_Weights.IMAGENET1K_V2") from e
+    file = weights.url.rsplit("/", 1)[-1]
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", file)
+    m = re.search(r"-([a-f0-9]{6,})\.", file)
+    prefix = m.group(1) if m else None
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(weights.url, cached, hash_prefix=prefix, progress=False)
+        except OSError as e:  # URLError, socket timeouts, DNS failures are all OSErrors
+            raise RuntimeError(
+                f"could not download {weights_name} from {weights.url} ({type(e).__name__}: {e}). Offline? Download the "
+                f"file on a machine with internet, copy it here and pass its path instead (pretrained_path=/path/to/{file}), "
+                f"or put it in {os.path.dirname(cached)}/ where torchvision looks first.") from e
+    if prefix is not None:
+        h = hashlib.sha256()
+        with open(cached, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if not h.hexdigest().startswith(prefix):
+            raise ValueError(f"{cached} is not torchvision's {weights_name}: its sha256 starts {h.hexdigest()[:len(prefix)]}, "
+                             f"the file name promises {prefix}, so it is another file, a broken download or a tampered "
+                             f"one, and it was not read; delete it to download it again, or copy the file from "
+                             f"{weights.url} there")
+    return cached
+
+
+def _read_state_dict(path):
+    """(state dict, model_args or None): the model_args of a nanorad checkpoint say which script wrote it."""
+    if path.startswith("torchvision:"):
+        return read_weights(_torchvision_file(path.split(":", 1)[1])), None
+    obj = _load_file(path)
+    args = obj.get("model_args") if isinstance(obj, dict) and isinstance(obj.get("model_args"), dict) else None
+    return _state_dict_of(obj, path), args
+
+
+def _check_checkpoint_kind(path, args, name):
+    """A checkpoint of another nanorad script or model gets a sentence saying what it is and what reads it."""
+    if args is None:
+        return
+    if "image_model" in args or "embed_dim" in args:
+        raise ValueError(f"{path} is a train_clip.py checkpoint (a CLIP model, image tower {args.get('image_model')!r}), "
+                         f"not weights of an image classifier {name}: train_clip.py reads it (--init_from=resume, "
+                         f"--teacher_ckpt), and train.py with --modalities reads its image tower as the vision encoder; "
+                         f"pretrained_path / image_init take a train.py checkpoint or torchvision / timm weights")
+    if "vocab_size" in args and "n_layer" in args:
+        raise ValueError(f"{path} is a train_gpt.py checkpoint (a report GPT, {args['n_layer']} layers), not weights of "
+                         f"an image classifier {name}: train_gpt.py reads it (--init_from=finetune --init_path={path}) "
+                         f"and sample.py generates from it (--ckpt_path={path}); pretrained_path / image_init take a "
+                         f"train.py checkpoint or torchvision / timm weights")
+    if args.get("model") == "fusion":
+        raise ValueError(f"{path} is a fusion checkpoint (train.py --modalities={args.get('modalities')!r}), not weights "
+                         f"of an image classifier {name}: resume it with the same --modalities, or start a fusion run's "
+                         f"vision encoder from it (train.py --modalities=... --init_from=pretrained --pretrained_path={path})")
+    if "model" in args and args["model"] != name:
+        raise ValueError(f"{path} holds a {args['model']} model but model={name!r}: use --model={args['model']} or "
+                         f"another checkpoint")
 
 
 def load_image_init(net, path):
@@ -623,10 +697,12 @@ def load_image_init(net, path):
 def load_pretrained(model, path):
     """Load weights from `path` (file or 'torchvision:<Weights.NAME>') into model, in place. Converts torchvision /
     timm key layouts, sums RGB stem filters for in_chans=1, resamples ViT position embeddings, and re-initializes
-    a head whose number of classes differs. Returns {'layout', 'missing', 'unexpected', 'reset', 'adapted'}."""
+    a head whose number of classes differs. A file that fills less than MIN_BACKBONE_LOADED of the backbone, or a
+    checkpoint of another script, is refused. Returns {'layout', 'missing', 'unexpected', 'reset', 'adapted'}."""
     raw = unwrap(model)
-    sd = _read_state_dict(path)
-    sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}  # DDP / torch.compile prefixes
+    name = raw.model_args["model"]
+    sd, args = _read_state_dict(path)
+    _check_checkpoint_kind(path, args, name)
     sd, layout = raw.convert_state_dict(sd)
     own = raw.state_dict()
     load, reset, adapted, mismatched = {}, [], [], []
@@ -649,16 +725,25 @@ def load_pretrained(model, path):
         else:
             mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(want)}")
     if mismatched:
-        raise ValueError(f"{path} ({layout} layout) does not fit {raw.model_args['model']}: " + "; ".join(mismatched[:5])
+        raise ValueError(f"{path} ({layout} layout) does not fit {name}: " + "; ".join(mismatched[:5])
                          + (f" and {len(mismatched) - 5} more" if len(mismatched) > 5 else ""))
     missing = [k for k in own if k not in load and k not in reset]
     unexpected = [k for k in sd if k not in own]
+    backbone = [k for k in own if not _under_head(raw, k.rsplit(".", 1)[0])]
+    n_loaded = sum(k in load for k in backbone)
+    if n_loaded < MIN_BACKBONE_LOADED * len(backbone):
+        expected = [k for k in backbone if k not in load]
+        raise ValueError(
+            f"{path}{f' ({layout} layout)' if n_loaded else ''} does not fit {name}: only {n_loaded}/{len(backbone)} of its backbone tensors (head "
+            f"excluded) are in the file, so the run would train from scratch while calling itself pretrained; {name} "
+            f"expects {expected[:3]}, the file has {unexpected[:3] or list(sd)[:3]}; pass weights of the same architecture "
+            f"(a train.py checkpoint of {name}, or its torchvision / timm file) or --init_from=scratch")
     raw.load_state_dict(load, strict=False)
-    for name in raw.head_names:  # fresh head (also when the model was trained before: reset means reset)
-        if any(k.startswith(name + ".") for k in reset):
-            raw.get_submodule(name).apply(_init_weights)
+    for head in raw.head_names:  # fresh head (also when the model was trained before: reset means reset)
+        if any(k.startswith(head + ".") for k in reset):
+            raw.get_submodule(head).apply(_init_weights)
     report = dict(layout=layout, missing=missing, unexpected=unexpected, reset=reset, adapted=adapted)
-    print(f"load_pretrained: {path} ({layout} layout) -> {raw.model_args['model']}: loaded {len(load)}/{len(own)} tensors"
+    print(f"load_pretrained: {path} ({layout} layout) -> {name}: loaded {len(load)}/{len(own)} tensors"
           f" | head reset: {reset or 'no'} | adapted: {adapted or 'none'} | missing {len(missing)}{missing[:3] if missing else ''}"
           f" | unexpected {len(unexpected)}{unexpected[:3] if unexpected else ''}")
     return report

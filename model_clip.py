@@ -40,6 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import model as models
+
 # -----------------------------------------------------------------------------
 # architecture presets (plain dicts; build_clip(**PRESETS[name]) or a config file's knobs)
 
@@ -472,15 +474,7 @@ def _read_state_dict(path):
             raise FileNotFoundError(f"{path} holds no model.safetensors, pytorch_model.bin or open_clip_pytorch_model.bin")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights {path} not found (a local open_clip / Hugging Face / BiomedCLIP file)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):  # open_clip training checkpoints / nanorad checkpoints
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}, path
+    return models.read_weights(path), path  # open_clip / nanorad checkpoints unwrapped, DDP prefixes dropped
 
 
 def detect_layout(sd):

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import model as model_lib
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -534,30 +536,11 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
 
 
 def _read_hf_weights(path):
-    """state dict from model.safetensors (read here: an 8-byte header size, a JSON header, raw little-endian
-    tensors) or pytorch_model.bin (torch.load weights_only)."""
-    st = os.path.join(path, "model.safetensors")
-    if os.path.isfile(st):
-        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                  "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-        with open(st, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-            data = f.read()
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in dtypes:
-                raise ValueError(f"{st}: tensor {name} has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
-            buf = bytearray(data[start:end])
-            t = torch.frombuffer(buf, dtype=dtypes[info["dtype"]]) if end > start else torch.empty(0, dtype=dtypes[info["dtype"]])
-            out[name] = t.reshape(info["shape"]).float() if t.is_floating_point() else t.reshape(info["shape"])
-        return out
-    binf = os.path.join(path, "pytorch_model.bin")
-    if os.path.isfile(binf):
-        return {k: (v.float() if v.is_floating_point() else v) for k, v in torch.load(binf, map_location="cpu", weights_only=True).items()}
+    """state dict (float32) from model.safetensors or pytorch_model.bin, read by model.read_weights."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            sd = model_lib.read_weights(os.path.join(path, name))
+            return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
 
 

@@ -560,7 +560,7 @@ def _check_family(path, model_name):
     """A nanorad checkpoint from another model family is refused with both names."""
     if path.endswith((".pt", ".pth")) and os.path.exists(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "model_args" in obj and obj["model_args"]["model"] != model_name:
+        if isinstance(obj, dict) and "model_args" in obj and obj["model_args"].get("model", model_name) != model_name:
             raise ValueError(f"{path} holds a {obj['model_args']['model']} model but model={model_name!r}: "
                              f"use --model={obj['model_args']['model']} or another checkpoint")
 
