@@ -13,8 +13,10 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -412,8 +414,16 @@ class Logger:
                 f.write(json.dumps(record) + "\n")
         step, flat = flatten_record(record)
         self._track(flat, step)
-        if self.ray is not None:
-            self.ray.report({**flat, "step": step})  # a barrier across the workers: every rank calls jsonl
+        if self.ray is not None:  # a barrier across the workers: every rank calls jsonl
+            pointer = None
+            if self.master:  # Ray's checkpoint registry gets a pointer to the run folder (Result.metrics_dataframe)
+                d = tempfile.mkdtemp()
+                with open(os.path.join(d, "nanorad.json"), "w") as f:
+                    json.dump({"out_dir": os.path.abspath(self.out_dir), "step": step, "record": record}, f)
+                pointer = self.ray.Checkpoint.from_directory(d)
+            self.ray.report({**flat, "step": step}, checkpoint=pointer)
+            if pointer is not None:
+                shutil.rmtree(pointer.path)  # Ray has copied it to its storage
 
     def _track(self, values, step):
         """One point per (name, step) to MLflow / W&B: an eval record and the TensorBoard scalars of the same eval

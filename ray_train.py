@@ -6,7 +6,8 @@ Ray starts the workers and makes the torch.distributed process group; the script
 that group as it is (rank, world size) and runs its own loop unchanged: the same batches, the same exact eval, the
 same checkpoints. Rank 0 writes out_dir, which must be on storage every worker sees (a shared file system on a
 multi-node cluster; run from the repository on that storage too, the workers start in this command's folder).
-Each metrics.jsonl record is also reported to Ray (the run's Result, the Ray dashboard).
+Each metrics.jsonl record is also reported to Ray, with a pointer to the run folder as Ray's checkpoint: main()
+returns Ray's Result (.metrics = the last record, .metrics_dataframe = all of them).
 
 Local Ray runtime, 2 CPU workers (what the tests do; equals torchrun --nproc_per_node=2):
     python ray_train.py train.py --num_workers=2 --device=cpu
@@ -110,7 +111,7 @@ def main(argv=None):
     )
     result = trainer.fit()
     print(f"ray_train: {script}.py on {cfg['num_workers']} workers finished | out_dir {out_dir}", flush=True)
-    return result.metrics
+    return result  # .metrics: the last metrics.jsonl record; .metrics_dataframe: all of them
 
 
 if __name__ == "__main__":

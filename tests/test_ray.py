@@ -37,8 +37,8 @@ def ray_run(tmp_path_factory, tiny_phantom):
     import ray
     out = str(tmp_path_factory.mktemp("ray") / "run")
     try:
-        metrics = ray_train.main(["train.py", f"--data_dir={tiny_phantom}", f"--out_dir={out}", *ARGS, "--num_workers=2"])
-        yield out, metrics
+        result = ray_train.main(["train.py", f"--data_dir={tiny_phantom}", f"--out_dir={out}", *ARGS, "--num_workers=2"])
+        yield out, result.metrics_dataframe
     finally:
         ray.shutdown()
 
@@ -60,7 +60,11 @@ def test_ray_equals_torchrun(tmp_path, tiny_phantom, ray_run):
     assert worst_diff(weights(out), weights(ref)) <= 1e-5
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["world_size"] == 2 and cfg["trackers"] == "tensorboard,ray"
-    assert metrics["final/iters"] == 20 and metrics["step"] == 20  # the last metrics.jsonl record, reported to Ray
+    # every metrics.jsonl record was reported to Ray: Result.metrics_dataframe has one row per record
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert list(metrics["step"]) == [r.get("iter", r.get("iters")) for r in recs] == [0, 10, 20, 20]
+    assert list(metrics["val/auc_macro"][:3]) == pytest.approx([r["auc_macro"] for r in recs[:3]])
+    assert metrics["final/best_metric"].iloc[-1] == pytest.approx(recs[-1]["best_metric"])
 
 
 def _ray_workers():
