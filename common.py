@@ -39,7 +39,8 @@ class Dist:
 
 
 def setup_distributed(device="auto", backend="auto"):
-    """One process: returns a world of 1. Under torchrun: init_process_group and pick this rank's device."""
+    """One process: returns a world of 1. Under torchrun: init_process_group and pick this rank's device. Under
+    ray_train.py the group exists already (Ray made it): its rank and world size are used as they are."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     launched = tdist.is_available() and tdist.is_initialized()  # a launcher made the group (ray_train.py): use it
@@ -293,8 +294,9 @@ def provenance(cfg, world_size):
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             data_hash = json.load(f).get("data_hash")
-    return {"git_commit": commit, "git_dirty": dirty, "torch_version": str(torch.__version__),
-            "cuda_version": None if torch.version.cuda is None else str(torch.version.cuda), "world_size": world_size, "data_hash": data_hash}
+    cuda = None if torch.version.cuda is None else str(torch.version.cuda)
+    return {"git_commit": commit, "git_dirty": dirty, "torch_version": str(torch.__version__), "cuda_version": cuda,
+            "world_size": world_size, "data_hash": data_hash}
 
 
 # -----------------------------------------------------------------------------
