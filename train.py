@@ -61,6 +61,12 @@ compile = False  # torch.compile the model (GPU; minutes of warm-up)
 channels_last = False  # NHWC memory format for conv nets on GPU
 backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 tensorboard_log = True  # out_dir/tb; view with: tensorboard --logdir out
+trackers = "tensorboard"  # comma-separated: tensorboard | mlflow | wandb (pip install mlflow / wandb); e.g. tensorboard,mlflow
+mlflow_uri = ""  # MLflow tracking server, e.g. http://mlflow.lab:5000; "" = $MLFLOW_TRACKING_URI or MLflow's local default
+mlflow_experiment = "nanorad"  # MLflow experiment (created when missing); the run is named after out_dir
+wandb_project = "nanorad"  # W&B project; the run is named after out_dir
+wandb_mode = "online"  # online | offline (files in out_dir/wandb; upload later with: wandb sync out_dir/wandb/offline-run-*)
+track_checkpoints = False  # also upload best.pt to the trackers at the end (large files)
 log_interval = 20  # iterations between log lines
 eval_interval = 200  # iterations between evaluations + checkpoints
 eval_only = False  # evaluate the initial/resumed model once and exit
@@ -247,7 +253,7 @@ def main(argv=None):
     # --- setup: processes, device, precision, seed, run folder
     dist = common.setup_distributed(cfg["device"], cfg["backend"])
     cfg["dtype"] = common.resolve_dtype(cfg["dtype"], dist.device)
-    log = common.Logger(cfg["out_dir"], cfg["tensorboard_log"], dist.master)
+    log = common.Logger(cfg["out_dir"], cfg, dist.master)
     try:
         return _train(cfg, dist, log)
     finally:
@@ -363,6 +369,7 @@ def _train(cfg, dist, log):
         iter_num, best_metric, best_iter = ckpt["iter"], ckpt["best_metric"], ckpt["best_iter"]
         bad_evals = ckpt.get("bad_evals", 0)
         best_worst = ckpt.get("best_worst")
+        log.resume(ckpt.get("trackers"))  # the same MLflow / W&B run continues
         common.set_rng_state(ckpt["rng"][min(dist.rank, len(ckpt["rng"]) - 1)])
         log.line(f"resumed from {ckpt_path} at iter {iter_num} (best {cfg['select_metric']} {best_metric})")
     ckpt = None  # free the memory
@@ -394,7 +401,7 @@ def _train(cfg, dist, log):
             "model": raw.state_dict(), "model_args": raw.model_args, "config": cfg, "iter": it,
             "best_metric": best_metric, "best_iter": best_iter, "bad_evals": bad_evals, "best_worst": best_worst,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema, "rng": rng_all,
+            "ema": ema, "rng": rng_all, "trackers": log.tracker_ids(), **common.provenance(cfg, dist.world_size),
             "meta": {"classes": classes, "task": task, "mean": meta["mean"], "std": meta["std"],
                      "imagenet_norm": cfg["norm"] == "imagenet", "data_dir": cfg["data_dir"]},
         }

@@ -70,7 +70,13 @@ device = "auto"  # auto | cpu | cuda | cuda:1
 dtype = "auto"  # auto (bfloat16 on a CUDA GPU that supports it, else float32) | float32 | bfloat16 | float16
 compile = False  # torch.compile the towers (GPU)
 backend = "auto"  # DDP backend: auto | nccl | gloo
-tensorboard_log = True
+tensorboard_log = True  # out_dir/tb
+trackers = "tensorboard"  # comma-separated: tensorboard | mlflow | wandb (pip install mlflow / wandb); e.g. tensorboard,mlflow
+mlflow_uri = ""  # MLflow tracking server, e.g. http://mlflow.lab:5000; "" = $MLFLOW_TRACKING_URI or MLflow's local default
+mlflow_experiment = "nanorad"  # MLflow experiment (created when missing); the run is named after out_dir
+wandb_project = "nanorad"  # W&B project; the run is named after out_dir
+wandb_mode = "online"  # online | offline (files in out_dir/wandb; upload later with: wandb sync out_dir/wandb/offline-run-*)
+track_checkpoints = False  # also upload best.pt to the trackers at the end (large files)
 log_interval = 20  # iterations between log lines
 eval_interval = 200  # iterations between evaluations + checkpoints
 eval_only = False  # evaluate (and answer --query / --image) once and exit
@@ -555,7 +561,7 @@ def main(argv=None):
     dist = common.setup_distributed(cfg["device"], cfg["backend"])
     cfg["dtype"] = common.resolve_dtype(cfg["dtype"], dist.device)
     quiet = cfg["eval_only"] and (cfg["query"] or cfg["image"])
-    log = common.Logger(cfg["out_dir"], cfg["tensorboard_log"] and not quiet, dist.master)
+    log = common.Logger(cfg["out_dir"], {**cfg, "trackers": ""} if quiet else cfg, dist.master)
     try:
         return _train(cfg, dist, log)
     finally:
@@ -670,6 +676,7 @@ def _train(cfg, dist, log):
         iter_num, best_metric, best_iter, bad_evals = ckpt["iter"], ckpt["best_metric"], ckpt["best_iter"], ckpt["bad_evals"]
         common.set_rng_state(ckpt["rng"][min(dist.rank, len(ckpt["rng"]) - 1)])
         log.line(f"resumed from {ckpt_path} at iter {iter_num}")
+        log.resume(ckpt.get("trackers"))  # the same MLflow / W&B run continues
     ckpt = None
 
     net = torch.compile(raw) if cfg["compile"] else raw
@@ -691,6 +698,7 @@ def _train(cfg, dist, log):
                  "tokenizer": tok.to_dict() if cfg["tokenizer"] == "bpe" else None,
                  "best_metric": best_metric, "best_iter": best_iter, "bad_evals": bad_evals,
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_all,
+                 "trackers": log.tracker_ids(), **common.provenance(cfg, dist.world_size),
                  "meta": {"classes": meta.get("classes", []), "mean": meta["mean"], "std": meta["std"],
                           "norm": cfg["norm"], "data_dir": cfg["data_dir"]}}
         common.save_checkpoint(state, os.path.join(cfg["out_dir"], name))

@@ -62,7 +62,13 @@ eval_only = False  # evaluate the init_from model and exit
 always_save_checkpoint = True  # False: save only when val loss improves
 init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | finetune (weights of init_path, fresh optimizer) | gpt2 (HF dir init_path)
 init_path = ""  # finetune: a ckpt.pt (or its folder); gpt2: a Hugging Face GPT-2 folder
-tensorboard = True
+tensorboard = True  # out_dir/tb
+trackers = "tensorboard"  # comma-separated: tensorboard | mlflow | wandb (pip install mlflow / wandb); e.g. tensorboard,mlflow
+mlflow_uri = ""  # MLflow tracking server, e.g. http://mlflow.lab:5000; "" = $MLFLOW_TRACKING_URI or MLflow's local default
+mlflow_experiment = "nanorad"  # MLflow experiment (created when missing); the run is named after out_dir
+wandb_project = "nanorad"  # W&B project; the run is named after out_dir
+wandb_mode = "online"  # online | offline (files in out_dir/wandb; upload later with: wandb sync out_dir/wandb/offline-run-*)
+track_checkpoints = False  # also upload best.pt to the trackers at the end (large files)
 # data
 dataset = "phantom_reports"  # name under data/ (phantom_reports / phantom_pairs are prepared when missing)
 data_dir = ""  # default data/<dataset>
@@ -239,7 +245,7 @@ def main(argv=None):
     dist = common.setup_distributed(cfg["device"], cfg["backend"])
     device = dist.device
     cfg["dtype"] = dtype = common.resolve_dtype(cfg["dtype"], device)
-    logger = common.Logger(cfg["out_dir"], cfg["tensorboard"], dist.master)
+    logger = common.Logger(cfg["out_dir"], cfg, dist.master)
     try:
         return _train(cfg, dist, device, dtype, logger)
     finally:
@@ -322,6 +328,7 @@ def _train(cfg, dist, device, dtype, logger):
             model.crop_block_size(seq_len)
         if cfg["init_from"] == "resume":
             iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+            logger.resume(ckpt.get("trackers"))  # the same MLflow / W&B run continues
     else:  # gpt2
         if tok.kind != "gpt2":
             raise ValueError(f"init_from='gpt2' needs data tokenized with GPT-2's BPE (python text_data.py ... "
@@ -427,7 +434,8 @@ def _train(cfg, dist, device, dtype, logger):
                     "iter_num": step, "best_val_loss": best_val_loss, "config": cfg, "tokenizer": tok.to_dict(),
                     "data": {"dir": data_dir, "kind": meta["kind"], "mean": meta.get("mean"), "std": meta.get("std"),
                              "classes": meta.get("classes"), "max_tokens": meta.get("max_tokens")},
-                    "torch_rng": torch.get_rng_state(),
+                    "torch_rng": torch.get_rng_state(), "trackers": logger.tracker_ids(),
+                    **common.provenance(cfg, dist.world_size),
                 }, os.path.join(cfg["out_dir"], "ckpt.pt"))
         if last_step:
             break
