@@ -450,6 +450,11 @@ def macro_note(record, key):
             if bad else "")
 
 
+def higher_is_better(key):
+    """AUC, AP, recall, BLEU: higher; a loss, rank, perplexity or bits per byte: lower."""
+    return not any(word in key for word in ("loss", "rank", "ppl", "bpb"))
+
+
 def select(prog, record, cfg, higher_better, it):
     """Count this eval into prog (best metric, its iter, evals without improvement); True when it improved."""
     key = cfg["select_metric"]

@@ -317,7 +317,7 @@ def _train(cfg, dist, log):
             with timer.paused():
                 record, probs = evaluate_and_log(raw, ema, val_split, cfg, meta, dist, eval_loss_fn, inputs["val"], log,
                                                  iter_num, prog)
-                improved = common.select(prog, record, cfg, cfg["select_metric"] != "loss", iter_num)
+                improved = common.select(prog, record, cfg, common.higher_is_better(cfg["select_metric"]), iter_num)
                 worst_improved = "auc_worst" in record and (prog["best_worst"] is None or record["auc_worst"] > prog["best_worst"])
                 if worst_improved:
                     prog["best_worst"] = record["auc_worst"]
