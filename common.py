@@ -659,6 +659,24 @@ class Timer:
         return format_eta(remaining * self.total / max(self.done, 1))
 
 
+def tb_image_grid(log, tag, images, captions, step, cols=4):
+    """uint8 (N, H, W) images as one TensorBoard figure, each with its caption drawn under it (matplotlib)."""
+    if log.tb is None:
+        return
+    import matplotlib  # lazily: only runs that write TensorBoard draw figures
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, im, text in zip(axes.flat, images, captions):
+        ax.imshow(im, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(text, fontsize=6)
+    fig.tight_layout()
+    log.tb.add_figure(tag, fig, step)  # closes the figure
+
+
 def format_eta(seconds):
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)

@@ -497,19 +497,15 @@ def _tensorboard_eval(log, record, probs, split, meta, it):
             known = ~np.isnan(labels[:, j])
             if known.any():
                 log.tb.add_pr_curve(f"pr/{c}", labels[known, j].astype(bool), probs[known, j].numpy(), it)
-    # a grid of the first 16 validation images, captioned with true and top predicted findings
+    # the first 16 validation images in one grid, each captioned with its true and top predicted findings
     n = min(16, len(split))
-    imgs = torch.from_numpy(np.array(split.images[:n])).unsqueeze(1)
-    log.tb.add_images("val/images", imgs, it, dataformats="NCHW")
-    lines = []
+    captions = []
     for i in range(n):
-        if meta["task"] == "multilabel":
-            true = [c for j, c in enumerate(classes) if labels[i, j] == 1]
-            top = [f"{classes[j]} {probs[i, j]:.2f}" for j in torch.argsort(probs[i], descending=True)[:3].tolist()]
-        else:
-            true, top = [classes[int(labels[i])]], [f"{classes[j]} {probs[i, j]:.2f}" for j in torch.argsort(probs[i], descending=True)[:3].tolist()]
-        lines.append(f"{i}: true [{', '.join(true) or '-'}] | predicted [{', '.join(top)}]")
-    log.tb.add_text("val/images_captions", "  \n".join(lines), it)
+        true = ([c for j, c in enumerate(classes) if labels[i, j] == 1] if meta["task"] == "multilabel"
+                else [classes[int(labels[i])]])
+        top = [f"{classes[j]} {probs[i, j]:.2f}" for j in torch.argsort(probs[i], descending=True)[:2].tolist()]
+        captions.append(f"true: {', '.join(true) or '-'}\npred: {', '.join(top)}")
+    common.tb_image_grid(log, "val/images", np.asarray(split.images[:n]), captions, it)
 
 
 if __name__ == "__main__":

@@ -785,20 +785,18 @@ def _retrieve(raw, split, tokens, captions, cfg, meta, dist, tok):
     return out
 
 
-def _tensorboard_eval(log, record, img, txt, split, captions, it):
+def _tensorboard_eval(log, record, img, txt, split, queries, it):
     if log.tb is None:
         return
     log.scalars({k: v for k, v in record.items() if isinstance(v, float)}, it, "val/")
     log.scalars(record.get("zs_auc", {}), it, "val_zs_auc/")
     # top-5 retrieved images for the first 4 validation captions: one row per query, the true image first
-    rows, lines = [], []
+    rows, captions = [], []
     for q in range(min(4, len(txt))):
         top = (img @ txt[q]).topk(min(5, len(img))).indices.tolist()
         rows += [q] + top
-        lines.append(f"query {q}: {captions[q][:200]} | top-5: {top}")
-    imgs = torch.as_tensor(np.asarray(split.images[np.array(rows)])).unsqueeze(1)
-    log.tb.add_images("val/retrievals", imgs, it, dataformats="NCHW")
-    log.tb.add_text("val/retrieval_queries", "  \n".join(lines), it)
+        captions += [f"query {q}: {queries[q][:40]}"] + [f"top {r + 1}: val #{i}" for r, i in enumerate(top)]
+    common.tb_image_grid(log, "val/retrievals", np.asarray(split.images[np.array(rows)]), captions, it, cols=6)
 
 
 if __name__ == "__main__":
