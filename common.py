@@ -511,8 +511,9 @@ def log_step(log, dist, timer, it, cfg, loss, norm, lr, items, unit, flops=None,
 def finish(log, prog, cfg, it, timer, **extra):
     """The final record (metrics.jsonl) and line of a run."""
     key = cfg["select_metric"]
-    final = {"final": True, "best_iter": prog["best_iter"], "best_metric": prog["best_metric"], "select_metric": key,
-             f"best_{key}": prog["best_metric"], "iters": it, "time_s": round(time.time() - timer.start, 1), **extra}
+    final = {"final": True, "split": "val", "best_iter": prog["best_iter"], "best_metric": prog["best_metric"],
+             "select_metric": key, f"best_{key}": prog["best_metric"], "iters": it,
+             "time_s": round(time.time() - timer.start, 1), **extra}
     log.jsonl(final)
     best = float("nan") if prog["best_metric"] is None else prog["best_metric"]
     log.line(f"done: best {key} {best:.4f} at iter {prog['best_iter']} | {final['time_s']:.0f} s | {cfg['out_dir']}")
