@@ -264,7 +264,8 @@ def build_gpt(cfg, ckpt, d, log):
     """The GPT: resumed (ckpt), pretrained (a train_gpt.py checkpoint: its weights and architecture, this run's
     regularisation and context; or a Hugging Face GPT-2 folder) or from scratch (+ image_init for the encoder)."""
     path = cfg["pretrained_path"]
-    hf = cfg["init_from"] == "pretrained" and os.path.isfile(os.path.join(path, "config.json"))
+    hf = (cfg["init_from"] == "pretrained" and os.path.isfile(os.path.join(path, "config.json"))
+          and not os.path.isfile(os.path.join(path, "ckpt.pt")))  # a run folder holds config.json too
     if cfg["init_from"] == "pretrained" and not hf:
         ckpt = load_init_checkpoint(path)
     if hf:
