@@ -89,11 +89,12 @@ def autocast(device, dtype):
 
 def start_run(script, cfg, dist, log, defaults, save_config=True):
     """The first lines of every train script: a header, the knobs that differ from the defaults (the full config is
-    config.json in out_dir, written by the master unless a resumed run keeps the original), per-rank seeds, TF32."""
+    config.json in out_dir, written by the master unless a resumed run keeps the original or the run only evaluates),
+    per-rank seeds, TF32."""
     log.line(f"nanorad {script} | world {dist.world_size} | device {dist.device} | dtype {cfg['dtype']} | "
              f"config (changed from the defaults; all of it in {cfg['out_dir']}/config.json):")
     log.line(configurator.format_config(cfg, defaults))
-    if dist.master and save_config:
+    if dist.master and save_config and not cfg["eval_only"]:
         with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
     seed_everything(cfg["seed"] + dist.rank)

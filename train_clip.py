@@ -563,7 +563,7 @@ def main(argv=None):
 def _train(cfg, dist, log):
     common.check_init_from(cfg)
     ckpt = eval_checkpoint(cfg, log) if cfg["eval_only"] else common.resume_checkpoint(cfg, "train_clip.py", log)
-    common.start_run("train_clip.py", cfg, dist, log, DEFAULTS, save_config=ckpt is None and not cfg["eval_only"])
+    common.start_run("train_clip.py", cfg, dist, log, DEFAULTS, save_config=ckpt is None)
 
     # --- data: pairs, tokens, critical flags
     meta = data.load_run_data(cfg, dist, log)
