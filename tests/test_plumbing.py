@@ -73,26 +73,29 @@ def _assert_same(a, b, where):
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, tiny_phantom, text_dir):
-    """Each script: 4 steps straight, and 2 steps + a resume to 4 (records past the checkpoint left in metrics.jsonl,
-    as a killed run leaves them). Returns {script: (straight dir, resumed dir)}."""
-    root = tmp_path_factory.mktemp("resume")
-    out = {}
-    for script in SCRIPTS:
-        data_dir = text_dir if script == "train_gpt.py" else tiny_phantom
-        steps = ["--eval_interval=2", "--lr_decay_iters=4"]
-        straight, half = str(root / f"{script}_straight"), str(root / f"{script}_resumed")
-        _run(script, data_dir, straight, "--max_iters=4", *steps)
-        _run(script, data_dir, half, "--max_iters=2", *steps)
-        with open(os.path.join(half, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"split": "train", "iter": 3, "loss": 1.0}) + "\n")
-        _run(script, data_dir, half, "--max_iters=4", "--init_from=resume", *steps)
-        out[script] = (straight, half)
-    return out
+    """resumed(script): 4 steps straight, and 2 steps + a resume to 4 (a record past the checkpoint left in
+    metrics.jsonl, as a killed run leaves it), made once per module. Returns (straight dir, resumed dir)."""
+    root, runs = tmp_path_factory.mktemp("resume"), {}
+
+    def make(script):
+        if script not in runs:
+            data_dir = text_dir if script == "train_gpt.py" else tiny_phantom
+            steps = ["--eval_interval=2", "--lr_decay_iters=4"]
+            straight, half = str(root / f"{script}_straight"), str(root / f"{script}_resumed")
+            _run(script, data_dir, straight, "--max_iters=4", *steps)
+            _run(script, data_dir, half, "--max_iters=2", *steps)
+            with open(os.path.join(half, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"split": "train", "iter": 3, "loss": 1.0}) + "\n")
+            _run(script, data_dir, half, "--max_iters=4", "--init_from=resume", *steps)
+            runs[script] = (straight, half)
+        return runs[script]
+    return make
 
 
-@pytest.mark.parametrize("script", list(SCRIPTS))
+# train.py's weights-only resume check is in the fast suite (test_train.py::test_resume_is_exact)
+@pytest.mark.parametrize("script", [pytest.param("train.py", marks=pytest.mark.slow), "train_clip.py", "train_gpt.py"])
 def test_resume_is_bit_exact_and_keeps_the_run_folder_clean(resumed, script):
-    straight, half = resumed[script]
+    straight, half = resumed(script)
     a, b = _ckpt(straight), _ckpt(half)
     assert a["iter"] == b["iter"] == 4
     for key in common.CKPT_KEYS:
@@ -105,15 +108,17 @@ def test_resume_is_bit_exact_and_keeps_the_run_folder_clean(resumed, script):
     assert json.load(open(os.path.join(half, "config.json")))["max_iters"] == 2
 
 
+@pytest.mark.slow
 def test_one_checkpoint_schema_and_slim_best(resumed):
-    for script, (straight, _) in resumed.items():
+    for script in SCRIPTS:
+        straight = resumed(script)[0]
         ck, best = _ckpt(straight), _ckpt(straight, "best.pt")
         assert tuple(ck) == common.CKPT_KEYS and tuple(best) == common.CKPT_KEYS, script
         assert ck["script"] == script and ck["meta"]["data_hash"] and len(ck["rng"]) == 1
         assert set(ck["rng"][0]["numpy"]) == {"keys", "pos", "has_gauss", "gauss"} and "gauss_next" in ck["rng"][0]["python"]
         assert ck["optimizer"] and all(best[k] is None for k in common.TRAINING_STATE), script
     # best.pt holds weights and metrics only: <= 1.2x the weights of the model (train.py, no EMA)
-    straight = resumed["train.py"][0]
+    straight = resumed("train.py")[0]
     model = _ckpt(straight, "best.pt")["model"]
     weights = os.path.join(straight, "weights_only.pt")
     torch.save(model, weights)
@@ -124,25 +129,25 @@ def test_one_checkpoint_schema_and_slim_best(resumed):
 
 def test_refusals_name_the_fix(tmp_path, tiny_phantom, text_dir):
     out = str(tmp_path / "run")
-    _run("train.py", tiny_phantom, out, "--max_iters=0")
+    _run("train_clip.py", tiny_phantom, out, "--max_iters=0")
     with pytest.raises(FileExistsError, match="already holds a run.*--overwrite=True"):
-        _run("train.py", tiny_phantom, out, "--max_iters=0")
-    _run("train.py", tiny_phantom, out, "--max_iters=0", "--overwrite=True")
+        _run("train_clip.py", tiny_phantom, out, "--max_iters=0")
+    _run("train_clip.py", tiny_phantom, out, "--max_iters=0", "--overwrite=True")
     assert len([r for r in _records(out) if r.get("final")]) == 1
     # resume onto other data: refused unless allow_data_change
     other = str(tmp_path / "other_phantom")
     import data
     data.prepare_phantom(other, n_images=300, image_size=32, seed=1)
     with pytest.raises(ValueError, match="other data.*--allow_data_change=True"):
-        _run("train.py", other, out, "--max_iters=1", "--init_from=resume")
-    _run("train.py", other, out, "--max_iters=1", "--init_from=resume", "--allow_data_change=True")
+        _run("train_clip.py", other, out, "--max_iters=1", "--init_from=resume")
+    _run("train_clip.py", other, out, "--max_iters=1", "--init_from=resume", "--allow_data_change=True")
     # a failed start leaves no run folder behind
     failed = tmp_path / "failed"
     with pytest.raises(ValueError, match="init_from"):
         _run("train_gpt.py", text_dir, str(failed), "--init_from=bogus")
     assert not failed.exists()
     # another script's checkpoint is not resumed
-    with pytest.raises(ValueError, match="train.py checkpoint"):
+    with pytest.raises(ValueError, match="train_clip.py checkpoint"):
         _run("train_gpt.py", text_dir, out, "--init_from=resume")
 
 
