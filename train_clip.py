@@ -189,11 +189,12 @@ def _set_rng(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def forward_backward(net, micro, dist, cfg, feature_cache=True):
+def forward_backward(net, micro, dist, cfg, feature_cache=True, scaler=None):
     """One optimizer step's forward + backward over this rank's micro-batches, leaving in .grad the gradient
     of the loss (feature_cache: over the whole global batch; else: the mean of per-micro-batch losses).
     micro: list of (images float (B,C,H,W), tokens (B,T), margin (B,) or None, weight (B,) or None, teacher
-    (image features, text features, scale) or None). Returns the loss (this rank's, detached)."""
+    (image features, text features, scale) or None). scaler: fp16's GradScaler (its scale on every backward).
+    Returns the loss (this rank's, detached)."""
     ctx_amp = common.autocast(dist.device, cfg["dtype"])
     k = len(micro)
 
@@ -204,7 +205,7 @@ def forward_backward(net, micro, dist, cfg, feature_cache=True):
                 with ctx_amp:
                     img, txt, scale = net(x, t)
                 loss = batch_loss(img.float(), txt.float(), scale.float(), dist, cfg, m, w, teach) / k
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()  # fp16: the GradScaler's scale
             total += loss.detach()
         return total
 
@@ -241,7 +242,7 @@ def forward_backward(net, micro, dist, cfg, feature_cache=True):
                 surrogate = surrogate + (img.float() * g_img[off:off + B]).sum()
             if txt.requires_grad:
                 surrogate = surrogate + (txt.float() * g_txt[off:off + B]).sum()
-            surrogate.backward()
+            (surrogate if scaler is None else scaler.scale(surrogate)).backward()
         off += B
     _set_rng(rng_now, dist.device)
     return loss.detach()
@@ -643,7 +644,7 @@ def _train(cfg, dist, log):
         # TRAINING SECTION: this rank's micro-batches, forward + backward (GradCache across them), the optimizer step
         micro = [micro_batch(x, idx, k, iter_num, tokens["train"], crit, teacher, cfg, meta, dist)
                  for k, (x, _, idx) in enumerate(loader.get(iter_num))]
-        loss = forward_backward(net, micro, dist, cfg, cfg["feature_cache"])
+        loss = forward_backward(net, micro, dist, cfg, cfg["feature_cache"], scaler)
         common.check_finite(loss, iter_num, cfg["out_dir"])
         norm = common.optimizer_step(optimizer, scaler, [p for p in raw.parameters() if p.requires_grad], cfg["grad_clip"])
         raw.clamp_logit_scale(cfg["max_logit_scale"])
