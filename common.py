@@ -8,6 +8,7 @@ import contextlib
 import errno
 import functools
 import glob
+import hashlib
 import importlib
 import json
 import math
@@ -27,6 +28,9 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import configurator
 
 # -----------------------------------------------------------------------------
 # distributed setup (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
@@ -166,15 +170,16 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
-def start_run(script, cfg, dist, log, save_config=True):
-    """The first lines of every train script: a header, the resolved config (printed; config.json in out_dir on
-    the master, with the provenance() fields), the tracker tags, per-rank seeds, TF32 matmuls on CUDA."""
-    import configurator
-    log.line(f"nanorad {script} | world {dist.world_size} | device {dist.device} | dtype {cfg['dtype']}")
-    log.line(configurator.format_config(cfg))
+def start_run(script, cfg, dist, log, defaults, save_config=True):
+    """The first lines of every train script: a header, the knobs that differ from the defaults (the full config is
+    config.json in out_dir, with the provenance() fields, written by the master unless a resumed run keeps the
+    original or the run only evaluates), the tracker tags, per-rank seeds, TF32."""
+    log.line(f"nanorad {script} | world {dist.world_size} | device {dist.device} | dtype {cfg['dtype']} | "
+             f"config (changed from the defaults; all of it in {cfg['out_dir']}/config.json):")
+    log.line(configurator.format_config(cfg, defaults))
     prov = provenance(cfg, dist.world_size)
     log.set_tags(script=script, **prov)
-    if dist.master and save_config:
+    if dist.master and save_config and not cfg["eval_only"]:
         with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
             json.dump({**cfg, **prov}, f, indent=2)
     seed_everything(cfg["seed"] + dist.rank)
@@ -307,7 +312,12 @@ def _checkpoint_alternatives(path):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate()[1]}
+    """This process's full RNG state in plain types: torch (+ CUDA), numpy's whole MT19937 state, python's random."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "state": list(internal), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -315,16 +325,341 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, list):  # checkpoints before the full state: numpy's key array, python's internal tuple
+        n, p = {"keys": n, "pos": 624, "has_gauss": 0, "gauss": 0.0}, {"version": 3, "state": p, "gauss_next": None}
+    np.random.set_state(("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng(dist):
+    """Every rank's RNG state (dropout, drop path), so that a resume continues exactly on each rank."""
+    state = rng_state()
+    if not dist.ddp:
+        return [state]
+    states = [None] * dist.world_size
+    tdist.all_gather_object(states, state)
+    return states
 
 
 def unwrap(model):
     """The raw module under DDP and torch.compile: what we save, evaluate and generate with."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+# -----------------------------------------------------------------------------
+# the run: one folder per run, refused when it holds another run, removed when a fresh start fails
+
+
+def launch(script_train, cfg, trackers=None):
+    """Processes, device, precision and the Logger around script_train(cfg, dist, log), cleaned up however it ends.
+    A fresh run into a folder that already holds a run is refused first; a start that fails before its first
+    checkpoint removes the run folder it created, so no empty run shows up in compare.py."""
+    check_run_dir(cfg)
+    fresh = not os.path.exists(cfg["out_dir"])
+    dist = setup_distributed(cfg["device"], cfg["backend"], timeout_s=cfg["dist_timeout"])
+    log = Logger(cfg["out_dir"], cfg if trackers is None else {**cfg, "trackers": trackers}, dist.master)
+    try:
+        cfg["dtype"] = resolve_dtype(cfg["dtype"], dist.device)
+        return script_train(cfg, dist, log)
+    except BaseException:
+        log.close()
+        if fresh and dist.master and not glob.glob(os.path.join(cfg["out_dir"], "*.pt")):
+            shutil.rmtree(cfg["out_dir"], ignore_errors=True)
+        raise
+    finally:
+        log.close()
+        cleanup_distributed()
+
+
+def check_run_dir(cfg):
+    """A fresh run (not init_from='resume', not eval_only) into an out_dir that holds ckpt.pt or metrics.jsonl is
+    refused unless overwrite=True, which removes that run's files first."""
+    out = cfg["out_dir"]
+    used = [f for f in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(out, f))]
+    if not used or cfg["init_from"] == "resume" or cfg["eval_only"]:
+        return
+    if not cfg["overwrite"]:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(used)}): continue it with --init_from=resume, "
+                              f"replace it with --overwrite=True, or choose another --out_dir")
+    if int(os.environ.get("RANK", 0)) == 0:
+        for pattern in ("*.pt", "metrics.jsonl", "train.log", "config.json"):
+            for f in glob.glob(os.path.join(out, pattern)):
+                os.remove(f)
+        shutil.rmtree(os.path.join(out, "tb"), ignore_errors=True)
+
+
+def check_init_from(cfg):
+    if cfg["init_from"] not in ("scratch", "pretrained", "resume"):
+        raise ValueError(f"init_from must be scratch, pretrained or resume, got {cfg['init_from']!r}")
+
+
+def wrap(raw, compile_model, dist):
+    """The network the loop calls: torch.compile'd and/or DDP-wrapped around the raw module (which we save)."""
+    net = torch.compile(raw) if compile_model else raw
+    if dist.ddp:
+        net = DDP(net, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+    return net
+
+
+# -----------------------------------------------------------------------------
+# the batch plan: gradient_accumulation_steps is global and split across the ranks
+
+
+def batch_plan(batch_size, gradient_accumulation_steps, world_size):
+    """(micro-steps per rank, global batch, a note or None). When the accumulation does not divide by the world
+    size, each rank rounds it (at least 1) and the note says which global batch the run really uses."""
+    gas = gradient_accumulation_steps
+    accum = max(1, round(gas / world_size))
+    note = None
+    if accum * world_size != gas:
+        note = (f"note: gradient_accumulation_steps={gas} does not divide by {world_size} ranks: each rank does {accum} "
+                f"micro-steps, {accum * world_size} in all (the global batch differs from a {gas}-step run)")
+    return accum, batch_size * accum * world_size, note
+
+
+# -----------------------------------------------------------------------------
+# resume-or-start: one checkpoint schema for the three scripts
+
+PROVENANCE_KEYS = ("git_commit", "git_dirty", "torch_version", "cuda_version", "world_size", "data_hash")
+CKPT_KEYS = ("model", "model_args", "config", "script", "iter", "best_metric", "best_iter", "bad_evals", "best_worst",
+             "meta", "tokenizer", "optimizer", "scaler", "rng", "ema", "trackers", *PROVENANCE_KEYS)
+TRAINING_STATE = ("optimizer", "scaler", "rng")  # in ckpt.pt only: best.pt / best_worst.pt carry weights + metrics
+
+
+def new_progress():
+    return {"iter": 0, "best_metric": None, "best_iter": -1, "bad_evals": 0, "best_worst": None}
+
+
+def resume_checkpoint(cfg, script, log):
+    """init_from='resume': out_dir/ckpt.pt (written by this script), or None with a line when there is none yet."""
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if cfg["init_from"] != "resume":
+        return None
+    if not os.path.exists(path):
+        log.line(f"init_from='resume' but {path} does not exist yet: starting from scratch")
+        return None
+    ckpt = load_checkpoint(path)
+    if "iter_num" in ckpt:  # train_gpt.py before the common schema: iter_num, best_val_loss, data, torch_rng
+        ckpt = {**ckpt, "script": script, "iter": ckpt["iter_num"], "best_metric": ckpt["best_val_loss"],
+                "best_iter": ckpt["iter_num"], "meta": {**ckpt["data"], "data_dir": ckpt["data"]["dir"]}}
+    if ckpt.get("script", script) != script:
+        raise ValueError(f"{path} is a {ckpt['script']} checkpoint: resume it with python {ckpt['script']}, "
+                         f"or give {script} another --out_dir")
+    return ckpt
+
+
+def data_hash(meta):
+    """meta.json's data_hash, or (older prepared data) a hash of the split sizes and the classes."""
+    if meta.get("data_hash"):
+        return meta["data_hash"]
+    blob = json.dumps({"splits": meta.get("splits"), "classes": meta.get("classes")}, sort_keys=True)
+    return "sizes-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def checkpoint_meta(meta, data_dir, keys, **extra):
+    """What a checkpoint records about its data: these meta.json keys, the folder and its hash."""
+    return {**{k: meta.get(k) for k in keys}, **extra, "data_dir": data_dir, "data_hash": data_hash(meta)}
+
+
+def restore(ckpt, cfg, meta, optimizer, scaler, dist, log, ema=None):
+    """Continue from ckpt.pt: refuse other data (unless allow_data_change), load the optimizer, scaler, EMA and this
+    rank's RNG, drop metrics.jsonl records past the checkpoint; returns the run's progress."""
+    old, new = ckpt["meta"].get("data_hash"), data_hash(meta)
+    prog = {k: ckpt.get(k, v) for k, v in new_progress().items()}
+    if old and old != new:
+        if not cfg["allow_data_change"]:
+            raise ValueError(f"{cfg['out_dir']}/ckpt.pt was trained on other data ({ckpt['meta'].get('data_dir')}, hash "
+                             f"{old}) than {meta.get('data_dir', 'this data')} (hash {new}): resume on the same data, or "
+                             f"pass --allow_data_change=True to continue on this data")
+        log.line(f"allow_data_change: the data changed ({old} -> {new}); the best metric so far is forgotten")
+        prog.update(best_metric=None, best_iter=-1, bad_evals=0, best_worst=None)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.module.load_state_dict(ckpt["ema"])
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"][min(dist.rank, len(ckpt["rng"]) - 1)])
+    log.resume(ckpt.get("trackers"))  # the same MLflow / W&B run continues, before any metric is logged
+    if dist.master:
+        truncate_metrics(cfg["out_dir"], prog["iter"])
+    log.line(f"resumed from {cfg['out_dir']}/ckpt.pt at iter {prog['iter']} "
+             f"(best {cfg['select_metric']} {prog['best_metric']} @ {prog['best_iter']})")
+    return prog
+
+
+def truncate_metrics(out_dir, it):
+    """A resumed run repeats the steps after its checkpoint: drop their records (and the final one) first."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in records if not r.get("final") and r.get("iter", r.get("step", 0)) <= it]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(path + ".tmp", path)
+
+
+def make_ema(raw, decay):
+    """EMA of the weights (buffers too), or None for decay 0; its first average is the initial weights."""
+    if decay <= 0:
+        return None
+    ema = torch.optim.swa_utils.AveragedModel(raw, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
+                                              use_buffers=True)
+    ema.update_parameters(raw)
+    return ema
+
+
+def save_run(cfg, dist, log, script, it, prog, improved, raw, model_args, meta, optimizer, scaler, ema=None,
+             tokenizer=None, worst_improved=False):
+    """Every rank's RNG (a collective), then on the master: ckpt.pt (all of it), best.pt / best_worst.pt when they
+    improved (no optimizer, scaler or RNG), ckpt_<iter>.pt rotated to the keep_last newest."""
+    rng = gather_rng(dist)
+    if not dist.master or cfg["eval_only"]:
+        return
+    state = {"model": raw.state_dict(), "model_args": model_args, "config": cfg, "script": script,
+             **prog, "iter": it, "meta": meta, "tokenizer": tokenizer, "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "rng": rng, "ema": None if ema is None else ema.module.state_dict(),
+             "trackers": log.tracker_ids(), **provenance(cfg, dist.world_size)}
+    assert tuple(state) == CKPT_KEYS, f"checkpoint keys {tuple(state)} drifted from CKPT_KEYS"
+    out = cfg["out_dir"]
+    save_checkpoint(state, os.path.join(out, "ckpt.pt"))
+    weights_only = {**state, **{k: None for k in TRAINING_STATE}}
+    for name, better in (("best.pt", improved), ("best_worst.pt", worst_improved)):
+        if better:
+            save_checkpoint(weights_only, os.path.join(out, name))
+    if cfg["keep_last"] > 0:
+        save_checkpoint(state, os.path.join(out, f"ckpt_{it:07d}.pt"))
+        for old in sorted(glob.glob(os.path.join(out, "ckpt_*.pt")))[:-cfg["keep_last"]]:
+            os.remove(old)
+
+
+# -----------------------------------------------------------------------------
+# the loop's pieces: when to evaluate, the step, selection and early stop, the log line
+
+
+def eval_due(it, cfg, last_step, resumed_at):
+    """Every eval_interval, at the last step and for eval_only; not again at the step a resumed run starts from."""
+    return (it % cfg["eval_interval"] == 0 or last_step or cfg["eval_only"]) and it != resumed_at
+
+
+def schedule_lr(optimizer, it, cfg):
+    """Warmup -> plateau -> cosine to min_lr at lr_decay_iters (0 = max_iters); sets and returns the step's LR."""
+    lr = get_lr(it, cfg["learning_rate"], cfg["warmup_iters"], cfg["plateau_iters"],
+                cfg["lr_decay_iters"] or cfg["max_iters"], cfg["min_lr"])
+    set_lr(optimizer, lr)
+    return lr
+
+
+def grad_sync(net, last):
+    """DDP all-reduces gradients only on the last micro-step of an optimizer step."""
+    return net.no_sync() if isinstance(net, DDP) and not last else contextlib.nullcontext()
+
+
+def check_finite(loss, it, out_dir):
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"non-finite loss ({float(loss)}) at iter {it}: stopping; the last good checkpoint "
+                                 f"{out_dir}/ckpt.pt is intact. Try a lower learning_rate or dtype=float32.")
+
+
+def optimizer_step(optimizer, scaler, params, grad_clip):
+    """unscale -> clip (grad_clip > 0) or only measure -> step -> update -> zero_grad. Returns the global norm of the
+    unscaled gradients as a device tensor (no host sync here)."""
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = grad_norm(params)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def macro_note(record, key):
+    """' (over 13/14 classes; undefined in val: X)' when a macro metric leaves classes out, else ''."""
+    per = record.get(key[: -len("_macro")]) if key.endswith("_macro") else None
+    if not isinstance(per, dict):
+        return ""
+    bad = [c for c, v in per.items() if v is None or not math.isfinite(v)]
+    return (f" (over {len(per) - len(bad)}/{len(per)} classes; no positives or no negatives in val: {', '.join(bad)})"
+            if bad else "")
+
+
+def higher_is_better(key):
+    """AUC, AP, recall, BLEU: higher; a loss, rank, perplexity or bits per byte: lower."""
+    return not any(word in key for word in ("loss", "rank", "ppl", "bpb"))
+
+
+def select(prog, record, cfg, higher_better, it):
+    """Count this eval into prog (best metric, its iter, evals without improvement); True when it improved."""
+    key = cfg["select_metric"]
+    value = record.get(key)
+    if value is None:
+        raise ValueError(f"select_metric={key!r} is not in the eval record; choose one of "
+                         f"{sorted(k for k, v in record.items() if isinstance(v, float))}")
+    if not math.isfinite(value):
+        cause = ("no class has both positive and negative labels in the validation split (a class with no positives "
+                 "in val has no AUC): check pos_counts in meta.json, or choose another --select_metric"
+                 if key.endswith("_macro") else "the model's outputs are not finite")
+        raise ValueError(f"select_metric={key!r} is {value} at iter {it}: {cause}")
+    best = prog["best_metric"]
+    improved = best is None or (value > best if higher_better else value < best)
+    if improved:
+        prog.update(best_metric=value, best_iter=it, bad_evals=0)
+    elif not cfg["eval_only"]:
+        prog["bad_evals"] += 1
+    return improved
+
+
+def early_stop(prog, cfg, log):
+    if cfg["early_stop_patience"] > 0 and prog["bad_evals"] >= cfg["early_stop_patience"]:
+        log.line(f"early stop: {prog['bad_evals']} evals without a better {cfg['select_metric']} "
+                 f"(best {prog['best_metric']:.4f} @ {prog['best_iter']})")
+        return True
+    return False
+
+
+def log_step(log, dist, timer, it, cfg, loss, norm, lr, items, unit, flops=None, peak=None, extra=None, jsonl=False):
+    """The one log line per step, `iter | loss | norm | lr | ms | <unit>/s | mfu | eta`, and the same numbers to
+    TensorBoard (and metrics.jsonl with jsonl=True). loss: this rank's loss of the step as a device tensor, reduced
+    here with one all-reduce; items: what one step processes (images, pairs, tokens); flops: per step, all ranks."""
+    dt = timer.lap()
+    loss = float(all_reduce_mean(loss.reshape(1), dist)[0])
+    rate = items / dt
+    mfu = flops / dt / (peak * dist.world_size) if flops and peak else None
+    if mfu is None and not timer.mfu_explained:
+        timer.mfu_explained = True
+        log.line("mfu -: " + ("no peak-FLOPs table for CPUs (python bench.py measures this machine's matmul peak)"
+                              if not dist.device.startswith("cuda") else
+                              "this GPU is not in common.PEAK_FLOPS or the model has no FLOPs count"))
+    extra = extra or {}
+    log.line(f"iter {it:6d} | loss {loss:.4f} | norm {float(norm):6.3f} | lr {lr:.2e} | {1000 * dt:7.1f} ms | "
+             f"{rate:9.1f} {unit}/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | eta "
+             f"{timer.eta(cfg['max_iters'] - it)}" + "".join(f" | {k} {v:.2f}" for k, v in extra.items()))
+    values = {"loss": loss, "grad_norm": float(norm), "lr": lr, "ms": 1000 * dt, f"{unit}_per_s": rate, "mfu": mfu, **extra}
+    log.scalars(values, it, "train/")
+    if jsonl:
+        log.jsonl({"split": "train", "iter": it, **values})
+    return loss
+
+
+def finish(log, prog, cfg, it, timer, **extra):
+    """The final record (metrics.jsonl) and line of a run."""
+    key = cfg["select_metric"]
+    final = {"final": True, "split": "val", "best_iter": prog["best_iter"], "best_metric": prog["best_metric"],
+             "select_metric": key, f"best_{key}": prog["best_metric"], "iters": it,
+             "time_s": round(time.time() - timer.start, 1), **extra}
+    log.jsonl(final)
+    best = float("nan") if prog["best_metric"] is None else prog["best_metric"]
+    log.line(f"done: best {key} {best:.4f} at iter {prog['best_iter']} | {final['time_s']:.0f} s | {cfg['out_dir']}")
+    return final
+
 
 
 # -----------------------------------------------------------------------------
@@ -653,18 +988,56 @@ class Logger:
 
 
 class Timer:
-    """Wall time between calls, synchronising CUDA so the number is the real step time."""
+    """Training time per step with evaluation left out, CUDA synchronised: `with timer.paused():` around an eval,
+    step() after each optimizer step, lap() at a log line -> mean seconds per step since the last lap."""
 
     def __init__(self, device):
         self.cuda = device.startswith("cuda")
-        self.t = time.perf_counter()
+        self.start = time.time()
+        self.t, self.elapsed, self.steps, self.total, self.done = self._now(), 0.0, 0, 0.0, 0
+        self.mfu_explained = False
 
-    def lap(self):
+    def _now(self):
         if self.cuda:
             torch.cuda.synchronize()
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.elapsed += self._now() - self.t
+        yield
+        self.t = self._now()
+
+    def step(self):
+        self.steps += 1
+
+    def lap(self):
+        now = self._now()
+        dt, self.elapsed, self.t = self.elapsed + now - self.t, 0.0, now
+        self.total, self.done = self.total + dt, self.done + self.steps
+        per_step, self.steps = dt / max(self.steps, 1), 0
+        return per_step
+
+    def eta(self, remaining):
+        return format_eta(remaining * self.total / max(self.done, 1))
+
+
+def tb_image_grid(log, tag, images, captions, step, cols=4):
+    """uint8 (N, H, W) images as one TensorBoard figure, each with its caption drawn under it (matplotlib)."""
+    if log.tb is None:
+        return
+    import matplotlib  # lazily: only runs that write TensorBoard draw figures
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, im, text in zip(axes.flat, images, captions):
+        ax.imshow(im, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(text, fontsize=6)
+    fig.tight_layout()
+    log.tb.add_figure(tag, fig, step)  # closes the figure
 
 
 def format_eta(seconds):

@@ -355,7 +355,8 @@ def launch(name, seeds, seed_start, train_args, out_root="out", nproc=1, evaluat
         if finished:
             print(f"[launch] {run}: finished before, skipping")
         else:
-            extra = ["--init_from=resume"] if os.path.exists(os.path.join(run, "ckpt.pt")) else []
+            extra = (["--init_from=resume"] if os.path.exists(os.path.join(run, "ckpt.pt")) else
+                     ["--overwrite=True"] if os.path.exists(mpath) else [])  # a start killed before its first ckpt.pt
             if nproc > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
             else:

@@ -10,6 +10,9 @@ True/False/true/false/1/0). A mistake is an error that names the key and the clo
 
 Scripts call it as `cfg = configurator.load(defaults, argv)` where `defaults` is the dict of their
 module-level knobs, then read everything from `cfg`.
+
+One vocabulary for the three train scripts: `tensorboard`, `init_from` = scratch | pretrained | resume and
+`pretrained_path`. The older names still load, with a one-line deprecation message (ALIASES, VALUE_ALIASES).
 """
 
 import ast
@@ -19,6 +22,19 @@ import os
 
 class ConfigError(ValueError):
     pass
+
+
+# old knob name -> its name now; (knob, old value) -> its value now
+ALIASES = {"tensorboard_log": "tensorboard", "init_path": "pretrained_path"}
+VALUE_ALIASES = {("init_from", "finetune"): "pretrained", ("init_from", "gpt2"): "pretrained"}
+
+
+def _alias(key, cfg, source):
+    """The current name of a knob given by its old name (with a deprecation line); other keys unchanged."""
+    if key not in cfg and ALIASES.get(key) in cfg:
+        print(f"{source}: {key!r} is deprecated, use {ALIASES[key]!r}")
+        return ALIASES[key]
+    return key
 
 
 def _closest(key, valid):
@@ -67,6 +83,7 @@ def load(defaults, argv=None):
             for key, value in ns.items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue
+                key = _alias(key, cfg, arg)
                 if key not in cfg:
                     raise ConfigError(f"{arg}: unknown config key {key!r}.{_closest(key, valid)}")
                 cfg[key] = _coerce(key, value, defaults[key], arg)
@@ -74,13 +91,22 @@ def load(defaults, argv=None):
         if "=" not in arg:
             raise ConfigError(f"argument {arg!r} must look like --key=value")
         key, text = arg[2:].split("=", 1)
+        key = _alias(key, cfg, f"--{key}")
         if key not in cfg:
             raise ConfigError(f"unknown config key {key!r}.{_closest(key, valid)} "
                               f"Valid keys: {', '.join(valid)}")
         cfg[key] = _coerce(key, _parse_literal(text, defaults[key]), defaults[key], f"--{key}")
+    for (key, old), new in VALUE_ALIASES.items():
+        if cfg.get(key) == old:
+            print(f"{key}={old!r} is deprecated, use {key}={new!r}")
+            cfg[key] = new
     return cfg
 
 
-def format_config(cfg):
-    width = max(len(k) for k in cfg) if cfg else 0
-    return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in cfg.items())
+def format_config(cfg, defaults=None):
+    """One `key = value` line per knob; with defaults, only the knobs that differ from them."""
+    items = [(k, v) for k, v in cfg.items() if defaults is None or defaults.get(k, object()) != v]
+    if not items:
+        return "  (all defaults)"
+    width = max(len(k) for k, _ in items)
+    return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in items)

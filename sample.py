@@ -53,6 +53,7 @@ def load_model(cfg):
     ckpt = common.load_checkpoint(path)
     model = GPT(gpt_config_from_dict(ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
+    ckpt.setdefault("data", {**ckpt.get("meta", {}), "dir": ckpt.get("meta", {}).get("data_dir")})  # the common schema's meta
     return model, tok_lib.from_dict(ckpt["tokenizer"]), ckpt
 
 

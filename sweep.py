@@ -217,7 +217,7 @@ def run_train_trial(cfg, params, trial_dir):
     """One train.py subprocess. Returns (status, value, note); a run past trial_timeout is killed."""
     os.makedirs(trial_dir, exist_ok=True)
     cmd = [sys.executable, cfg["train_script"]] + ([cfg["train_config"]] if cfg["train_config"] else [])
-    cmd += cfg["train_args"].split() + [f"--{k}={_arg(v)}" for k, v in params.items()] + [f"--out_dir={trial_dir}"]
+    cmd += cfg["train_args"].split() + [f"--{k}={_arg(v)}" for k, v in params.items()] + [f"--out_dir={trial_dir}", "--overwrite=True"]
     with open(os.path.join(trial_dir, "sweep_stdout.log"), "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()

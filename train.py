@@ -28,17 +28,13 @@ Relaunch with --init_from=resume (or torchrun --max-restarts=3 ... --init_from=r
 exactly where a killed run stopped; with no checkpoint yet it starts from scratch.
 """
 
-import contextlib
-import glob
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import configurator
@@ -60,7 +56,7 @@ dtype = "auto"  # auto (bfloat16 on a CUDA GPU that supports it, else float32) |
 compile = False  # torch.compile the model (GPU; minutes of warm-up)
 channels_last = False  # NHWC memory format for conv nets on GPU
 backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-tensorboard_log = True  # out_dir/tb; view with: tensorboard --logdir out
+tensorboard = True  # out_dir/tb; view with: tensorboard --logdir out
 trackers = "tensorboard"  # comma-separated: tensorboard | mlflow | wandb (pip install mlflow / wandb); e.g. tensorboard,mlflow
 mlflow_uri = ""  # MLflow tracking server, e.g. http://mlflow.lab:5000; "" = $MLFLOW_TRACKING_URI or MLflow's local default
 mlflow_experiment = "nanorad"  # MLflow experiment (created when missing); the run is named after out_dir
@@ -72,6 +68,9 @@ eval_interval = 200  # iterations between evaluations + checkpoints
 eval_only = False  # evaluate the initial/resumed model once and exit
 keep_last = 0  # also keep the last k periodic checkpoints ckpt_<iter>.pt (0 = only ckpt.pt + best.pt)
 eval_batch_size = 256  # per process
+overwrite = False  # True: a fresh run may replace the run already in out_dir (its checkpoints and metrics are removed)
+allow_data_change = False  # True: init_from=resume may continue on data other than the checkpoint's (the best so far is reset)
+dist_timeout = 600  # seconds a collective waits for a peer before failing
 # model
 model = "convnext_atto"  # convnext_{atto..base} | vit_{tiny,small,base} | vit_cxr | tv:<torchvision name>
 image_size = 64  # must equal the prepared data's image_size
@@ -249,73 +248,162 @@ def run_eval(net, split, cfg, meta, dist, loss_fn, inputs=None):
 
 def main(argv=None):
     cfg = configurator.load(DEFAULTS, sys.argv[1:] if argv is None else argv)
-
-    # --- setup: processes, device, precision, seed, run folder
-    dist = common.setup_distributed(cfg["device"], cfg["backend"])
-    cfg["dtype"] = common.resolve_dtype(cfg["dtype"], dist.device)
-    log = common.Logger(cfg["out_dir"], cfg, dist.master)
-    try:
-        return _train(cfg, dist, log)
-    finally:
-        log.close()
-        common.cleanup_distributed()
+    return common.launch(_train, cfg)
 
 
 def _train(cfg, dist, log):
-    master = dist.master
-    common.start_run("train.py", cfg, dist, log)
+    common.check_init_from(cfg)
+    ckpt = common.resume_checkpoint(cfg, "train.py", log)
+    common.start_run("train.py", cfg, dist, log, DEFAULTS, save_config=ckpt is None)
 
     # --- data
     meta = data.load_run_data(cfg, dist, log)
     task, classes = meta["task"], meta["classes"]
     train_split = data.PreparedSplit(cfg["data_dir"], "train")
     val_split = data.PreparedSplit(cfg["data_dir"], "val")
-
-    gas = cfg["gradient_accumulation_steps"]
-    assert gas % dist.world_size == 0, f"gradient_accumulation_steps={gas} must be divisible by the world size {dist.world_size}"
-    accum = gas // dist.world_size
-    global_batch = cfg["batch_size"] * gas
+    accum, global_batch, note = common.batch_plan(cfg["batch_size"], cfg["gradient_accumulation_steps"], dist.world_size)
+    if note:
+        log.line(note)
     log.line(f"data: {cfg['data_dir']} | {task} | {len(classes)} classes | train {len(train_split)} | val {len(val_split)} | "
              f"global batch {global_batch} = {cfg['batch_size']} x {accum} accum x {dist.world_size} ranks | "
              f"{len(train_split) / global_batch:.1f} iters/epoch | {cfg['max_iters'] * global_batch / len(train_split):.1f} epochs")
-
-    labels_np = np.asarray(train_split.labels)
-    pos_w = None
-    if cfg["pos_weight"] == "auto":
-        assert task == "multilabel", "pos_weight='auto' is for multi-label data"
-        pos = np.nansum(labels_np, 0)
-        neg = np.sum(~np.isnan(labels_np), 0) - pos
-        pos_w = torch.tensor(neg / np.maximum(pos, 1), dtype=torch.float32, device=dist.device)
-    elif cfg["pos_weight"] != "none":
-        raise ValueError(f"pos_weight must be 'none' or 'auto', got {cfg['pos_weight']!r}")
+    pos_w = pos_weights(cfg, task, np.asarray(train_split.labels), dist.device)
     loss_fn = make_loss_fn(cfg, task, pos_w)
     eval_loss_fn = make_loss_fn(cfg, task, None if pos_w is None else pos_w.cpu())
 
-    # --- model
-    ckpt = None
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if cfg["init_from"] == "resume":
-        if os.path.exists(ckpt_path):
-            ckpt = common.load_checkpoint(ckpt_path)
-            want = "fusion" if cfg["modalities"] else cfg["model"]
-            if ckpt["model_args"]["model"] != want:
-                raise ValueError(f"{ckpt_path} holds a {ckpt['model_args']['model']} model but this run builds {want!r} "
-                                 f"(model={cfg['model']!r}, modalities={cfg['modalities']!r}): match them or use another out_dir")
-        else:
-            log.line(f"init_from='resume' but {ckpt_path} does not exist yet: starting from scratch")
-    elif cfg["init_from"] not in ("scratch", "pretrained"):
-        raise ValueError(f"init_from must be scratch, pretrained or resume, got {cfg['init_from']!r}")
-    fused = bool(cfg["modalities"])  # image + text + clinical (fusion.py); the vision-only ablation row is modalities='vision'
+    # --- model, teacher, optimizer (over every parameter; the fine-tune mode then freezes some: AdamW skips them)
+    raw, inputs = build_classifier(cfg, ckpt, classes, train_split, val_split, log)
+    raw.to(dist.device)
+    if cfg["channels_last"]:
+        raw = raw.to(memory_format=torch.channels_last)
+    fused = bool(cfg["modalities"])
+    flops_per_img = 3 * (fusion.estimate_flops(raw, dist.device) if fused else
+                         models.estimate_flops(raw, cfg["image_size"], cfg["in_chans"]))  # fwd + bwd ~ 3x fwd
+    log.line(f"model: {cfg['model']} | {models.get_num_params(raw) / 1e6:.2f}M params | "
+             f"{flops_per_img / 3 / 1e9:.3f} GFLOPs/img forward at {cfg['image_size']}px")
+    teacher = None
+    if cfg["teacher_ckpt"]:
+        teacher = load_teacher(cfg["teacher_ckpt"], dist.device, classes)
+        log.line(f"distilling from {cfg['teacher_ckpt']} ({teacher[0].model_args['model']}, "
+                 f"alpha {cfg['distill_alpha']}, T {cfg['distill_temperature']})")
+    mode = cfg["finetune_mode"]
+    if mode not in ("full", "linear_probe", "two_stage"):
+        raise ValueError(f"finetune_mode must be full, linear_probe or two_stage, got {mode!r}")
+    groups = models.param_groups(raw, cfg["weight_decay"], cfg["layer_decay"], cfg["lr_backbone_mult"])
+    optimizer = common.make_optimizer(groups, cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), dist.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")
+    ema = common.make_ema(raw, cfg["ema_decay"])
+    ckpt_meta = common.checkpoint_meta(meta, cfg["data_dir"], ("classes", "task", "mean", "std"),
+                                       imagenet_norm=cfg["norm"] == "imagenet")
+    prog = common.new_progress()
+    if ckpt is not None:
+        prog = common.restore(ckpt, cfg, ckpt_meta, optimizer, scaler, dist, log, ema)
+    ckpt = None  # free the memory
+    iter_num = prog["iter"]
+    in_stage1 = lambda it: mode == "two_stage" and it < cfg["freeze_iters"]  # noqa: E731
+    if dist.ddp and dist.device.startswith("cuda") and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in raw.modules()):
+        raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    if mode == "linear_probe" or in_stage1(iter_num):
+        models.freeze_backbone(raw)
+    net = common.wrap(raw, cfg["compile"], dist)
+    loader = data.Loader(train_split, cfg["batch_size"], accum, cfg["seed"], dist.rank, dist.world_size,
+                         dist.device, start_step=iter_num)
+    peak = common.device_peak_flops(dist.device, cfg["dtype"])
+
+    # --- the loop
+    log.line(f"training {cfg['max_iters']} iterations from iter {iter_num}")
+    timer = common.Timer(dist.device)
+    resumed_at = iter_num if iter_num > 0 else -1
+    while True:
+        last_step = iter_num >= cfg["max_iters"]
+        lr = stage_lr(optimizer, iter_num, cfg)
+
+        # evaluate, log and checkpoint
+        if common.eval_due(iter_num, cfg, last_step, resumed_at):
+            with timer.paused():
+                record, probs = evaluate_and_log(raw, ema, val_split, cfg, meta, dist, eval_loss_fn, inputs["val"], log,
+                                                 iter_num, prog)
+                improved = common.select(prog, record, cfg, common.higher_is_better(cfg["select_metric"]), iter_num)
+                worst_improved = "auc_worst" in record and (prog["best_worst"] is None or record["auc_worst"] > prog["best_worst"])
+                if worst_improved:
+                    prog["best_worst"] = record["auc_worst"]
+                log.line(f"  best {cfg['select_metric']} {prog['best_metric']:.4f} @ {prog['best_iter']}")
+                log.jsonl(record)
+                if dist.master:
+                    _tensorboard_eval(log, record, probs, val_split, meta, iter_num)
+                common.save_run(cfg, dist, log, "train.py", iter_num, prog, improved, raw, raw.model_args, ckpt_meta,
+                                optimizer, scaler, ema, worst_improved=worst_improved)
+            if not in_stage1(iter_num) and common.early_stop(prog, cfg, log):
+                last_step = True
+        if last_step or cfg["eval_only"]:
+            break
+
+        # two_stage: unfreeze the backbone after freeze_iters
+        if mode == "two_stage" and iter_num == cfg["freeze_iters"] and iter_num > 0:
+            models.unfreeze(raw)
+            net = common.wrap(raw, cfg["compile"], dist)
+            prog["bad_evals"] = 0  # early stopping counts stage-2 evals only
+            log.line(f"iter {iter_num}: two_stage unfreezes the backbone (backbone LR x{cfg['lr_backbone_mult']})")
+
+        # TRAINING SECTION: micro-steps with the gradient sync on the last one, then the optimizer step
+        micro = loader.get(iter_num)
+        loss_sum = torch.zeros((), device=dist.device)
+        for k, (x, y, idx) in enumerate(micro):
+            with common.grad_sync(net, k == len(micro) - 1):
+                loss = micro_loss(net, teacher, x, y, idx, k, iter_num, cfg, meta, dist, loss_fn, inputs["train"])
+                loss = loss / len(micro)
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        common.check_finite(loss_sum, iter_num, cfg["out_dir"])
+        norm = common.optimizer_step(optimizer, scaler, [p for p in raw.parameters() if p.requires_grad], cfg["grad_clip"])
+        if ema is not None:
+            ema.update_parameters(raw)
+        iter_num += 1
+        timer.step()
+        # TRAINING SECTION END: what follows is the log line
+
+        if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
+            common.log_step(log, dist, timer, iter_num, cfg, loss_sum, norm, lr, global_batch, "img",
+                            flops_per_img * global_batch, peak)
+
+    return common.finish(log, prog, cfg, iter_num, timer, best_auc_worst=prog["best_worst"])
+
+
+# -----------------------------------------------------------------------------
+# the pieces of _train: loss weights, the model, the LR of each stage, one micro-step, an eval
+
+
+def pos_weights(cfg, task, labels, device):
+    """pos_weight='auto': negatives / positives per class from the train split (multi-label), else None."""
+    if cfg["pos_weight"] == "none":
+        return None
+    if cfg["pos_weight"] != "auto":
+        raise ValueError(f"pos_weight must be 'none' or 'auto', got {cfg['pos_weight']!r}")
+    if task != "multilabel":
+        raise ValueError("pos_weight='auto' is for multi-label data; use --pos_weight=none")
+    pos = np.nansum(labels, 0)
+    neg = np.sum(~np.isnan(labels), 0) - pos
+    return torch.tensor(neg / np.maximum(pos, 1), dtype=torch.float32, device=device)
+
+
+def build_classifier(cfg, ckpt, classes, train_split, val_split, log):
+    """The image classifier (or fusion model) from the checkpoint, pretrained weights or scratch; with the
+    per-split modality arrays a fusion model reads by the batch's indices ({"train": None, "val": None} image-only)."""
+    fused = bool(cfg["modalities"])  # image + text + clinical (fusion.py); the vision-only ablation is modalities='vision'
+    if ckpt is not None:
+        want = "fusion" if fused else cfg["model"]
+        if ckpt["model_args"]["model"] != want:
+            raise ValueError(f"{cfg['out_dir']}/ckpt.pt holds a {ckpt['model_args']['model']} model but this run builds "
+                             f"{want!r} (model={cfg['model']!r}, modalities={cfg['modalities']!r}): match them or use another out_dir")
     if fused and cfg["mixup_alpha"] > 0:
         raise ValueError("mixup_alpha > 0 mixes images but not their text or clinical variables: use --mixup_alpha=0 with modalities")
-    if fused:
-        # the clinical encoding (train-split mean/std, categories) lives in model_args: a resumed run keeps it
+    if fused:  # the clinical encoding (train-split mean/std, categories) lives in model_args: a resumed run keeps it
         raw = fusion.build_fusion(**(ckpt["model_args"] if ckpt is not None else
                                      fusion.fusion_args_from_cfg(cfg, len(classes), train_split)))
     else:
         raw = models.build_model(cfg["model"], num_classes=len(classes), in_chans=cfg["in_chans"], image_size=cfg["image_size"],
                                  drop_path=cfg["drop_path"], dropout=cfg["dropout"], grad_checkpoint=cfg["grad_checkpoint"])
-    if cfg["init_from"] == "pretrained" and ckpt is None:
+    if cfg["init_from"] == "pretrained":
         if not cfg["pretrained_path"]:
             raise ValueError("init_from='pretrained' needs --pretrained_path=<file> or torchvision:<WeightsEnum.NAME>")
         if fused:  # the vision encoder: a train.py / train_clip.py checkpoint (head dropped) or any load_pretrained file
@@ -325,261 +413,82 @@ def _train(cfg, dist, log):
             models.load_pretrained(raw, cfg["pretrained_path"])
     if fused and ckpt is None and cfg["text_init"] and "text" in raw.modalities:
         log.line(fusion.load_text_init(raw, cfg["text_init"]))
-    # per-split modality arrays, row i = sample i: the training loop and eval look them up by the batch's indices
-    inputs = {"train": None, "val": None}
-    if fused:
-        inputs = {"train": fusion.split_inputs(train_split, raw.model_args), "val": fusion.split_inputs(val_split, raw.model_args)}
-        a = raw.model_args
-        log.line(f"fusion: modalities {a['modalities']} | {a['fusion']} | "
-                 + (f"text {a['text_column']!r} -> {a['text_encoder']} ({a['text_tokenizer']}, {a['text_context']} tokens) | " if "text" in raw.modalities else "")
-                 + (f"clinical {[s['name'] for s in a['clinical_spec']]} -> {a['clinical_dim']} features" if "clinical" in raw.modalities else ""))
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
-    raw.to(dist.device)
-    if cfg["channels_last"]:
-        raw = raw.to(memory_format=torch.channels_last)
-    flops_per_img = 3 * (fusion.estimate_flops(raw, dist.device) if fused else
-                         models.estimate_flops(raw, cfg["image_size"], cfg["in_chans"]))  # fwd + bwd ~ 3x fwd
-    log.line(f"model: {cfg['model']} | {models.get_num_params(raw) / 1e6:.2f}M params | "
-             f"{flops_per_img / 3 / 1e9:.3f} GFLOPs/img forward at {cfg['image_size']}px")
+    if not fused:
+        return raw, {"train": None, "val": None}
+    a = raw.model_args
+    log.line(f"fusion: modalities {a['modalities']} | {a['fusion']} | "
+             + (f"text {a['text_column']!r} -> {a['text_encoder']} ({a['text_tokenizer']}, {a['text_context']} tokens) | " if "text" in raw.modalities else "")
+             + (f"clinical {[s['name'] for s in a['clinical_spec']]} -> {a['clinical_dim']} features" if "clinical" in raw.modalities else ""))
+    return raw, {"train": fusion.split_inputs(train_split, a), "val": fusion.split_inputs(val_split, a)}
 
-    teacher = None
-    if cfg["teacher_ckpt"]:
-        teacher, teacher_meta = load_teacher(cfg["teacher_ckpt"], dist.device, classes)
-        log.line(f"distilling from {cfg['teacher_ckpt']} ({teacher.model_args['model']}, "
-                 f"alpha {cfg['distill_alpha']}, T {cfg['distill_temperature']})")
 
-    # --- optimizer (built over every parameter, then the fine-tune mode freezes some: AdamW skips params without grads)
-    mode = cfg["finetune_mode"]
-    if mode not in ("full", "linear_probe", "two_stage"):
-        raise ValueError(f"finetune_mode must be full, linear_probe or two_stage, got {mode!r}")
-    groups = models.param_groups(raw, cfg["weight_decay"], cfg["layer_decay"], cfg["lr_backbone_mult"])
-    optimizer = common.make_optimizer(groups, cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), dist.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")
-    ema = None
-    if cfg["ema_decay"] > 0:
-        ema = {k: v.detach().clone().float() for k, v in raw.state_dict().items()}
-    iter_num, best_metric, best_iter, bad_evals = 0, None, -1, 0
-    best_worst = None  # best worst-class AUC so far (best_worst.pt)
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema = {k: v.to(dist.device) for k, v in ckpt["ema"].items()}
-        iter_num, best_metric, best_iter = ckpt["iter"], ckpt["best_metric"], ckpt["best_iter"]
-        bad_evals = ckpt.get("bad_evals", 0)
-        best_worst = ckpt.get("best_worst")
-        log.resume(ckpt.get("trackers"))  # the same MLflow / W&B run continues
-        common.set_rng_state(ckpt["rng"][min(dist.rank, len(ckpt["rng"]) - 1)])
-        log.line(f"resumed from {ckpt_path} at iter {iter_num} (best {cfg['select_metric']} {best_metric})")
-    ckpt = None  # free the memory
-
-    def frozen_at(it):
-        return mode == "linear_probe" or (mode == "two_stage" and it < cfg["freeze_iters"])
-
-    def wrap(raw_model):
-        net = raw_model
-        if cfg["compile"]:
-            net = torch.compile(net)
-        if dist.ddp:
-            net = DDP(net, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
-        return net
-
-    if dist.ddp and dist.device.startswith("cuda") and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in raw.modules()):
-        raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-    if frozen_at(iter_num):
-        models.freeze_backbone(raw)
-    net = wrap(raw)
-
-    loader = data.Loader(train_split, cfg["batch_size"], accum, cfg["seed"], dist.rank, dist.world_size,
-                         dist.device, start_step=iter_num)
-    peak = common.device_peak_flops(dist.device, cfg["dtype"])
-    select, higher_better = cfg["select_metric"], cfg["select_metric"] != "loss"
-
-    def save(name, it):
-        state = {
-            "model": raw.state_dict(), "model_args": raw.model_args, "config": cfg, "iter": it,
-            "best_metric": best_metric, "best_iter": best_iter, "bad_evals": bad_evals, "best_worst": best_worst,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema, "rng": rng_all, "trackers": log.tracker_ids(), **common.provenance(cfg, dist.world_size),
-            "meta": {"classes": classes, "task": task, "mean": meta["mean"], "std": meta["std"],
-                     "imagenet_norm": cfg["norm"] == "imagenet", "data_dir": cfg["data_dir"]},
-        }
-        common.save_checkpoint(state, os.path.join(cfg["out_dir"], name))
-
-    # --- the loop
-    log.line(f"training {cfg['max_iters']} iterations from iter {iter_num}")
-    timer = common.Timer(dist.device)
-    t_start, iters_done, iters_since = time.time(), 0, 0
-    resumed_at = iter_num if cfg["init_from"] == "resume" and iter_num > 0 else -1
-    rng_all = None
-    while True:
-        last_step = iter_num >= cfg["max_iters"]
-        if mode == "two_stage" and cfg["stage2_lr"] > 0 and iter_num >= cfg["freeze_iters"]:
-            # stage 2: warmup again to stage2_lr (encoders x lr_backbone_mult), cosine to min_lr at lr_decay_iters
-            lr = common.get_lr(iter_num - cfg["freeze_iters"], cfg["stage2_lr"], cfg["warmup_iters"], 0,
-                               cfg["lr_decay_iters"] - cfg["freeze_iters"], cfg["min_lr"])
-        else:
-            lr = common.get_lr(iter_num, cfg["learning_rate"], cfg["warmup_iters"], cfg["plateau_iters"],
-                               cfg["lr_decay_iters"], cfg["min_lr"])
+def stage_lr(optimizer, it, cfg):
+    """The step's LR; two_stage with stage2_lr > 0 warms up again to stage2_lr after freeze_iters, then the cosine."""
+    if cfg["finetune_mode"] == "two_stage" and cfg["stage2_lr"] > 0 and it >= cfg["freeze_iters"]:
+        lr = common.get_lr(it - cfg["freeze_iters"], cfg["stage2_lr"], cfg["warmup_iters"], 0,
+                           cfg["lr_decay_iters"] - cfg["freeze_iters"], cfg["min_lr"])
         common.set_lr(optimizer, lr)
+        return lr
+    return common.schedule_lr(optimizer, it, cfg)
 
-        # evaluate, log and checkpoint
-        if (iter_num % cfg["eval_interval"] == 0 or last_step or cfg["eval_only"]) and iter_num != resumed_at:
-            record, probs = run_eval(raw, val_split, cfg, meta, dist, eval_loss_fn, inputs["val"])
-            aucs = [v for v in record.get("auc", {}).values() if v is not None and math.isfinite(v)]
-            if aucs:
-                record["auc_worst"] = min(aucs)  # the worst class's AUC: best_worst.pt keeps its best
-            record = {"iter": iter_num, "split": "val", **record}
-            if ema is not None:
-                ema_model = fusion.build_any(raw.model_args).to(dist.device)
-                ema_model.load_state_dict({k: v.to(raw.state_dict()[k].dtype) for k, v in ema.items()})
-                ema_record, _ = run_eval(ema_model, val_split, cfg, meta, dist, eval_loss_fn, inputs["val"])
-                record["ema"] = {k: ema_record[k] for k in ("loss", "auc_macro", "ap_macro", "acc") if k in ema_record}
-            value = record.get(select)
-            if value is None:
-                raise ValueError(f"select_metric={select!r} is not in the eval record; choose one of {sorted(record)}")
-            improved = best_metric is None or (value > best_metric if higher_better else value < best_metric)
-            if improved:
-                best_metric, best_iter, bad_evals = value, iter_num, 0
-            elif not cfg["eval_only"]:
-                bad_evals += 1
-            worst_improved = "auc_worst" in record and (best_worst is None or record["auc_worst"] > best_worst)
-            if worst_improved:
-                best_worst = record["auc_worst"]
-            per_class = " ".join(f"{c[:12]}={v:.3f}" for c, v in record.get("auc", {}).items())
-            log.line(f"eval iter {iter_num} | val loss {record['loss']:.4f} | auc_macro {record.get('auc_macro', float('nan')):.4f} | "
-                     f"ap_macro {record.get('ap_macro', float('nan')):.4f}"
-                     + (f" | acc {record['acc']:.4f}" if "acc" in record else "")
-                     + (f" | ema auc_macro {record['ema'].get('auc_macro', float('nan')):.4f}" if "ema" in record else "")
-                     + (f" | auc_worst {record['auc_worst']:.4f}" if "auc_worst" in record else "")
-                     + f" | best {select} {best_metric:.4f} @ {best_iter}")
-            if per_class:
-                log.line(f"  per-class AUC: {per_class}")
-            log.jsonl(record)
-            if master:
-                _tensorboard_eval(log, record, probs, val_split, meta, iter_num)
-            rng_all = _gather_rng(dist)
-            timer.lap()  # the step timing below excludes evaluation
-            iters_since = 0
-            if master and not cfg["eval_only"]:
-                save("ckpt.pt", iter_num)
-                if improved:
-                    save("best.pt", iter_num)
-                if worst_improved:
-                    save("best_worst.pt", iter_num)
-                if cfg["keep_last"] > 0:
-                    save(f"ckpt_{iter_num:07d}.pt", iter_num)
-                    for old in sorted(glob.glob(os.path.join(cfg["out_dir"], "ckpt_*.pt")))[:-cfg["keep_last"]]:
-                        os.remove(old)
-            in_stage1 = mode == "two_stage" and iter_num < cfg["freeze_iters"]
-            if cfg["early_stop_patience"] > 0 and bad_evals >= cfg["early_stop_patience"] and not in_stage1:
-                log.line(f"early stop: {bad_evals} evals without a better {select} (best {best_metric:.4f} @ {best_iter})")
-                last_step = True
-        if last_step or cfg["eval_only"]:
-            break
 
-        # switch the fine-tune stage: two_stage unfreezes the backbone after freeze_iters
-        if mode == "two_stage" and iter_num == cfg["freeze_iters"] and iter_num > 0:
-            models.unfreeze(raw)
-            net = wrap(raw)
-            bad_evals = 0  # early stopping counts stage-2 evals only
-            log.line(f"iter {iter_num}: two_stage unfreezes the backbone (backbone LR x{cfg['lr_backbone_mult']})")
+def micro_loss(net, teacher, x, y, idx, k, it, cfg, meta, dist, loss_fn, inputs):
+    """One micro-batch's loss: augmentation on [0, 1] pixels, a pure function of (seed, iter, rank, micro-step), mixup,
+    normalization, forward, task loss, mixed with the distillation loss when a teacher is set."""
+    x01 = x.float() / 255.0
+    gen = torch.Generator(device=x01.device)
+    gen.manual_seed(((cfg["seed"] * 1_000_003 + it) * 1009 + dist.rank) * 131 + k)
+    if cfg["augment"]:
+        x01 = data.augment(x01, gen, hflip=cfg["hflip"])
+    if cfg["mixup_alpha"] > 0:
+        x01, y = mixup(x01, y, cfg["mixup_alpha"], gen, meta["task"], len(meta["classes"]))
+    x = data.to_float(x01, meta["mean"], meta["std"], cfg["in_chans"], cfg["norm"] == "imagenet")
+    if cfg["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with common.autocast(dist.device, cfg["dtype"]):
+        logits = net(x, **fusion.batch_inputs(inputs, idx, dist.device))  # {} for an image-only model
+    loss = loss_fn(logits.float(), y)
+    if teacher is None:
+        return loss
+    t_net, t_meta = teacher
+    xt = data.to_float(x01, t_meta["mean"], t_meta["std"], t_net.model_args["in_chans"], t_meta["imagenet_norm"])
+    with torch.no_grad(), common.autocast(dist.device, cfg["dtype"]):
+        t_logits = t_net(xt)
+    a = cfg["distill_alpha"]
+    return (1 - a) * loss + a * distill_loss(logits.float(), t_logits.float(), meta["task"], cfg["distill_temperature"])
 
-        # forward/backward over the micro-steps, gradient sync only on the last one
-        micro = loader.get(iter_num)
-        loss_sum = 0.0
-        for k, (x, y, idx) in enumerate(micro):
-            sync = k == len(micro) - 1
-            ctx = net.no_sync() if dist.ddp and not sync else contextlib.nullcontext()
-            with ctx:
-                # augmentation on [0, 1] pixels, a pure function of (seed, iter, rank, micro-step); then normalize
-                x01 = x.float() / 255.0
-                gen = torch.Generator(device=x01.device)
-                gen.manual_seed(((cfg["seed"] * 1_000_003 + iter_num) * 1009 + dist.rank) * 131 + k)
-                if cfg["augment"]:
-                    x01 = data.augment(x01, gen, hflip=cfg["hflip"])
-                if cfg["mixup_alpha"] > 0:
-                    x01, y = mixup(x01, y, cfg["mixup_alpha"], gen, task, len(classes))
-                x = data.to_float(x01, meta["mean"], meta["std"], cfg["in_chans"], cfg["norm"] == "imagenet")
-                if cfg["channels_last"]:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with common.autocast(dist.device, cfg["dtype"]):
-                    logits = net(x, **fusion.batch_inputs(inputs["train"], idx, dist.device))  # {} image-only
-                loss = loss_fn(logits.float(), y)
-                if teacher is not None:
-                    xt = data.to_float(x01, teacher_meta["mean"], teacher_meta["std"], teacher.model_args["in_chans"],
-                                       teacher_meta["imagenet_norm"])
-                    with torch.no_grad(), common.autocast(dist.device, cfg["dtype"]):
-                        t_logits = teacher(xt)
-                    a = cfg["distill_alpha"]
-                    loss = (1 - a) * loss + a * distill_loss(logits.float(), t_logits.float(), task, cfg["distill_temperature"])
-                loss = loss / len(micro)
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if not torch.isfinite(loss_sum).all():
-            raise FloatingPointError(f"non-finite loss ({float(loss_sum)}) at iter {iter_num}: stopping; the last good "
-                                     f"checkpoint {ckpt_path} is intact. Try a lower learning_rate or dtype=float32.")
-        trainable = [p for p in raw.parameters() if p.requires_grad]
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
-        else:
-            norm = common.grad_norm(trainable)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            with torch.no_grad():
-                d = cfg["ema_decay"]
-                for k, v in raw.state_dict().items():
-                    ema[k].mul_(d).add_(v.float(), alpha=1 - d) if v.dtype.is_floating_point else ema[k].copy_(v)
 
-        # log
-        iter_num += 1
-        iters_done += 1
-        iters_since += 1
-        if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
-            dt = timer.lap() / iters_since
-            iters_since = 0
-            loss_val = float(common.all_reduce_mean(loss_sum.reshape(1), dist)[0])
-            img_s = global_batch / dt
-            mfu = "-" if peak is None else f"{100 * flops_per_img * img_s / (peak * dist.world_size):.1f}%"
-            eta = common.format_eta((cfg["max_iters"] - iter_num) * (time.time() - t_start) / iters_done)
-            log.line(f"iter {iter_num:6d} | loss {loss_val:.4f} | norm {float(norm):6.3f} | lr {lr:.2e} | "
-                     f"{1000 * dt:7.1f} ms | {img_s:7.1f} img/s | mfu {mfu} | eta {eta}")
-            scalars = {"train/loss": loss_val, "train/grad_norm": float(norm), "train/lr": lr, "perf/img_per_s": img_s}
-            for g in optimizer.param_groups:
-                scalars[f"lr/{g.get('name', 'group')}"] = g["lr"]
-            if dist.device.startswith("cuda"):
-                scalars["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            log.scalars(scalars, iter_num)
-
-    final = {"final": True, "best_iter": best_iter, "best_metric": best_metric, "select_metric": select,
-             f"best_{select}": best_metric, "best_auc_worst": best_worst, "iters": iter_num,
-             "time_s": round(time.time() - t_start, 1)}
-    log.jsonl(final)
-    log.line(f"done: best {select} {best_metric:.4f} at iter {best_iter} | {final['time_s']:.0f} s | {cfg['out_dir']}")
-    return final
+def evaluate_and_log(raw, ema, split, cfg, meta, dist, loss_fn, inputs, log, it, prog):
+    """The eval record at this iter (val metrics, the worst class's AUC, the EMA weights' metrics) and its lines."""
+    record, probs = run_eval(raw, split, cfg, meta, dist, loss_fn, inputs)
+    aucs = [v for v in record.get("auc", {}).values() if v is not None and math.isfinite(v)]
+    if aucs:
+        record["auc_worst"] = min(aucs)  # the worst class's AUC: best_worst.pt keeps its best
+    record = {"iter": it, "split": "val", **record}
+    if ema is not None:
+        ema_record, _ = run_eval(ema.module, split, cfg, meta, dist, loss_fn, inputs)
+        record["ema"] = {k: ema_record[k] for k in ("loss", "auc_macro", "ap_macro", "acc") if k in ema_record}
+    nan = float("nan")
+    log.line(f"eval iter {it} | val loss {record['loss']:.4f} | auc_macro {record.get('auc_macro', nan):.4f}"
+             f"{common.macro_note(record, 'auc_macro')} | ap_macro {record.get('ap_macro', nan):.4f}"
+             + (f" | acc {record['acc']:.4f}" if "acc" in record else "")
+             + (f" | ema auc_macro {record['ema'].get('auc_macro', nan):.4f}" if "ema" in record else "")
+             + (f" | auc_worst {record['auc_worst']:.4f}" if "auc_worst" in record else ""))
+    per_class = " ".join(f"{c[:12]}={v:.3f}" for c, v in record.get("auc", {}).items())
+    if per_class:
+        log.line(f"  per-class AUC: {per_class}")
+    return record, probs
 
 
 def _check_family(path, model_name):
     """A nanorad checkpoint from another model family is refused with both names."""
     if path.endswith((".pt", ".pth")) and os.path.exists(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "model_args" in obj and obj["model_args"].get("model", model_name) != model_name:
+        if isinstance(obj, dict) and "model_args" in obj and obj["model_args"]["model"] != model_name:
             raise ValueError(f"{path} holds a {obj['model_args']['model']} model but model={model_name!r}: "
                              f"use --model={obj['model_args']['model']} or another checkpoint")
-
-
-def _gather_rng(dist):
-    """Every rank's RNG state (dropout / drop path), so a resume continues exactly on each rank."""
-    state = common.rng_state()
-    if not dist.ddp:
-        return [state]
-    states = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
 
 
 def _tensorboard_eval(log, record, probs, split, meta, it):
@@ -594,19 +503,15 @@ def _tensorboard_eval(log, record, probs, split, meta, it):
             known = ~np.isnan(labels[:, j])
             if known.any():
                 log.tb.add_pr_curve(f"pr/{c}", labels[known, j].astype(bool), probs[known, j].numpy(), it)
-    # a grid of the first 16 validation images, captioned with true and top predicted findings
+    # the first 16 validation images in one grid, each captioned with its true and top predicted findings
     n = min(16, len(split))
-    imgs = torch.from_numpy(np.array(split.images[:n])).unsqueeze(1)
-    log.tb.add_images("val/images", imgs, it, dataformats="NCHW")
-    lines = []
+    captions = []
     for i in range(n):
-        if meta["task"] == "multilabel":
-            true = [c for j, c in enumerate(classes) if labels[i, j] == 1]
-            top = [f"{classes[j]} {probs[i, j]:.2f}" for j in torch.argsort(probs[i], descending=True)[:3].tolist()]
-        else:
-            true, top = [classes[int(labels[i])]], [f"{classes[j]} {probs[i, j]:.2f}" for j in torch.argsort(probs[i], descending=True)[:3].tolist()]
-        lines.append(f"{i}: true [{', '.join(true) or '-'}] | predicted [{', '.join(top)}]")
-    log.tb.add_text("val/images_captions", "  \n".join(lines), it)
+        true = ([c for j, c in enumerate(classes) if labels[i, j] == 1] if meta["task"] == "multilabel"
+                else [classes[int(labels[i])]])
+        top = [f"{classes[j]} {probs[i, j]:.2f}" for j in torch.argsort(probs[i], descending=True)[:2].tolist()]
+        captions.append(f"true: {', '.join(true) or '-'}\npred: {', '.join(top)}")
+    common.tb_image_grid(log, "val/images", np.asarray(split.images[:n]), captions, it)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,6 @@ Retrieval from a trained run (validation pool):
     python train_clip.py --eval_only=True --out_dir=out/clip_phantom --image=xray.png
 """
 
-import contextlib
-import glob
 import hashlib
 import json
 import os
@@ -48,13 +46,12 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import configurator
 import data
+import model as models
 import model_clip
 import tokenizer as tok_lib
 
@@ -70,7 +67,7 @@ device = "auto"  # auto | cpu | cuda | cuda:1
 dtype = "auto"  # auto (bfloat16 on a CUDA GPU that supports it, else float32) | float32 | bfloat16 | float16
 compile = False  # torch.compile the towers (GPU)
 backend = "auto"  # DDP backend: auto | nccl | gloo
-tensorboard_log = True  # out_dir/tb
+tensorboard = True  # out_dir/tb; view with: tensorboard --logdir out
 trackers = "tensorboard"  # comma-separated: tensorboard | mlflow | wandb (pip install mlflow / wandb); e.g. tensorboard,mlflow
 mlflow_uri = ""  # MLflow tracking server, e.g. http://mlflow.lab:5000; "" = $MLFLOW_TRACKING_URI or MLflow's local default
 mlflow_experiment = "nanorad"  # MLflow experiment (created when missing); the run is named after out_dir
@@ -83,6 +80,9 @@ eval_only = False  # evaluate (and answer --query / --image) once and exit
 eval_batch_size = 256  # per process
 val_size = 1000  # validation pool: the first val_size pairs of the val split (0 = all); retrieval ranks among them
 keep_last = 0  # also keep the last k periodic checkpoints
+overwrite = False  # True: a fresh run may replace the run already in out_dir (its checkpoints and metrics are removed)
+allow_data_change = False  # True: init_from=resume may continue on data other than the checkpoint's (the best so far is reset)
+dist_timeout = 600  # seconds a collective waits for a peer before failing
 # retrieval tool (with eval_only)
 query = ""  # a caption: print the top_k validation images
 image = ""  # an image file: print the top_k validation captions
@@ -195,25 +195,23 @@ def _set_rng(state, device):
         torch.cuda.set_rng_state(state[1], device)
 
 
-def forward_backward(net, micro, dist, cfg, feature_cache=True):
+def forward_backward(net, micro, dist, cfg, feature_cache=True, scaler=None):
     """One optimizer step's forward + backward over this rank's micro-batches, leaving in .grad the gradient
     of the loss (feature_cache: over the whole global batch; else: the mean of per-micro-batch losses).
     micro: list of (images float (B,C,H,W), tokens (B,T), margin (B,) or None, weight (B,) or None, teacher
-    (image features, text features, scale) or None). Returns the loss (this rank's, detached)."""
+    (image features, text features, scale) or None). scaler: fp16's GradScaler (its scale on every backward).
+    Returns the loss (this rank's, detached)."""
     ctx_amp = common.autocast(dist.device, cfg["dtype"])
     k = len(micro)
-
-    def sync_ctx(j):  # DDP all-reduces gradients only on the last micro-step
-        return net.no_sync() if dist.ddp and j < k - 1 else contextlib.nullcontext()
 
     if k == 1 or not feature_cache:
         total = 0.0
         for j, (x, t, m, w, teach) in enumerate(micro):
-            with sync_ctx(j):
+            with common.grad_sync(net, j == k - 1):
                 with ctx_amp:
                     img, txt, scale = net(x, t)
                 loss = batch_loss(img.float(), txt.float(), scale.float(), dist, cfg, m, w, teach) / k
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()  # fp16: the GradScaler's scale
             total += loss.detach()
         return total
 
@@ -242,7 +240,7 @@ def forward_backward(net, micro, dist, cfg, feature_cache=True):
     for j, (x, t, *_) in enumerate(micro):
         B = x.shape[0]
         _set_rng(rngs[j], dist.device)
-        with sync_ctx(j):
+        with common.grad_sync(net, j == k - 1):
             with ctx_amp:
                 img, txt, s = net(x, t)
             surrogate = s.float() * (g_scale / k)
@@ -250,7 +248,7 @@ def forward_backward(net, micro, dist, cfg, feature_cache=True):
                 surrogate = surrogate + (img.float() * g_img[off:off + B]).sum()
             if txt.requires_grad:
                 surrogate = surrogate + (txt.float() * g_txt[off:off + B]).sum()
-            surrogate.backward()
+            (surrogate if scaler is None else scaler.scale(surrogate)).backward()
         off += B
     _set_rng(rng_now, dist.device)
     return loss.detach()
@@ -508,6 +506,13 @@ class Teacher:
         self.tokens, self.lengths = load_tokens(cfg["data_dir"], "train", captions, self.tok, t, master)
         self.n_params, self.iter = sum(p.numel() for p in self.net.parameters()), ck["iter"]
 
+    def describe(self, cfg):
+        a = self.net.model_args
+        return (f"teacher: {cfg['teacher_ckpt']} (iter {self.iter}, {self.n_params / 1e6:.2f}M params, image "
+                f"{a['image_model']} at {a['image_size']} px, tokenizer {self.cfg['tokenizer']}) | loss = "
+                f"{1 - cfg['distill_alpha']:g} x InfoNCE + {cfg['distill_alpha']:g} x KL at T={cfg['distill_temperature']:g}"
+                + (f" + {cfg['distill_feature']:g} x feature cosine" if cfg["distill_feature"] else ""))
+
     @torch.no_grad()
     def __call__(self, x, idx):
         """x: the student's normalized (augmented) images; idx: their rows in the training split."""
@@ -558,42 +563,16 @@ def model_args_from_cfg(cfg):
 
 def main(argv=None):
     cfg = configurator.load(DEFAULTS, sys.argv[1:] if argv is None else argv)
-    dist = common.setup_distributed(cfg["device"], cfg["backend"])
-    cfg["dtype"] = common.resolve_dtype(cfg["dtype"], dist.device)
     quiet = cfg["eval_only"] and (cfg["query"] or cfg["image"])
-    log = common.Logger(cfg["out_dir"], {**cfg, "trackers": ""} if quiet else cfg, dist.master)
-    try:
-        return _train(cfg, dist, log)
-    finally:
-        log.close()
-        common.cleanup_distributed()
+    return common.launch(_train, cfg, "" if quiet else None)
 
 
 def _train(cfg, dist, log):
-    master = dist.master
-    common.start_run("train_clip.py", cfg, dist, log, save_config=not cfg["eval_only"])
+    common.check_init_from(cfg)
+    ckpt = eval_checkpoint(cfg, log) if cfg["eval_only"] else common.resume_checkpoint(cfg, "train_clip.py", log)
+    common.start_run("train_clip.py", cfg, dist, log, DEFAULTS, save_config=ckpt is None)
 
-    # --- checkpoint to resume or to evaluate
-    ckpt, ckpt_path = None, os.path.join(cfg["out_dir"], "ckpt.pt")
-    if cfg["init_from"] not in ("scratch", "pretrained", "resume"):
-        raise ValueError(f"init_from must be scratch, pretrained or resume, got {cfg['init_from']!r}")
-    if cfg["eval_only"] and cfg["init_from"] != "pretrained":
-        best = os.path.join(cfg["out_dir"], "best.pt")
-        path = best if os.path.exists(best) else ckpt_path
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"eval_only: no {best} or {ckpt_path}; train first (python train_clip.py "
-                                    f"--out_dir={cfg['out_dir']}) or pass --init_from=pretrained --pretrained_path=...")
-        ckpt = common.load_checkpoint(path)
-        for key in ("tokenizer", "tokenizer_path", "bpe_vocab_size", "context_length", "norm", "in_chans", "image_size"):
-            cfg[key] = ckpt["config"][key]  # the run's own choices; the rest of the command line still applies
-        log.line(f"eval_only: {path} (iter {ckpt['iter']})")
-    elif cfg["init_from"] == "resume":
-        if os.path.exists(ckpt_path):
-            ckpt = common.load_checkpoint(ckpt_path)
-        else:
-            log.line(f"init_from='resume' but {ckpt_path} does not exist yet: starting from scratch")
-
-    # --- data
+    # --- data: pairs, tokens, critical flags
     meta = data.load_run_data(cfg, dist, log)
     train_split = data.PreparedSplit(cfg["data_dir"], "train")
     val_split = data.PreparedSplit(cfg["data_dir"], "val")
@@ -605,22 +584,112 @@ def _train(cfg, dist, log):
         if empty:
             raise ValueError(f"{cfg['data_dir']}/{name}_index.csv: {empty} of {len(caps)} rows have an empty 'text' "
                              f"column; CLIP needs a caption per image (prepare with a dataset that has reports/captions)")
-    tokens = {s: load_tokens(cfg["data_dir"], s, caps, tok, cfg, master) for s, caps in captions.items()}
+    tokens = {s: load_tokens(cfg["data_dir"], s, caps, tok, cfg, dist.master) for s, caps in captions.items()}
     crit = critical_flags(captions["train"], cfg["critical_terms"])
+    accum, global_batch, note = common.batch_plan(cfg["batch_size"], cfg["gradient_accumulation_steps"], dist.world_size)
+    if note:
+        log.line(note)
+    log_data(log, cfg, train_split, val_split, tokens, crit, accum, global_batch, dist.world_size)
 
-    gas = cfg["gradient_accumulation_steps"]
-    assert gas % dist.world_size == 0, f"gradient_accumulation_steps={gas} must be divisible by the world size {dist.world_size}"
-    accum = gas // dist.world_size
-    global_batch = cfg["batch_size"] * gas
-    n_val = len(val_split) if cfg["val_size"] <= 0 else min(cfg["val_size"], len(val_split))
-    log.line(f"data: {cfg['data_dir']} | train {len(train_split)} pairs | val pool {n_val} pairs | "
-             f"global batch {global_batch} = {cfg['batch_size']} x {accum} accum x {dist.world_size} ranks "
-             f"({'one loss over all of it' if cfg['feature_cache'] or gas == 1 else 'a loss per micro-batch'}) | "
-             f"{cfg['max_iters'] * global_batch / len(train_split):.1f} epochs | tokens/caption "
-             f"{tokens['train'][1].mean():.1f} (max {tokens['train'][1].max()}, {100 * (tokens['train'][1] >= cfg['context_length']).mean():.1f}% "
-             f"cut at {cfg['context_length']}) | critical pairs {100 * crit.mean():.1f}%")
+    # --- model, teacher, optimizer
+    raw, args = build_clip_model(cfg, ckpt, tok, log)
+    raw.to(dist.device)
+    teacher = None
+    if cfg["teacher_ckpt"] and not cfg["eval_only"]:
+        teacher = Teacher(cfg["teacher_ckpt"], captions["train"], cfg, meta, dist.device, dist.master)
+        log.line(teacher.describe(cfg))
+    n_params = sum(p.numel() for p in raw.parameters())
+    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    log.line(f"model: image {args['image_model']} | text {args['text_model']} | embed {args['embed_dim']} | "
+             f"{n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable) | tokenizer {cfg['tokenizer']} "
+             f"(vocab {tok.vocab_size}, context {cfg['context_length']})")
+    groups = model_clip.clip_param_groups(raw, cfg["weight_decay"], cfg["lr_mult_image"], cfg["lr_mult_text"],
+                                          cfg["layer_decay_image"], cfg["layer_decay_text"])
+    optimizer = common.make_optimizer(groups, cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), dist.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")
+    ckpt_meta = common.checkpoint_meta(meta, cfg["data_dir"], ("classes", "mean", "std"), norm=cfg["norm"])
+    ckpt_meta["classes"] = ckpt_meta["classes"] or []
+    prog = common.new_progress()
+    if ckpt is not None and not cfg["eval_only"]:
+        prog = common.restore(ckpt, cfg, ckpt_meta, optimizer, scaler, dist, log)
+    ckpt = None
+    iter_num = prog["iter"]
+    if cfg["eval_only"] and (cfg["query"] or cfg["image"]):
+        return _retrieve(raw, val_split, tokens["val"], captions["val"], cfg, meta, dist, tok)
+    net = common.wrap(raw, cfg["compile"], dist)
+    loader = data.Loader(train_split, cfg["batch_size"], accum, cfg["seed"], dist.rank, dist.world_size,
+                         dist.device, start_step=iter_num)
+    tokenizer_state = tok.to_dict() if cfg["tokenizer"] == "bpe" else None
 
-    # --- model
+    # --- the loop
+    log.line(f"training {cfg['max_iters']} iterations from iter {iter_num}")
+    timer = common.Timer(dist.device)
+    resumed_at, record = (iter_num if iter_num > 0 else -1), None
+    while True:
+        last_step = iter_num >= cfg["max_iters"]
+        lr = common.schedule_lr(optimizer, iter_num, cfg)
+
+        # evaluate, log and checkpoint
+        if common.eval_due(iter_num, cfg, last_step, resumed_at):
+            with timer.paused():
+                t_eval = time.time()
+                record, img_f, txt_f = run_eval(raw, val_split, *tokens["val"], captions["val"], cfg, meta, dist, tok)
+                record = {"iter": iter_num, "split": "val", **record}
+                improved = common.select(prog, record, cfg, common.higher_is_better(cfg["select_metric"]), iter_num)
+                log_eval(log, record, time.time() - t_eval)
+                log.line(f"  best {cfg['select_metric']} {prog['best_metric']:.4f} @ {prog['best_iter']}")
+                log.jsonl(record)
+                if dist.master:
+                    _tensorboard_eval(log, record, img_f, txt_f, val_split, captions["val"], iter_num)
+                common.save_run(cfg, dist, log, "train_clip.py", iter_num, prog, improved, raw, raw.model_args, ckpt_meta,
+                                optimizer, scaler, tokenizer=tokenizer_state)
+            last_step = last_step or common.early_stop(prog, cfg, log)
+        if last_step or cfg["eval_only"]:
+            break
+
+        # TRAINING SECTION: this rank's micro-batches, forward + backward (GradCache across them), the optimizer step
+        micro = [micro_batch(x, idx, k, iter_num, tokens["train"], crit, teacher, cfg, meta, dist)
+                 for k, (x, _, idx) in enumerate(loader.get(iter_num))]
+        loss = forward_backward(net, micro, dist, cfg, cfg["feature_cache"], scaler)
+        common.check_finite(loss, iter_num, cfg["out_dir"])
+        norm = common.optimizer_step(optimizer, scaler, [p for p in raw.parameters() if p.requires_grad], cfg["grad_clip"])
+        raw.clamp_logit_scale(cfg["max_logit_scale"])
+        iter_num += 1
+        timer.step()
+        # TRAINING SECTION END: what follows is the log line
+
+        if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
+            common.log_step(log, dist, timer, iter_num, cfg, loss, norm, lr, global_batch, "pairs",
+                            extra={"scale": float(raw.logit_scale.detach().exp())})
+
+    loader.close()
+    final = common.finish(log, prog, cfg, iter_num, timer)
+    return {**final, "last": record}
+
+
+# -----------------------------------------------------------------------------
+# the pieces of _train: the checkpoint eval_only reads, the model, a micro-batch, the data and eval lines
+
+
+def eval_checkpoint(cfg, log):
+    """eval_only: the run's best.pt (else ckpt.pt), whose tokenizer, normalization and size the eval then uses;
+    None with init_from='pretrained' (evaluate those weights)."""
+    if cfg["init_from"] == "pretrained":
+        return None
+    ckpt_path, best = (os.path.join(cfg["out_dir"], f) for f in ("ckpt.pt", "best.pt"))
+    path = best if os.path.exists(best) else ckpt_path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"eval_only: no {best} or {ckpt_path}; train first (python train_clip.py "
+                                f"--out_dir={cfg['out_dir']}) or pass --init_from=pretrained --pretrained_path=...")
+    ckpt = common.load_checkpoint(path)
+    for key in ("tokenizer", "tokenizer_path", "bpe_vocab_size", "context_length", "norm", "in_chans", "image_size"):
+        cfg[key] = ckpt["config"][key]  # the run's own choices; the rest of the command line still applies
+    log.line(f"eval_only: {path} (iter {ckpt['iter']})")
+    return ckpt
+
+
+def build_clip_model(cfg, ckpt, tok, log):
+    """The CLIP from a checkpoint, pretrained weights (+ image_init for a model.py image tower) or scratch; locked towers."""
     if ckpt is not None:
         args = ckpt["model_args"]
     else:
@@ -642,169 +711,55 @@ def _train(cfg, dist, log):
         if not isinstance(raw.visual, model_clip.ImageModelTower):
             raise ValueError(f"image_init needs image_model = a model.py name (convnext_atto, vit_small, tv:resnet50, ...), "
                              f"got image_model={args['image_model']!r}")
-        import model as models
         r = models.load_image_init(raw.visual.net, cfg["image_init"])
         log.line(f"image tower from {cfg['image_init']} ({r['layout']} layout; head reset: {len(r['reset'])} tensors)")
-    raw.to(dist.device)
     if cfg["lock_image"]:
         model_clip.lock_tower(raw, "visual", cfg["unlock_last_n"])
     if cfg["lock_text"]:
         model_clip.lock_tower(raw, "text", cfg["unlock_last_n"])
-    teacher = None
-    if cfg["teacher_ckpt"] and not cfg["eval_only"]:
-        teacher = Teacher(cfg["teacher_ckpt"], captions["train"], cfg, meta, dist.device, master)
-        log.line(f"teacher: {cfg['teacher_ckpt']} (iter {teacher.iter}, {teacher.n_params / 1e6:.2f}M params, image "
-                 f"{teacher.net.model_args['image_model']} at {teacher.net.model_args['image_size']} px, tokenizer "
-                 f"{teacher.cfg['tokenizer']}) | loss = {1 - cfg['distill_alpha']:g} x InfoNCE + {cfg['distill_alpha']:g} "
-                 f"x KL at T={cfg['distill_temperature']:g}" + (f" + {cfg['distill_feature']:g} x feature cosine"
-                                                                if cfg["distill_feature"] else ""))
-    n_params = sum(p.numel() for p in raw.parameters())
-    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    log.line(f"model: image {args['image_model']} | text {args['text_model']} | embed {args['embed_dim']} | "
-             f"{n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable) | tokenizer {cfg['tokenizer']} "
-             f"(vocab {tok.vocab_size}, context {cfg['context_length']})")
+    return raw, args
 
-    # --- optimizer
-    groups = model_clip.clip_param_groups(raw, cfg["weight_decay"], cfg["lr_mult_image"], cfg["lr_mult_text"],
-                                          cfg["layer_decay_image"], cfg["layer_decay_text"])
-    optimizer = common.make_optimizer(groups, cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), dist.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")
-    iter_num, best_metric, best_iter, bad_evals = 0, None, -1, 0
-    if ckpt is not None and not cfg["eval_only"]:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_metric, best_iter, bad_evals = ckpt["iter"], ckpt["best_metric"], ckpt["best_iter"], ckpt["bad_evals"]
-        common.set_rng_state(ckpt["rng"][min(dist.rank, len(ckpt["rng"]) - 1)])
-        log.line(f"resumed from {ckpt_path} at iter {iter_num}")
-        log.resume(ckpt.get("trackers"))  # the same MLflow / W&B run continues
-    ckpt = None
 
-    net = torch.compile(raw) if cfg["compile"] else raw
-    if dist.ddp:
-        net = DDP(net, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+def micro_batch(x, idx, k, it, train_tokens, crit, teacher, cfg, meta, dist):
+    """(images, tokens, margin, weight, teacher features) of one micro-batch: images augmented on device, a pure
+    function of (seed, iter, rank, micro-step); margins and weights of the critical pairs."""
+    x = images_to_float(x, meta, cfg)
+    if cfg["augment"]:
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(((cfg["seed"] * 1_000_003 + it) * 1009 + dist.rank) * 131 + k)
+        x = data.augment(x, gen, hflip=False)
+    tokens, lengths = train_tokens
+    t = trim(torch.from_numpy(tokens[idx]).long(), torch.from_numpy(lengths[idx])).to(dist.device)
+    c = torch.from_numpy(crit[idx]).to(dist.device).float()
+    m = cfg["margin"] + cfg["critical_margin"] * c if (cfg["margin"] or cfg["critical_margin"]) else None
+    w = 1.0 + (cfg["critical_weight"] - 1.0) * c if cfg["critical_weight"] != 1.0 else None
+    return x, t, m, w, teacher(x, idx) if teacher is not None else None
 
-    if cfg["eval_only"] and (cfg["query"] or cfg["image"]):
-        return _retrieve(raw, val_split, tokens["val"], captions["val"], cfg, meta, dist, tok)
 
-    loader = data.Loader(train_split, cfg["batch_size"], accum, cfg["seed"], dist.rank, dist.world_size,
-                         dist.device, start_step=iter_num)
-    train_tokens, train_lengths = tokens["train"]
-    select = cfg["select_metric"]
-    higher_better = "loss" not in select and "rank" not in select
-    rng_all, record = None, None
+def log_data(log, cfg, train_split, val_split, tokens, crit, accum, global_batch, world):
+    n_val = len(val_split) if cfg["val_size"] <= 0 else min(cfg["val_size"], len(val_split))
+    lengths = tokens["train"][1]
+    one_loss = cfg["feature_cache"] or accum * world == 1
+    log.line(f"data: {cfg['data_dir']} | train {len(train_split)} pairs | val pool {n_val} pairs | "
+             f"global batch {global_batch} = {cfg['batch_size']} x {accum} accum x {world} ranks "
+             f"({'one loss over all of it' if one_loss else 'a loss per micro-batch'}) | "
+             f"{cfg['max_iters'] * global_batch / len(train_split):.1f} epochs | tokens/caption "
+             f"{lengths.mean():.1f} (max {lengths.max()}, {100 * (lengths >= cfg['context_length']).mean():.1f}% "
+             f"cut at {cfg['context_length']}) | critical pairs {100 * crit.mean():.1f}%")
 
-    def save(name, it):
-        state = {"model": raw.state_dict(), "model_args": raw.model_args, "config": cfg, "iter": it,
-                 "tokenizer": tok.to_dict() if cfg["tokenizer"] == "bpe" else None,
-                 "best_metric": best_metric, "best_iter": best_iter, "bad_evals": bad_evals,
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_all,
-                 "trackers": log.tracker_ids(), **common.provenance(cfg, dist.world_size),
-                 "meta": {"classes": meta.get("classes", []), "mean": meta["mean"], "std": meta["std"],
-                          "norm": cfg["norm"], "data_dir": cfg["data_dir"]}}
-        common.save_checkpoint(state, os.path.join(cfg["out_dir"], name))
 
-    # --- the loop
-    log.line(f"training {cfg['max_iters']} iterations from iter {iter_num}")
-    timer = common.Timer(dist.device)
-    t_start, iters_done = time.time(), 0
-    resumed_at = iter_num if cfg["init_from"] == "resume" and iter_num > 0 else -1
-    while True:
-        last_step = iter_num >= cfg["max_iters"]
-        lr = common.get_lr(iter_num, cfg["learning_rate"], cfg["warmup_iters"], cfg["plateau_iters"],
-                           cfg["lr_decay_iters"], cfg["min_lr"])
-        common.set_lr(optimizer, lr)
-
-        # evaluate, log and checkpoint
-        if (iter_num % cfg["eval_interval"] == 0 or last_step or cfg["eval_only"]) and iter_num != resumed_at:
-            t_eval = time.time()
-            record, img_f, txt_f = run_eval(raw, val_split, *tokens["val"], captions["val"], cfg, meta, dist, tok)
-            record = {"iter": iter_num, "split": "val", **record}
-            value = record.get(select)
-            if value is None:
-                raise ValueError(f"select_metric={select!r} is not in the eval record; choose one of "
-                                 f"{sorted(k for k, v in record.items() if isinstance(v, float))}")
-            improved = best_metric is None or (value > best_metric if higher_better else value < best_metric)
-            if improved:
-                best_metric, best_iter, bad_evals = value, iter_num, 0
-            elif not cfg["eval_only"]:
-                bad_evals += 1
-            log.line(f"eval iter {iter_num} | pool {record['pool']} | i2t R@1/5/10 {record['i2t_r1']:.3f}/{record['i2t_r5']:.3f}/"
-                     f"{record['i2t_r10']:.3f} mrr {record['i2t_mrr']:.3f} | t2i R@1/5/10 {record['t2i_r1']:.3f}/"
-                     f"{record['t2i_r5']:.3f}/{record['t2i_r10']:.3f} | loss_pool {record['loss_pool']:.3f} | "
-                     f"scale {record['logit_scale']:.1f} | {time.time() - t_eval:.1f} s")
-            if "zs_auc_macro" in record:
-                log.line(f"  findings-match i2t R@1/5/10 {record['lab_i2t_r1']:.3f}/{record['lab_i2t_r5']:.3f}/{record['lab_i2t_r10']:.3f}"
-                         f" t2i {record['lab_t2i_r1']:.3f}/{record['lab_t2i_r5']:.3f}/{record['lab_t2i_r10']:.3f} (chance "
-                         f"{record['lab_chance_r1']:.3f}/{record['lab_chance_r5']:.3f}/{record['lab_chance_r10']:.3f}) | zero-shot "
-                         f"auc_macro {record['zs_auc_macro']:.4f} (with 'no X' prompts {record['zs_neg_auc_macro']:.4f}) | "
-                         f"top1 {record.get('zs_top1', float('nan')):.3f} on {record.get('zs_n_single', 0)} single-finding images")
-                log.line("  zero-shot AUC: " + " ".join(f"{c[:12]}={v:.3f}" for c, v in record["zs_auc"].items()))
-            log.line(f"  best {select} {best_metric:.4f} @ {best_iter}")
-            log.jsonl(record)
-            if master:
-                _tensorboard_eval(log, record, img_f, txt_f, val_split, captions["val"], iter_num)
-            rng_all = _gather_rng(dist)
-            if master and not cfg["eval_only"]:
-                save("ckpt.pt", iter_num)
-                if improved:
-                    save("best.pt", iter_num)
-                if cfg["keep_last"] > 0:
-                    save(f"ckpt_{iter_num:07d}.pt", iter_num)
-                    for old in sorted(glob.glob(os.path.join(cfg["out_dir"], "ckpt_*.pt")))[:-cfg["keep_last"]]:
-                        os.remove(old)
-            if cfg["early_stop_patience"] > 0 and bad_evals >= cfg["early_stop_patience"]:
-                log.line(f"early stop: {bad_evals} evals without a better {select}")
-                last_step = True
-        if last_step or cfg["eval_only"]:
-            break
-
-        # this rank's micro-batches: images (augmented on device), tokens, margins and weights
-        micro = []
-        for k, (x, _, idx) in enumerate(loader.get(iter_num)):
-            x = images_to_float(x, meta, cfg)
-            if cfg["augment"]:
-                gen = torch.Generator(device=x.device)
-                gen.manual_seed(((cfg["seed"] * 1_000_003 + iter_num) * 1009 + dist.rank) * 131 + k)
-                x = data.augment(x, gen, hflip=False)
-            t = trim(torch.from_numpy(train_tokens[idx]).long(), torch.from_numpy(train_lengths[idx])).to(dist.device)
-            c = torch.from_numpy(crit[idx]).to(dist.device).float()
-            m = cfg["margin"] + cfg["critical_margin"] * c if (cfg["margin"] or cfg["critical_margin"]) else None
-            w = 1.0 + (cfg["critical_weight"] - 1.0) * c if cfg["critical_weight"] != 1.0 else None
-            micro.append((x, t, m, w, teacher(x, idx) if teacher is not None else None))
-        loss = forward_backward(net, micro, dist, cfg, cfg["feature_cache"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss ({float(loss)}) at iter {iter_num}: the last good checkpoint "
-                                     f"{ckpt_path} is intact; try a lower learning_rate or dtype=float32")
-        trainable = [p for p in raw.parameters() if p.requires_grad]
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
-        else:
-            norm = common.grad_norm(trainable)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        raw.clamp_logit_scale(cfg["max_logit_scale"])
-
-        iter_num += 1
-        iters_done += 1
-        if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
-            dt = timer.lap() / (cfg["log_interval"] if iters_done > 1 else 1)
-            loss_val = float(common.all_reduce_mean(loss.reshape(1), dist)[0])
-            scale = float(raw.logit_scale.detach().exp())
-            eta = common.format_eta((cfg["max_iters"] - iter_num) * (time.time() - t_start) / iters_done)
-            log.line(f"iter {iter_num:6d} | loss {loss_val:.4f} | norm {float(norm):6.3f} | lr {lr:.2e} | "
-                     f"{1000 * dt:7.1f} ms | {global_batch / dt:7.1f} pairs/s | scale {scale:6.2f} | eta {eta}")
-            log.scalars({"train/loss": loss_val, "train/grad_norm": float(norm), "train/lr": lr,
-                         "train/logit_scale": scale, "perf/pairs_per_s": global_batch / dt}, iter_num)
-
-    loader.close()
-    final = {"final": True, "best_iter": best_iter, "best_metric": best_metric, "select_metric": select,
-             f"best_{select}": best_metric, "iters": iter_num, "time_s": round(time.time() - t_start, 1),
-             "last": record}
-    log.jsonl({k: v for k, v in final.items() if k != "last"})
-    log.line(f"done: best {select} {best_metric:.4f} at iter {best_iter} | {final['time_s']:.0f} s | {cfg['out_dir']}")
-    return final
+def log_eval(log, r, seconds):
+    log.line(f"eval iter {r['iter']} | pool {r['pool']} | i2t R@1/5/10 {r['i2t_r1']:.3f}/{r['i2t_r5']:.3f}/"
+             f"{r['i2t_r10']:.3f} mrr {r['i2t_mrr']:.3f} | t2i R@1/5/10 {r['t2i_r1']:.3f}/"
+             f"{r['t2i_r5']:.3f}/{r['t2i_r10']:.3f} | loss_pool {r['loss_pool']:.3f} | "
+             f"scale {r['logit_scale']:.1f} | {seconds:.1f} s")
+    if "zs_auc_macro" in r:
+        log.line(f"  findings-match i2t R@1/5/10 {r['lab_i2t_r1']:.3f}/{r['lab_i2t_r5']:.3f}/{r['lab_i2t_r10']:.3f}"
+                 f" t2i {r['lab_t2i_r1']:.3f}/{r['lab_t2i_r5']:.3f}/{r['lab_t2i_r10']:.3f} (chance "
+                 f"{r['lab_chance_r1']:.3f}/{r['lab_chance_r5']:.3f}/{r['lab_chance_r10']:.3f}) | zero-shot "
+                 f"auc_macro {r['zs_auc_macro']:.4f} (with 'no X' prompts {r['zs_neg_auc_macro']:.4f}) | "
+                 f"top1 {r.get('zs_top1', float('nan')):.3f} on {r.get('zs_n_single', 0)} single-finding images")
+        log.line("  zero-shot AUC: " + " ".join(f"{c[:12]}={v:.3f}" for c, v in r["zs_auc"].items()))
 
 
 def _retrieve(raw, split, tokens, captions, cfg, meta, dist, tok):
@@ -837,29 +792,18 @@ def _retrieve(raw, split, tokens, captions, cfg, meta, dist, tok):
     return out
 
 
-def _gather_rng(dist):
-    state = common.rng_state()
-    if not dist.ddp:
-        return [state]
-    states = [None] * dist.world_size
-    tdist.all_gather_object(states, state)
-    return states
-
-
-def _tensorboard_eval(log, record, img, txt, split, captions, it):
+def _tensorboard_eval(log, record, img, txt, split, queries, it):
     if log.tb is None:
         return
     log.scalars({k: v for k, v in record.items() if isinstance(v, float)}, it, "val/")
     log.scalars(record.get("zs_auc", {}), it, "val_zs_auc/")
     # top-5 retrieved images for the first 4 validation captions: one row per query, the true image first
-    rows, lines = [], []
+    rows, captions = [], []
     for q in range(min(4, len(txt))):
         top = (img @ txt[q]).topk(min(5, len(img))).indices.tolist()
         rows += [q] + top
-        lines.append(f"query {q}: {captions[q][:200]} | top-5: {top}")
-    imgs = torch.as_tensor(np.asarray(split.images[np.array(rows)])).unsqueeze(1)
-    log.tb.add_images("val/retrievals", imgs, it, dataformats="NCHW")
-    log.tb.add_text("val/retrieval_queries", "  \n".join(lines), it)
+        captions += [f"query {q}: {queries[q][:40]}"] + [f"top {r + 1}: val #{i}" for r, i in enumerate(top)]
+    common.tb_image_grid(log, "val/retrievals", np.asarray(split.images[np.array(rows)]), captions, it, cols=6)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ Two nodes x 8 GPUs (run on both, --node_rank=0 on the master, 1 on the other):
         train_gpt.py config/gpt_pubmed_pretrain.py
 Two stages: pretrain on PubMed abstracts, then finetune on ROCO captions (same tokenizer):
     python train_gpt.py config/gpt_pubmed_pretrain.py
-    python train_gpt.py config/gpt_roco_finetune.py --init_path=out/gpt_pubmed/ckpt.pt
+    python train_gpt.py config/gpt_roco_finetune.py --pretrained_path=out/gpt_pubmed/ckpt.pt
 From OpenAI's GPT-2 (a local Hugging Face directory; data tokenized with --tokenizer=gpt2):
-    python train_gpt.py config/gpt_roco.py --init_from=gpt2 --init_path=/models/gpt2 --dataset=roco_gpt2
-Resume: same command with --init_from=resume (reads out_dir/ckpt.pt; batches depend only on (seed, step)).
+    python train_gpt.py config/gpt_roco.py --init_from=pretrained --pretrained_path=/models/gpt2 --dataset=roco_gpt2
+Resume: same command with --init_from=resume (reads out_dir/ckpt.pt; batches depend only on (seed, step)); with no
+checkpoint yet it starts from scratch.
 Sample: python sample.py --out_dir=out/gpt_phantom_reports --start="Chest radiograph shows"
 
 Eval prints val loss, perplexity and bits per byte (nats summed over the val tokens / ln 2 / their UTF-8
@@ -30,19 +31,19 @@ bytes: comparable across tokenizers); cond='image' adds BLEU-4, ROUGE-L and the 
 greedy reports for eval_reports val images.
 """
 
-import contextlib
 import math
 import os
 import sys
-import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as tdist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import configurator
+import evaluate
+import model as models
 import text_data
 import tokenizer as tok_lib
 from model_gpt import GPT, GPTConfig, gpt_config_from_dict, gpt_config_to_dict
@@ -59,16 +60,20 @@ eval_reports = 64  # cond='image': images to write a report for at each eval (gr
 report_split = "val"  # cond='image': the split those images come from (test when finding_tags='hard': its thresholds
 #                       are chosen on val, so scoring the reports on val would grade them on the images that tuned them)
 eval_only = False  # evaluate the init_from model and exit
-always_save_checkpoint = True  # False: save only when val loss improves
-init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | finetune (weights of init_path, fresh optimizer) | gpt2 (HF dir init_path)
-init_path = ""  # finetune: a ckpt.pt (or its folder); gpt2: a Hugging Face GPT-2 folder
-tensorboard = True  # out_dir/tb
+select_metric = "val_loss"  # best.pt keeps the best of: val_loss | val_bpb | bleu4 | macro_f1 | any key of the eval record
+early_stop_patience = 0  # stop after this many evals without improvement; 0 = off
+keep_last = 0  # also keep the last k periodic checkpoints ckpt_<iter>.pt
+init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | pretrained (pretrained_path's weights, fresh optimizer, step 0)
+pretrained_path = ""  # pretrained: a train_gpt.py ckpt.pt (or its folder), or a Hugging Face GPT-2 folder (config.json)
+tensorboard = True  # out_dir/tb; view with: tensorboard --logdir out
 trackers = "tensorboard"  # comma-separated: tensorboard | mlflow | wandb (pip install mlflow / wandb); e.g. tensorboard,mlflow
 mlflow_uri = ""  # MLflow tracking server, e.g. http://mlflow.lab:5000; "" = $MLFLOW_TRACKING_URI or MLflow's local default
 mlflow_experiment = "nanorad"  # MLflow experiment (created when missing); the run is named after out_dir
 wandb_project = "nanorad"  # W&B project; the run is named after out_dir
 wandb_mode = "online"  # online | offline (files in out_dir/wandb; upload later with: wandb sync out_dir/wandb/offline-run-*)
 track_checkpoints = False  # also upload best.pt to the trackers at the end (large files)
+overwrite = False  # True: a fresh run may replace the run already in out_dir (its checkpoints and metrics are removed)
+allow_data_change = False  # True: init_from=resume may continue on data other than the checkpoint's (the best so far is reset)
 # data
 dataset = "phantom_reports"  # name under data/ (phantom_reports / phantom_pairs are prepared when missing)
 data_dir = ""  # default data/<dataset>
@@ -115,6 +120,7 @@ device = "auto"  # auto | cpu | cuda | cuda:1
 dtype = "auto"  # auto (bf16 on a GPU that has it, else fp16 on GPU + GradScaler, fp32 on CPU) | float32 | bfloat16 | float16
 compile = False  # torch.compile the model (minutes of compile, then faster on GPU)
 backend = "auto"  # nccl on GPU, gloo on CPU
+dist_timeout = 600  # seconds a collective waits for a peer before failing
 seed = 1337
 
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
@@ -223,11 +229,146 @@ def text_eval_batches(data, starts, block_size, batch_size, device, dist):
         yield to_device(x, device), to_device(y, device), None
 
 
+def load_data(cfg, dist, log):
+    """What the loop reads, as one namespace: meta, tokenizer, token byte lengths, train / val (image-report pairs or
+    token arrays), the text positions T per row and the model's sequence length."""
+    data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
+    meta = ensure_data(cfg, data_dir, dist)
+    tok = tok_lib.load(os.path.join(data_dir, "tokenizer.json"))
+    d = SimpleNamespace(dir=data_dir, meta=meta, tok=tok, tbytes=torch.from_numpy(text_data.token_byte_lengths(tok)),
+                        image_cond=cfg["cond"] == "image", n_classes=0)
+    if d.image_cond:
+        d.train, d.val = text_data.Pairs(data_dir, "train"), text_data.Pairs(data_dir, "val")
+        d.T = d.train.tokens.shape[1] - 1  # text positions per row (inputs drop the last token)
+        d.n_classes = len(meta["classes"]) if cfg["aux_cls_weight"] > 0 else 0  # the finding head adds a token each
+        d.seq_len = cfg["n_prefix"] + d.n_classes + d.T
+        if cfg["finding_tags"] == "hard" and d.n_classes == 0:
+            raise ValueError("finding_tags='hard' needs a finding head: set aux_cls_weight > 0 (e.g. 1.0)")
+        d.report = d.val if cfg["report_split"] == "val" else text_data.Pairs(data_dir, cfg["report_split"])
+        if cfg["finding_tags"] == "hard" and cfg["report_split"] == "val":
+            log.line("warning: finding_tags='hard' chooses its thresholds on val and report_split='val' scores the "
+                     "reports on the same images (optimistic); set --report_split=test")
+    else:
+        if meta.get("kind") != "text":
+            raise ValueError(f"{data_dir} holds {meta.get('kind')!r} data; cond='none' needs a text dataset "
+                             f"(or set cond='image' for (image, report) pairs)")
+        d.train, d.val = text_data.load_bin(data_dir, "train"), text_data.load_bin(data_dir, "val")
+        d.T = d.seq_len = cfg["block_size"]
+        d.eval_starts = text_data.eval_windows(len(d.val), d.T, cfg["eval_max_windows"])
+    return d
+
+
 def load_init_checkpoint(path):
     path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found (init_path must be a ckpt.pt written by train_gpt.py or its folder)")
+        raise FileNotFoundError(f"checkpoint {path} not found (pretrained_path must be a ckpt.pt written by train_gpt.py or "
+                                f"its folder, or a Hugging Face GPT-2 folder with config.json)")
     return common.load_checkpoint(path)
+
+
+def build_gpt(cfg, ckpt, d, log):
+    """The GPT: resumed (ckpt), pretrained (a train_gpt.py checkpoint: its weights and architecture, this run's
+    regularisation and context; or a Hugging Face GPT-2 folder) or from scratch (+ image_init for the encoder)."""
+    path = cfg["pretrained_path"]
+    hf = (cfg["init_from"] == "pretrained" and os.path.isfile(os.path.join(path, "config.json"))
+          and not os.path.isfile(os.path.join(path, "ckpt.pt")))  # a run folder holds config.json too
+    if cfg["init_from"] == "pretrained" and not hf:
+        ckpt = load_init_checkpoint(path)
+    if hf:
+        if d.tok.kind != "gpt2":
+            raise ValueError(f"a GPT-2 pretrained_path needs data tokenized with GPT-2's BPE (python text_data.py ... "
+                             f"--tokenizer=gpt2 --gpt2_dir={path}), {d.dir} uses {d.tok.kind!r}")
+        return GPT.from_pretrained(path, dropout=cfg["dropout"], grad_checkpoint=cfg["grad_checkpoint"], block_size=d.seq_len)
+    if ckpt is None:
+        model_keys = ("n_layer", "n_head", "n_embd", "dropout", "bias", "pos", "grad_checkpoint", "image_encoder", "prefix_width")
+        margs = {k: cfg[k] for k in model_keys}
+        margs.update(block_size=d.seq_len, vocab_size=d.tok.vocab_size, n_prefix=cfg["n_prefix"] if d.image_cond else 0)
+        if d.image_cond:
+            margs.update(image_size=d.meta["image_size"], in_chans=1, aux_cls_weight=cfg["aux_cls_weight"],
+                         n_classes=d.n_classes, finding_tags=cfg["finding_tags"])
+        model = GPT(GPTConfig(**margs))
+        if d.image_cond and cfg["image_init"]:
+            if cfg["image_encoder"] == "conv":
+                raise ValueError("image_init needs image_encoder = a model.py name (e.g. convnext_atto), not 'conv'")
+            r = models.load_image_init(model.prefix.encoder.net, cfg["image_init"])
+            kept = model.prefix.encoder.load_class_head(cfg["image_init"], d.meta["classes"]) if d.n_classes else []
+            log.line(f"image encoder from {cfg['image_init']} ({r['layout']} layout; head reset: {len(r['reset'])} tensors"
+                     + (f"; its classifier over the same {d.n_classes} findings kept as the finding head: {kept})" if kept else ")"))
+        return model
+    if ckpt["tokenizer"] != d.tok.to_dict():
+        raise ValueError(f"the checkpoint's tokenizer differs from {d.dir}/tokenizer.json: prepare the data with "
+                         f"--tokenizer=<the pretraining data dir>/tokenizer.json so the ids mean the same tokens")
+    margs = dict(ckpt["model_args"])
+    finetune = cfg["init_from"] == "pretrained"
+    if finetune:  # keep the architecture; take this run's regularisation and context
+        margs.update(dropout=cfg["dropout"], grad_checkpoint=cfg["grad_checkpoint"])
+        if margs["pos"] != "learned":
+            margs["block_size"] = d.seq_len  # no position table: any context length
+    model = GPT(gpt_config_from_dict(margs))
+    model.load_state_dict(ckpt["model"])
+    if finetune and margs["pos"] == "learned" and d.seq_len < margs["block_size"]:
+        model.crop_block_size(d.seq_len)
+    return model
+
+
+def get_batch(d, cfg, step, dist, accum, global_batch):
+    """This rank's micro-batches at this step, (x, y, images | None, labels | None) each: a pure function of (seed, step)."""
+    device = dist.device
+    slices = text_data.rank_slice(global_batch, dist.rank, dist.world_size, accum)
+    if not d.image_cond:
+        starts = text_data.text_windows(len(d.train), d.T, global_batch, cfg["seed"], step)
+        return [tuple(to_device(a, device) for a in text_data.text_batch(d.train, starts[s], d.T)) + (None, None)
+                for s in slices]
+    rows = text_data.epoch_batch_indices(len(d.train), global_batch, cfg["seed"], step)
+    out = []
+    for s in slices:
+        images_u8, x, y = d.train.batch(rows[s])
+        if cfg["token_dropout"] > 0:  # word dropout on inputs after the start token; targets stay intact
+            rng = np.random.default_rng((cfg["seed"], step, s.start))
+            drop = rng.random(x.shape) < cfg["token_dropout"]
+            drop[:, 0] = False
+            x = np.where(drop, rng.integers(0, d.tok.vocab_size, size=x.shape), x)
+        labels = torch.from_numpy(d.train.labels[rows[s]]).to(device) if cfg["aux_cls_weight"] > 0 else None
+        out.append((to_device(x, device), to_device(y, device),
+                    images_to_float(images_u8, d.meta["mean"], d.meta["std"], device), labels))
+    return out
+
+
+def run_eval(raw_model, d, cfg, dist, step, last):
+    """Val loss / perplexity / bits per byte; cond='image' adds greedy reports scored against the references."""
+    device, dtype, mean, std = dist.device, cfg["dtype"], d.meta.get("mean"), d.meta.get("std")
+    if not d.image_cond:
+        return evaluate_loss(raw_model, text_eval_batches(d.val, d.eval_starts, d.T, cfg["batch_size"], device, dist),
+                             d.tbytes, dist, device, dtype)
+    res = evaluate_loss(raw_model, pairs_eval_batches(d.val, cfg["batch_size"], mean, std, device, dist),
+                        d.tbytes, dist, device, dtype)
+    if not cfg["eval_reports"] or (step == 0 and not last):
+        return res
+    rows = np.arange(min(cfg["eval_reports"], len(d.report)))
+    if cfg["finding_tags"] == "hard":  # the operating point: per class the F1-best threshold on val
+        p_val = finding_probs(raw_model, d.val, np.arange(len(d.val)), mean, std, device, dtype)
+        thr = evaluate.choose_thresholds(p_val, d.val.labels.astype(np.float64), "f1")
+        raw_model.prefix.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
+        p_rep = finding_probs(raw_model, d.report, rows, mean, std, device, dtype)
+        res["thresholds"] = [round(float(t), 4) for t in thr]
+        res["head_macro_f1"] = text_data.finding_scores(p_rep >= thr, d.report.labels[rows], d.meta["classes"])["macro_f1"]
+    hyps = generate_reports(raw_model, d.report, rows, d.tok, mean, std, device, dtype, cfg["batch_size"], dist)
+    refs = [d.report.index[r]["text"] for r in rows]
+    rm = text_data.report_metrics(hyps, refs, d.report.labels[rows], d.meta["classes"])
+    res.update(bleu4=rm["bleu4"], rouge_l=rm["rouge_l"], macro_f1=rm["macro_f1"], report_split=cfg["report_split"])
+    res["per_class_f1"] = {c: round(v["f1"], 4) for c, v in rm["per_class"].items()}
+    res["sample_report"] = hyps[0]
+    return res
+
+
+def log_eval(log, res):
+    extra = "".join(f" | {k} {res[k]:.4f}" for k in ("bleu4", "rouge_l", "macro_f1", "head_macro_f1") if k in res)
+    extra += f" ({res['report_split']} reports)" if "report_split" in res else ""
+    log.line(f"eval iter {res['iter']} | val loss {res['val_loss']:.4f} | ppl {res['val_ppl']:.2f} | "
+             f"bpb {res['val_bpb']:.4f}{extra}")
+    if "sample_report" in res:
+        log.line(f"  report: {res['sample_report']}")
+    log.scalars({k: v for k, v in res.items() if isinstance(v, float)}, res["iter"], prefix="val/")
 
 
 # -----------------------------------------------------------------------------
@@ -238,248 +379,93 @@ def main(argv=None):
     cfg = configurator.load(DEFAULTS, sys.argv[1:] if argv is None else argv)
     if cfg["cond"] not in ("none", "image"):
         raise ValueError(f"cond must be 'none' or 'image', got {cfg['cond']!r}")
-    if cfg["init_from"] not in ("scratch", "resume", "finetune", "gpt2"):
-        raise ValueError(f"init_from must be scratch, resume, finetune or gpt2, got {cfg['init_from']!r}")
-
-    # --- setup: distributed, device, precision, seed
-    dist = common.setup_distributed(cfg["device"], cfg["backend"])
-    device = dist.device
-    cfg["dtype"] = dtype = common.resolve_dtype(cfg["dtype"], device)
-    logger = common.Logger(cfg["out_dir"], cfg, dist.master)
-    try:
-        return _train(cfg, dist, device, dtype, logger)
-    finally:
-        logger.close()
-        common.cleanup_distributed()
+    return common.launch(_train, cfg)
 
 
-def _train(cfg, dist, device, dtype, logger):
-    common.start_run("train_gpt.py", cfg, dist, logger)  # header, config (+ config.json), seeds, TF32
+def _train(cfg, dist, log):
+    common.check_init_from(cfg)
+    ckpt = common.resume_checkpoint(cfg, "train_gpt.py", log)
+    common.start_run("train_gpt.py", cfg, dist, log, DEFAULTS, save_config=ckpt is None)
 
     # --- data
-    data_dir = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
-    meta = ensure_data(cfg, data_dir, dist)
-    tok = tok_lib.load(os.path.join(data_dir, "tokenizer.json"))
-    tbytes = torch.from_numpy(text_data.token_byte_lengths(tok))
-    image_cond = cfg["cond"] == "image"
-    if image_cond:
-        train_pairs, val_pairs = text_data.Pairs(data_dir, "train"), text_data.Pairs(data_dir, "val")
-        mean, std = meta["mean"], meta["std"]
-        T = train_pairs.tokens.shape[1] - 1  # text positions per row (inputs drop the last token)
-        n_classes = len(meta["classes"]) if cfg["aux_cls_weight"] > 0 else 0  # the finding head adds a token each
-        seq_len = cfg["n_prefix"] + n_classes + T
-        n_train = len(train_pairs)
-    else:
-        if meta.get("kind") != "text":
-            raise ValueError(f"{data_dir} holds {meta.get('kind')!r} data; cond='none' needs a text dataset "
-                             f"(or set cond='image' for (image, report) pairs)")
-        train_bin, val_bin = text_data.load_bin(data_dir, "train"), text_data.load_bin(data_dir, "val")
-        T = seq_len = cfg["block_size"]
-        eval_starts = text_data.eval_windows(len(val_bin), T, cfg["eval_max_windows"])
-    world = dist.world_size
-    gas = cfg["gradient_accumulation_steps"]
-    assert gas % world == 0, (f"gradient_accumulation_steps={gas} must be divisible by the world size {world} "
-                              f"(it is global; each rank does gas // world micro-steps)")
-    accum = gas // world
-    global_batch = cfg["batch_size"] * gas
-    tokens_per_iter = global_batch * seq_len
-    logger.line(f"data {data_dir}: {meta['kind']}, tokenizer {tok.kind} (vocab {tok.vocab_size}), "
-                f"unigram entropy {meta['unigram_entropy']:.3f} nats/token")
-    logger.line(f"global batch {global_batch} sequences = {cfg['batch_size']} x {accum} micro-steps x {world} ranks; "
-                f"{tokens_per_iter:,} positions/step")
+    d = load_data(cfg, dist, log)
+    accum, global_batch, note = common.batch_plan(cfg["batch_size"], cfg["gradient_accumulation_steps"], dist.world_size)
+    if note:
+        log.line(note)
+    tokens_per_iter = global_batch * d.seq_len
+    log.line(f"data {d.dir}: {d.meta['kind']}, tokenizer {d.tok.kind} (vocab {d.tok.vocab_size}), "
+             f"unigram entropy {d.meta['unigram_entropy']:.3f} nats/token")
+    log.line(f"global batch {global_batch} sequences = {cfg['batch_size']} x {accum} micro-steps x {dist.world_size} "
+             f"ranks; {tokens_per_iter:,} positions/step")
 
-    # --- model
-    model_keys = ("n_layer", "n_head", "n_embd", "dropout", "bias", "pos", "grad_checkpoint", "image_encoder", "prefix_width")
-    model_args = {k: cfg[k] for k in model_keys}
-    model_args.update(block_size=seq_len, vocab_size=tok.vocab_size, n_prefix=cfg["n_prefix"] if image_cond else 0)
-    if image_cond:
-        model_args.update(image_size=meta["image_size"], in_chans=1, aux_cls_weight=cfg["aux_cls_weight"],
-                          n_classes=n_classes, finding_tags=cfg["finding_tags"])
-        if cfg["finding_tags"] == "hard" and n_classes == 0:
-            raise ValueError("finding_tags='hard' needs a finding head: set aux_cls_weight > 0 (e.g. 1.0)")
-        report_pairs = val_pairs if cfg["report_split"] == "val" else text_data.Pairs(data_dir, cfg["report_split"])
-        if cfg["finding_tags"] == "hard" and cfg["report_split"] == "val":
-            logger.line("warning: finding_tags='hard' chooses its thresholds on val and report_split='val' scores the "
-                        "reports on the same images (optimistic); set --report_split=test")
-    iter_num, best_val_loss, ckpt = 0, float("inf"), None
-    if cfg["init_from"] == "scratch":
-        model = GPT(GPTConfig(**model_args))
-        if image_cond and cfg["image_init"]:
-            if cfg["image_encoder"] == "conv":
-                raise ValueError("image_init needs image_encoder = a model.py name (e.g. convnext_atto), not 'conv'")
-            import model as models
-            r = models.load_image_init(model.prefix.encoder.net, cfg["image_init"])
-            kept = model.prefix.encoder.load_class_head(cfg["image_init"], meta["classes"]) if n_classes else []
-            logger.line(f"image encoder from {cfg['image_init']} ({r['layout']} layout; head reset: {len(r['reset'])} tensors"
-                        + (f"; its classifier over the same {n_classes} findings kept as the finding head: {kept})" if kept else ")"))
-    elif cfg["init_from"] in ("resume", "finetune"):
-        ckpt = load_init_checkpoint(cfg["out_dir"] if cfg["init_from"] == "resume" else cfg["init_path"])
-        if ckpt["tokenizer"] != tok.to_dict():
-            raise ValueError(f"the checkpoint's tokenizer differs from {data_dir}/tokenizer.json: prepare the data with "
-                             f"--tokenizer=<the pretraining data dir>/tokenizer.json so the ids mean the same tokens")
-        margs = dict(ckpt["model_args"])
-        if cfg["init_from"] == "finetune":  # keep the architecture; take this run's regularisation and context
-            margs.update(dropout=cfg["dropout"], grad_checkpoint=cfg["grad_checkpoint"])
-            if margs["pos"] != "learned":
-                margs["block_size"] = seq_len  # no position table: any context length
-        model = GPT(gpt_config_from_dict(margs))
-        model.load_state_dict(ckpt["model"])
-        if cfg["init_from"] == "finetune" and margs["pos"] == "learned" and seq_len < margs["block_size"]:
-            model.crop_block_size(seq_len)
-        if cfg["init_from"] == "resume":
-            iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-            logger.resume(ckpt.get("trackers"))  # the same MLflow / W&B run continues
-    else:  # gpt2
-        if tok.kind != "gpt2":
-            raise ValueError(f"init_from='gpt2' needs data tokenized with GPT-2's BPE (python text_data.py ... "
-                             f"--tokenizer=gpt2 --gpt2_dir={cfg['init_path']}), {data_dir} uses {tok.kind!r}")
-        model = GPT.from_pretrained(cfg["init_path"], dropout=cfg["dropout"], grad_checkpoint=cfg["grad_checkpoint"],
-                                    block_size=seq_len)
-    if model.config.pos == "learned" and seq_len > model.config.block_size:
-        raise ValueError(f"block_size={seq_len} exceeds the model's learned positions ({model.config.block_size})")
-    model_args = gpt_config_to_dict(model.config)
-    model.to(device)
-    raw_model = model
-    logger.line(f"GPT {model.get_num_params() / 1e6:.2f}M parameters (non-embedding), pos={model.config.pos}, "
-                f"{model.flops_per_token(seq_len) / 1e6:.1f} MFLOPs/token (train)")
+    # --- model, optimizer
+    raw_model = build_gpt(cfg, ckpt, d, log)
+    if raw_model.config.pos == "learned" and d.seq_len > raw_model.config.block_size:
+        raise ValueError(f"block_size={d.seq_len} exceeds the model's learned positions ({raw_model.config.block_size})")
+    model_args = gpt_config_to_dict(raw_model.config)
+    raw_model.to(dist.device)
+    log.line(f"GPT {raw_model.get_num_params() / 1e6:.2f}M parameters (non-embedding), pos={raw_model.config.pos}, "
+             f"{raw_model.flops_per_token(d.seq_len) / 1e6:.1f} MFLOPs/token (train)")
     torch.manual_seed(cfg["seed"] + 1000 * dist.rank)  # dropout differs per rank; the init above does not
-
-    # --- optimizer
-    optimizer = common.make_optimizer(raw_model.param_groups(cfg["weight_decay"], cfg["prefix_lr_mult"]), cfg["learning_rate"],
-                                      (cfg["beta1"], cfg["beta2"]), device)
-    if cfg["init_from"] == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "torch_rng" in ckpt:
-            torch.set_rng_state(ckpt["torch_rng"])
+    optimizer = common.make_optimizer(raw_model.param_groups(cfg["weight_decay"], cfg["prefix_lr_mult"]),
+                                      cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), dist.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")
+    ckpt_meta = common.checkpoint_meta(d.meta, d.dir, ("kind", "mean", "std", "classes", "max_tokens"))
+    prog = common.new_progress()
+    if ckpt is not None:
+        prog = common.restore(ckpt, cfg, ckpt_meta, optimizer, scaler, dist, log)
     ckpt = None
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
+    step = prog["iter"]
     if cfg["compile"]:
-        logger.line("compiling the model (takes a minute)")
-        model = torch.compile(model)
-    if dist.ddp:
-        model = DDP(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
-    peak = common.device_peak_flops(device, dtype)
-    lr_decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
-
-    def get_batch(step):
-        """This rank's micro-batches at this step: a pure function of (seed, step)."""
-        slices = text_data.rank_slice(global_batch, dist.rank, world, accum)
-        if image_cond:
-            rows = text_data.epoch_batch_indices(n_train, global_batch, cfg["seed"], step)
-            out = []
-            for s in slices:
-                images_u8, x, y = train_pairs.batch(rows[s])
-                if cfg["token_dropout"] > 0:  # word dropout on inputs after the start token; targets stay intact
-                    rng = np.random.default_rng((cfg["seed"], step, s.start))
-                    drop = rng.random(x.shape) < cfg["token_dropout"]
-                    drop[:, 0] = False
-                    x = np.where(drop, rng.integers(0, tok.vocab_size, size=x.shape), x)
-                labels = torch.from_numpy(train_pairs.labels[rows[s]]).to(device) if cfg["aux_cls_weight"] > 0 else None
-                out.append((to_device(x, device), to_device(y, device), images_to_float(images_u8, mean, std, device), labels))
-            return out
-        starts = text_data.text_windows(len(train_bin), T, global_batch, cfg["seed"], step)
-        return [tuple(to_device(a, device) for a in text_data.text_batch(train_bin, starts[s], T)) + (None, None)
-                for s in slices]
-
-    def run_eval(step, last):
-        if image_cond:
-            res = evaluate_loss(raw_model, pairs_eval_batches(val_pairs, cfg["batch_size"], mean, std, device, dist),
-                                tbytes, dist, device, dtype)
-            if cfg["eval_reports"] and (step > 0 or last):
-                rows = np.arange(min(cfg["eval_reports"], len(report_pairs)))
-                if cfg["finding_tags"] == "hard":  # the operating point: per class the F1-best threshold on val
-                    import evaluate
-                    p_val = finding_probs(raw_model, val_pairs, np.arange(len(val_pairs)), mean, std, device, dtype)
-                    thr = evaluate.choose_thresholds(p_val, val_pairs.labels.astype(np.float64), "f1")
-                    raw_model.prefix.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
-                    p_rep = finding_probs(raw_model, report_pairs, rows, mean, std, device, dtype)
-                    res["thresholds"] = [round(float(t), 4) for t in thr]
-                    res["head_macro_f1"] = text_data.finding_scores(p_rep >= thr, report_pairs.labels[rows],
-                                                                      meta["classes"])["macro_f1"]
-                hyps = generate_reports(raw_model, report_pairs, rows, tok, mean, std, device, dtype, cfg["batch_size"], dist)
-                refs = [report_pairs.index[r]["text"] for r in rows]
-                rm = text_data.report_metrics(hyps, refs, report_pairs.labels[rows], meta["classes"])
-                res.update(bleu4=rm["bleu4"], rouge_l=rm["rouge_l"], macro_f1=rm["macro_f1"], report_split=cfg["report_split"])
-                res["per_class_f1"] = {c: round(v["f1"], 4) for c, v in rm["per_class"].items()}
-                res["sample_report"] = hyps[0]
-        else:
-            res = evaluate_loss(raw_model, text_eval_batches(val_bin, eval_starts, T, cfg["batch_size"], device, dist),
-                                tbytes, dist, device, dtype)
-        return res
+        log.line("compiling the model (takes a minute)")
+    model = common.wrap(raw_model, cfg["compile"], dist)
+    peak = common.device_peak_flops(dist.device, cfg["dtype"])
+    flops_per_step = raw_model.flops_per_token(d.seq_len) * tokens_per_iter
 
     # --- the loop
     model.train()
-    timer = common.Timer(device)
-    running_loss, last_eval, t_start = None, {}, time.time()
-    step = iter_num
+    timer = common.Timer(dist.device)
+    resumed_at, last_eval, train_loss = (step if step > 0 else -1), {}, None
     while True:
-        last_step = step == cfg["max_iters"]
-        if step % cfg["eval_interval"] == 0 or last_step or cfg["eval_only"]:
-            res = run_eval(step, last_step or cfg["eval_only"])
-            last_eval = dict(res, step=step)
-            extra = "".join(f" | {k} {res[k]:.4f}" for k in ("bleu4", "rouge_l", "macro_f1", "head_macro_f1") if k in res)
-            extra += f" ({res['report_split']} reports)" if "report_split" in res else ""
-            logger.line(f"eval step {step} | val loss {res['val_loss']:.4f} | ppl {res['val_ppl']:.2f} | "
-                        f"bpb {res['val_bpb']:.4f}{extra}")
-            if "sample_report" in res:
-                logger.line(f"  report: {res['sample_report']}")
-            logger.scalars({k: v for k, v in res.items() if isinstance(v, float)}, step, prefix="val/")
-            logger.jsonl({"split": "val", **last_eval})
-            if cfg["eval_only"]:
-                break
-            if dist.master and step > 0 and (res["val_loss"] < best_val_loss or cfg["always_save_checkpoint"]):
-                best_val_loss = min(best_val_loss, res["val_loss"])
-                common.save_checkpoint({
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-                    "iter_num": step, "best_val_loss": best_val_loss, "config": cfg, "tokenizer": tok.to_dict(),
-                    "data": {"dir": data_dir, "kind": meta["kind"], "mean": meta.get("mean"), "std": meta.get("std"),
-                             "classes": meta.get("classes"), "max_tokens": meta.get("max_tokens")},
-                    "torch_rng": torch.get_rng_state(), "trackers": logger.tracker_ids(),
-                    **common.provenance(cfg, dist.world_size),
-                }, os.path.join(cfg["out_dir"], "ckpt.pt"))
-        if last_step:
+        last_step = step >= cfg["max_iters"]
+        lr = common.schedule_lr(optimizer, step, cfg) if cfg["decay_lr"] else cfg["learning_rate"]  # constant: as built
+
+        # evaluate, log and checkpoint
+        if common.eval_due(step, cfg, last_step, resumed_at):
+            with timer.paused():
+                last_eval = {"iter": step, "split": "val", **run_eval(raw_model, d, cfg, dist, step, last_step or cfg["eval_only"])}
+                improved = common.select(prog, last_eval, cfg, common.higher_is_better(cfg["select_metric"]), step)
+                log_eval(log, last_eval)
+                log.jsonl(last_eval)
+                common.save_run(cfg, dist, log, "train_gpt.py", step, prog, improved, raw_model, model_args, ckpt_meta,
+                                optimizer, scaler, tokenizer=d.tok.to_dict())
+            last_step = last_step or common.early_stop(prog, cfg, log)
+        if last_step or cfg["eval_only"]:
             break
-        if step % cfg["eval_interval"] == 0:
-            timer.lap()  # the step time below excludes the evaluation
 
-        # the canonical step: micro-steps (gradient sync only on the last), clip, step, zero_grad
-        lr = common.get_lr(step, cfg["learning_rate"], cfg["warmup_iters"], cfg["plateau_iters"], lr_decay_iters,
-                           cfg["min_lr"]) if cfg["decay_lr"] else cfg["learning_rate"]
-        common.set_lr(optimizer, lr)
-        loss_sum = 0.0
-        micro = get_batch(step)
+        # TRAINING SECTION: micro-steps (gradient sync only on the last), then the optimizer step
+        micro = get_batch(d, cfg, step, dist, accum, global_batch)
+        loss_sum = torch.zeros((), device=dist.device)
         for k, (x, y, images, labels) in enumerate(micro):
-            sync = not dist.ddp or k == accum - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                with common.autocast(device, dtype):
+            with common.grad_sync(model, k == len(micro) - 1):
+                with common.autocast(dist.device, cfg["dtype"]):
                     _, loss = model(x, y, images=images, labels=labels)
-                    loss = loss / accum
+                    loss = loss / len(micro)
                 scaler.scale(loss).backward()
-            loss_sum += loss.item()
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"]).item()
-        else:
-            norm = common.grad_norm(raw_model.parameters()).item()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        dt = timer.lap()
-
-        running_loss = loss_sum if running_loss is None else 0.9 * running_loss + 0.1 * loss_sum
-        if step % cfg["log_interval"] == 0:
-            mfu = raw_model.estimate_mfu(tokens_per_iter, dt, peak, seq_len)
-            mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "-"
-            logger.line(f"step {step:5d} | loss {loss_sum:.4f} | norm {norm:.3f} | lr {lr:.2e} | ms {1000 * dt:.0f} | "
-                        f"tok/s {tokens_per_iter / dt:,.0f} | mfu {mfu_s}")
-            logger.scalars({"loss": loss_sum, "norm": norm, "lr": lr, "ms": 1000 * dt, "mfu": mfu}, step, prefix="train/")
-            logger.jsonl({"split": "train", "step": step, "loss": loss_sum, "norm": norm, "lr": lr, "ms": 1000 * dt,
-                          "tok_per_s": tokens_per_iter / dt, "mfu": mfu})
+            loss_sum += loss.detach()
+        norm = common.optimizer_step(optimizer, scaler, list(raw_model.parameters()), cfg["grad_clip"])
         step += 1
+        timer.step()
+        # TRAINING SECTION END: what follows is the log line
 
-    logger.line(f"done in {common.format_eta(time.time() - t_start)}; val loss {last_eval.get('val_loss', float('nan')):.4f} "
-                f"vs unigram entropy {meta['unigram_entropy']:.4f} nats/token")
-    return {"unigram_entropy": meta["unigram_entropy"], "train_loss": running_loss, **last_eval}
+        if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
+            train_loss = common.log_step(log, dist, timer, step, cfg, loss_sum, norm, lr, tokens_per_iter, "tok",
+                                         flops_per_step, peak, jsonl=True)
+
+    final = common.finish(log, prog, cfg, step, timer)
+    log.line(f"val loss {last_eval.get('val_loss', float('nan')):.4f} vs unigram entropy "
+             f"{d.meta['unigram_entropy']:.4f} nats/token")
+    return {**final, "unigram_entropy": d.meta["unigram_entropy"], "train_loss": train_loss, **last_eval, "step": step}
 
 
 if __name__ == "__main__":

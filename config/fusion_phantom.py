@@ -35,4 +35,4 @@ min_lr = 4e-5
 eval_interval = 100
 loss = "bce+focal"  # 0.7 bce + 0.3 focal (alpha 0.25, gamma 2): the recipe default
 augment = True
-tensorboard_log = False
+tensorboard = False

@@ -10,7 +10,6 @@ dataset = "roco_text"
 eval_interval = 250
 log_interval = 10
 eval_max_windows = 0  # the whole val split (~250k tokens)
-always_save_checkpoint = False  # keep the best val loss
 batch_size = 64
 gradient_accumulation_steps = 1
 block_size = 256  # several captions per window, separated by <|endoftext|>

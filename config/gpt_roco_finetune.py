@@ -8,12 +8,11 @@
 #           bits-per-byte (bpb, not loss: the tokenizers differ) after far fewer steps.
 out_dir = "out/gpt_roco_finetune"
 dataset = "roco_pubmedtok"
-init_from = "finetune"  # weights of init_path, fresh optimizer, step 0
-init_path = "out/gpt_pubmed/ckpt.pt"
+init_from = "pretrained"  # weights of pretrained_path, fresh optimizer, step 0
+pretrained_path = "out/gpt_pubmed/ckpt.pt"
 eval_interval = 200
 log_interval = 10
 eval_max_windows = 0
-always_save_checkpoint = False
 batch_size = 32
 gradient_accumulation_steps = 1
 block_size = 256

@@ -5,7 +5,7 @@
 #   800 iters); learning_rate matters most, drop_path least at this size. (Not yet measured: an estimate.)
 # Resume: rerun the same command; finished trials in out/sweep_convnext_phantom/sweep.jsonl are skipped.
 train_config = "config/quickstart.py"
-train_args = "--max_iters=300 --lr_decay_iters=300 --eval_interval=100 --warmup_iters=20 --tensorboard_log=False"
+train_args = "--max_iters=300 --lr_decay_iters=300 --eval_interval=100 --warmup_iters=20 --tensorboard=False"
 method = "bayes"
 n_trials = 20
 n_init = 6           # ~1.5x the 5 dimensions, random, before the GP
