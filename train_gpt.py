@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import configurator
+import metrics
 import text_data
 import tokenizer as tok_lib
 from model_gpt import GPT, GPTConfig, gpt_config_from_dict, gpt_config_to_dict
@@ -381,9 +382,8 @@ def _train(cfg, dist, device, dtype, logger):
             if cfg["eval_reports"] and (step > 0 or last):
                 rows = np.arange(min(cfg["eval_reports"], len(report_pairs)))
                 if cfg["finding_tags"] == "hard":  # the operating point: per class the F1-best threshold on val
-                    import evaluate
                     p_val = finding_probs(raw_model, val_pairs, np.arange(len(val_pairs)), mean, std, device, dtype)
-                    thr = evaluate.choose_thresholds(p_val, val_pairs.labels.astype(np.float64), "f1")
+                    thr = metrics.choose_thresholds(p_val, val_pairs.labels.astype(np.float64), "f1")
                     raw_model.prefix.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
                     p_rep = finding_probs(raw_model, report_pairs, rows, mean, std, device, dtype)
                     res["thresholds"] = [round(float(t), 4) for t in thr]

@@ -15,6 +15,7 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cam  # noqa: E402
 import evaluate  # noqa: E402
+import metrics  # noqa: E402
 
 
 def _multilabel(seed=0, N=400, C=4):
@@ -33,7 +34,7 @@ def _multilabel(seed=0, N=400, C=4):
 def test_classification_metrics_multilabel_matches_sklearn():
     probs, y = _multilabel()
     classes = ["a", "b", "c", "never"]
-    m = evaluate.classification_metrics(probs, y, classes, "multilabel")
+    m = metrics.classification_metrics(probs, y, classes, "multilabel")
     ref_auc, ref_ap = [], []
     for c in range(3):
         known = ~np.isnan(y[:, c])
@@ -51,7 +52,7 @@ def test_classification_metrics_multiclass_matches_sklearn():
     y = rng.integers(0, 4, 300)
     logits = rng.normal(size=(300, 4)) + 1.5 * np.eye(4)[y]
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    m = evaluate.classification_metrics(probs, y, list("abcd"), "multiclass")
+    m = metrics.classification_metrics(probs, y, list("abcd"), "multiclass")
     pred = probs.argmax(1)
     assert m["acc"] == pytest.approx((pred == y).mean())
     assert m["balanced_acc"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
@@ -65,8 +66,8 @@ def test_fast_auc_equals_sklearn_with_ties():
     rng = np.random.default_rng(2)
     y = rng.random(500) < 0.4
     p = np.round(rng.random(500) + 0.3 * y, 1)  # coarse scores: many ties
-    assert evaluate.fast_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
-    assert np.isnan(evaluate.fast_auc(np.zeros(10), np.arange(10)))
+    assert metrics.fast_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert np.isnan(metrics.fast_auc(np.zeros(10), np.arange(10)))
 
 
 # -----------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def test_bootstrap_ci_equals_brute_force():
     probs, y = _multilabel(seed=3, N=240, C=3)
     groups = np.array([f"p{i // 3:03d}" for i in range(240)])  # 3 images per patient
     n_boot, seed = 200, 7
-    lo, hi, mlo, mhi = evaluate.bootstrap_ci(probs, y, groups, n_boot, seed)
+    lo, hi, mlo, mhi = metrics.bootstrap_ci(probs, y, groups, n_boot, seed)
     # brute force: the same random draws (rng.integers(0, G, G) over the sorted patient ids), patients
     # expanded one by one with a Python loop, AUC from sklearn
     uniq = sorted(set(groups))
@@ -99,7 +100,7 @@ def test_bootstrap_ci_equals_brute_force():
     macro = np.nanmean(boot[:, :2], axis=1)
     assert mlo == pytest.approx(np.percentile(macro, 2.5), abs=1e-12)
     assert mhi == pytest.approx(np.percentile(macro, 97.5), abs=1e-12)
-    full = evaluate.masked_auc(probs, y)
+    full = metrics.masked_auc(probs, y)
     assert lo[0] < full[0] < hi[0]
 
 
@@ -111,8 +112,8 @@ def test_patient_bootstrap_is_wider_than_image_bootstrap_for_duplicated_images()
     p1 = np.clip(0.3 * y1 + 0.7 * rng.random(150), 0, 1)
     y, p = np.repeat(y1, 4)[:, None], np.repeat(p1, 4)[:, None]
     patients = np.repeat(np.arange(150), 4)
-    lo_p, hi_p, _, _ = evaluate.bootstrap_ci(p, y, patients, 300, 0)
-    lo_i, hi_i, _, _ = evaluate.bootstrap_ci(p, y, np.arange(600), 300, 0)
+    lo_p, hi_p, _, _ = metrics.bootstrap_ci(p, y, patients, 300, 0)
+    lo_i, hi_i, _, _ = metrics.bootstrap_ci(p, y, np.arange(600), 300, 0)
     assert (hi_p - lo_p)[0] > 1.6 * (hi_i - lo_i)[0]  # ~2x = sqrt(4)
 
 
@@ -139,7 +140,7 @@ def test_delong_fast_equals_definition():
     y = rng.random(200) < 0.35
     s1 = np.round(y + rng.normal(size=200), 1)  # ties on purpose
     s2 = np.round(0.5 * y + 0.6 * s1 + rng.normal(size=200), 1)
-    aucs, cov = evaluate.delong_auc_cov(y, np.stack([s1, s2]))
+    aucs, cov = metrics.delong_auc_cov(y, np.stack([s1, s2]))
     ref_aucs, ref_cov = _delong_brute(y, [s1, s2])
     np.testing.assert_allclose(aucs, ref_aucs, atol=1e-12)
     np.testing.assert_allclose(cov, ref_cov, atol=1e-12)
@@ -155,13 +156,13 @@ def test_delong_p_value_agrees_with_paired_permutation_test(effect):
     s1 = (0.8 + effect) * y + shared + 0.7 * rng.normal(size=n)
     s2 = 0.8 * y + shared + 0.7 * rng.normal(size=n)
     r1, r2 = (np.argsort(np.argsort(s)) / n for s in (s1, s2))  # ranks: exchangeable scales under the null
-    res = evaluate.delong_test(y, r1, r2)
-    observed = abs(evaluate.fast_auc(y, r1) - evaluate.fast_auc(y, r2))
+    res = metrics.delong_test(y, r1, r2)
+    observed = abs(metrics.fast_auc(y, r1) - metrics.fast_auc(y, r2))
     n_perm, hits = 2000, 0
     for _ in range(n_perm):
         swap = rng.random(n) < 0.5
         a, b = np.where(swap, r2, r1), np.where(swap, r1, r2)
-        hits += abs(evaluate.fast_auc(y, a) - evaluate.fast_auc(y, b)) >= observed - 1e-12
+        hits += abs(metrics.fast_auc(y, a) - metrics.fast_auc(y, b)) >= observed - 1e-12
     p_perm = (hits + 1) / (n_perm + 1)
     assert abs(res["p"] - p_perm) < 0.05 + 0.15 * p_perm, (res, p_perm)
     if effect == 0.5:
@@ -171,7 +172,7 @@ def test_delong_p_value_agrees_with_paired_permutation_test(effect):
 def test_delong_identical_models():
     y = np.array([0, 0, 1, 1, 0, 1])
     p = np.array([0.1, 0.4, 0.35, 0.8, 0.2, 0.9])
-    assert evaluate.delong_test(y, p, p)["p"] == 1.0
+    assert metrics.delong_test(y, p, p)["p"] == 1.0
 
 
 # -----------------------------------------------------------------------------
@@ -183,30 +184,30 @@ def test_thresholds_against_brute_force():
     y = (rng.random(300) < 0.3).astype(int)
     p = np.clip(0.3 * y + 0.7 * rng.random(300), 0, 1)
     best = max(np.unique(p), key=lambda t: ((p >= t) & (y == 1)).sum() / y.sum() + ((p < t) & (y == 0)).sum() / (y == 0).sum())
-    t = evaluate.youden_threshold(y, p)
-    j = lambda t: evaluate.binary_at_threshold(y, p, t)["sensitivity"] + evaluate.binary_at_threshold(y, p, t)["specificity"]
+    t = metrics.youden_threshold(y, p)
+    j = lambda t: metrics.binary_at_threshold(y, p, t)["sensitivity"] + metrics.binary_at_threshold(y, p, t)["specificity"]
     assert j(t) == pytest.approx(j(best), abs=1e-12)
-    t9 = evaluate.sensitivity_threshold(y, p, 0.9)
-    assert evaluate.binary_at_threshold(y, p, t9)["sensitivity"] >= 0.9
+    t9 = metrics.sensitivity_threshold(y, p, 0.9)
+    assert metrics.binary_at_threshold(y, p, t9)["sensitivity"] >= 0.9
     above = np.unique(p[p > t9])
-    assert all(evaluate.binary_at_threshold(y, p, u)["sensitivity"] < 0.9 for u in above)  # the highest such threshold
-    f1 = lambda t: evaluate.binary_at_threshold(y, p, t)["f1"]  # noqa: E731
-    assert f1(evaluate.f1_threshold(y, p)) == pytest.approx(max(f1(u) for u in np.unique(p)), abs=1e-12)
-    thr = evaluate.choose_thresholds(np.stack([p, p], 1), np.stack([y, y], 1).astype(float), "f1")
-    assert thr.tolist() == [evaluate.f1_threshold(y, p)] * 2
+    assert all(metrics.binary_at_threshold(y, p, u)["sensitivity"] < 0.9 for u in above)  # the highest such threshold
+    f1 = lambda t: metrics.binary_at_threshold(y, p, t)["f1"]  # noqa: E731
+    assert f1(metrics.f1_threshold(y, p)) == pytest.approx(max(f1(u) for u in np.unique(p)), abs=1e-12)
+    thr = metrics.choose_thresholds(np.stack([p, p], 1), np.stack([y, y], 1).astype(float), "f1")
+    assert thr.tolist() == [metrics.f1_threshold(y, p)] * 2
 
 
 def test_calibration_ece():
     rng = np.random.default_rng(9)
     p = rng.random((20000, 1))
     y_cal = (rng.random((20000, 1)) < p).astype(np.float64)
-    ece, table = evaluate.calibration(p, y_cal, 10)
+    ece, table = metrics.calibration(p, y_cal, 10)
     assert ece < 0.02 and len(table) == 10 and sum(b["n"] for b in table) == 20000
-    ece_bad, _ = evaluate.calibration(np.full((1000, 1), 0.9), np.zeros((1000, 1)), 10)
+    ece_bad, _ = metrics.calibration(np.full((1000, 1), 0.9), np.zeros((1000, 1)), 10)
     assert ece_bad == pytest.approx(0.9)
     # multiclass: top-1 confidence 0.7 and accuracy 0.5 -> ECE 0.2
     probs = np.tile([[0.7, 0.2, 0.1]], (10, 1))
-    ece_mc, _ = evaluate.calibration(probs, np.array([0] * 5 + [1] * 5), 10, "multiclass")
+    ece_mc, _ = metrics.calibration(probs, np.array([0] * 5 + [1] * 5), 10, "multiclass")
     assert ece_mc == pytest.approx(0.2)
 
 
@@ -214,17 +215,17 @@ def test_evaluation_report_and_json():
     probs, y = _multilabel(seed=10, N=200, C=4)
     classes = ["a", "b", "c", "never"]
     groups = np.arange(200) // 2
-    rep = evaluate.evaluation_report(probs, y, classes, "multilabel", groups, thresholds=np.full(4, 0.5), n_bootstrap=50)
+    rep = metrics.evaluation_report(probs, y, classes, "multilabel", groups, thresholds=np.full(4, 0.5), n_bootstrap=50)
     assert rep["excluded_from_macro"] == ["never"] and rep["n_patients"] == 100
     known = ~np.isnan(y[:, :3])
     assert rep["auc_micro"] == pytest.approx(roc_auc_score(y[:, :3][known], probs[:, :3][known]), abs=0.05)
     r = rep["per_class"]["a"]
     k = ~np.isnan(y[:, 0])
-    ref = evaluate.binary_at_threshold(y[k, 0], probs[k, 0], 0.5)
+    ref = metrics.binary_at_threshold(y[k, 0], probs[k, 0], 0.5)
     assert r["sensitivity"] == pytest.approx(ref["sensitivity"]) and r["f1"] == pytest.approx(ref["f1"])
     assert r["n_pos"] + r["n_neg"] == k.sum()
-    text = json.dumps(evaluate.to_json(rep), allow_nan=False)  # strict JSON
-    assert "never" in evaluate.format_report(rep) and "null" in text
+    text = json.dumps(metrics.to_json(rep), allow_nan=False)  # strict JSON
+    assert "never" in metrics.format_report(rep) and "null" in text
 
 
 # -----------------------------------------------------------------------------
@@ -379,14 +380,13 @@ def test_main_on_a_tiny_dataset(tmp_path):
     assert len(rows) == 48 and "Edema" in rows[0] and "true_Edema" in rows[0] and "text" not in rows[0]
     with open(run / "submission_test.csv") as f:
         sub = list(csv.reader(f))
-    assert sub[0] == ["Study"] + evaluate.CHEXPERT_COMPETITION and len(sub) - 1 == 24  # 2 views per study
+    assert sub[0] == ["Study"] + metrics.CHEXPERT_COMPETITION and len(sub) - 1 == 24  # 2 views per study
     p1 = {r["path"]: float(r["Edema"]) for r in rows}
     study = sub[1][0]
     assert float(sub[1][4]) == pytest.approx(max(v for k, v in p1.items() if os.path.dirname(k) == study), abs=1e-5)
     cams = os.listdir(run / "cam_test")
     assert saved["cam"]["method"] == "gradcam" and any(c.startswith("Atelectasis_tp0") for c in cams)
-    if evaluate._plt() is not None:
-        assert (run / "test_roc.png").exists() and (run / "test_reliability.png").exists()
+    assert all((run / f"test_{k}.png").exists() for k in ("roc", "pr", "reliability"))  # matplotlib is a dependency
     # another data set sharing 3 classes: evaluated on those, the others reported as dropped
     other = tmp_path / "nih_tiny"
     _prepare(str(other), ["Edema", "Cardiomegaly", "Atelectasis", "Hernia"], name="nih", seed=1)
@@ -411,5 +411,5 @@ def test_main_multiclass(tmp_path):
     assert np.array(rep["confusion_matrix"]).sum() == 48 and 0 <= rep["balanced_acc"] <= 1
     with open(run / "predictions_test.csv") as f:
         assert list(csv.reader(f))[0][-5:] == ["label", "pred"] + classes
-    rows, cls, probs, labels, task = evaluate.read_predictions(str(run / "predictions_test.csv"))
+    rows, cls, probs, labels, task = metrics.read_predictions(str(run / "predictions_test.csv"))
     assert task == "multiclass" and cls == classes and np.allclose(probs.sum(1), 1, atol=1e-4)

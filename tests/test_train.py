@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import configurator
+import model as models
 import train
 from conftest import ROOT
 
@@ -83,10 +84,10 @@ def test_losses_mask_unknown_labels():
     y = torch.tensor([[1.0, 0.0, float("nan")], [0.0, float("nan"), 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     known = ~torch.isnan(y)
     ref = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], y[known])
-    assert torch.allclose(train.masked_bce(logits, y), ref)
+    assert torch.allclose(models.masked_bce(logits, y), ref)
     # focal with gamma=0 and alpha=0.5 is half the BCE
-    assert torch.allclose(train.masked_focal(logits, y, 0.5, 0.0), 0.5 * ref)
-    assert torch.isfinite(train.masked_focal(logits, y, 0.25, 2.0))
+    assert torch.allclose(models.masked_focal(logits, y, 0.5, 0.0), 0.5 * ref)
+    assert torch.isfinite(models.masked_focal(logits, y, 0.25, 2.0))
 
 
 def test_multiclass_ce(tmp_path):
