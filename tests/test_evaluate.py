@@ -409,7 +409,152 @@ def test_main_multiclass(tmp_path):
     run = _fake_run(tmp_path, classes, dd, task="multiclass")
     rep = evaluate.main([f"--ckpt={run / 'best.pt'}", "--n_bootstrap=20", "--tensorboard=False", "--device=cpu"])
     assert np.array(rep["confusion_matrix"]).sum() == 48 and 0 <= rep["balanced_acc"] <= 1
+    assert all((run / f"test_{k}.png").exists() for k in ("roc", "pr", "reliability", "confusion"))
     with open(run / "predictions_test.csv") as f:
         assert list(csv.reader(f))[0][-5:] == ["label", "pred"] + classes
     rows, cls, probs, labels, task = metrics.read_predictions(str(run / "predictions_test.csv"))
     assert task == "multiclass" and cls == classes and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# issue 15: the CheXpert competition AUC, decisions at 0.5 against sklearn, raw test labels, challenge inference
+
+
+def test_auc_comp5_is_the_mean_of_the_five_sklearn_aucs():
+    rng = np.random.default_rng(3)
+    classes = ["No Finding", "Edema", "Atelectasis", "Cardiomegaly", "Pleural Effusion", "Consolidation", "Nodule"]
+    y = (rng.random((300, 7)) < 0.3).astype(np.float32)
+    probs = np.clip(0.3 * y + 0.7 * rng.random((300, 7)), 0, 1)
+    y[rng.random((300, 7)) < 0.2] = np.nan
+    m = metrics.classification_metrics(probs, y, classes, "multilabel")
+    ref = []
+    for name in metrics.CHEXPERT_COMPETITION:
+        c = classes.index(name)
+        known = ~np.isnan(y[:, c])
+        ref.append(roc_auc_score(y[known, c], probs[known, c]))
+    assert m["auc_comp5"] == pytest.approx(np.mean(ref), abs=1e-12)
+    assert m["auc_comp5"] != pytest.approx(m["auc_macro"], abs=1e-6)  # not the 7-class macro
+    assert "auc_comp5" not in metrics.classification_metrics(probs[:, :4], y[:, :4], classes[:4], "multilabel")
+
+
+def test_decisions_at_one_half_equal_sklearn():
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+    rng = np.random.default_rng(4)
+    y = (rng.random((200, 4)) < 0.35).astype(np.float32)
+    y[:, 3] = 0  # a class with no positive: precision / recall / F1 0 (sklearn's zero_division=0)
+    probs = np.clip(0.4 * y + 0.6 * rng.random((200, 4)), 0, 1)
+    m = metrics.classification_metrics(probs, y, list("abcd"), "multilabel")
+    pred = (probs >= 0.5).astype(int)
+    p, r, f, _ = precision_recall_fscore_support(y, pred, average=None, zero_division=0)
+    for c, name in enumerate("abcd"):
+        assert (m["precision"][name], m["recall"][name], m["f1"][name]) == pytest.approx((p[c], r[c], f[c]), abs=1e-12)
+    assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0), abs=1e-12)
+    assert m["f1_micro"] == pytest.approx(f1_score(y, pred, average="micro", zero_division=0), abs=1e-12)
+    assert m["exact_match"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)  # subset accuracy
+    assert m["acc_elementwise"] == pytest.approx((y == pred).mean(), abs=1e-12)
+    # unknown labels: each class is scored on its known cells, as sklearn on that subset
+    y[rng.random(y.shape) < 0.2] = np.nan
+    m = metrics.classification_metrics(probs, y, list("abcd"), "multilabel")
+    for c, name in enumerate("abc"):
+        k = ~np.isnan(y[:, c])
+        p, r, f, _ = precision_recall_fscore_support(y[k, c], pred[k, c], average="binary", zero_division=0)
+        assert (m["precision"][name], m["recall"][name], m["f1"][name]) == pytest.approx((p, r, f), abs=1e-12)
+    k = ~np.isnan(y)
+    assert m["f1_micro"] == pytest.approx(f1_score(y[k], pred[k], zero_division=0), abs=1e-12)
+    # multi-class: per-class precision / recall / F1 of the argmax, micro F1 = accuracy
+    yc = rng.integers(0, 3, 150)
+    pc = rng.dirichlet(np.ones(3), 150)
+    mc = metrics.classification_metrics(pc, yc, list("xyz"), "multiclass")
+    p, r, f, _ = precision_recall_fscore_support(yc, pc.argmax(1), labels=[0, 1, 2], zero_division=0)
+    assert [mc["precision"][n] for n in "xyz"] == pytest.approx(p) and [mc["f1"][n] for n in "xyz"] == pytest.approx(f)
+    assert mc["f1_micro"] == pytest.approx(f1_score(yc, pc.argmax(1), average="micro"), abs=1e-12)
+
+
+def test_eval_labels_masks_uncertain_and_follows_the_blank_policy():
+    raw = np.array([[1, 0, -1, np.nan]], dtype=np.float32)
+    ones = np.array([[1, 0, 1, 0]], dtype=np.float32)  # U-Ones, blank -> zeros
+    np.testing.assert_array_equal(metrics.eval_labels(ones, raw, "mask", "zeros"), [[1, 0, np.nan, 0]])
+    np.testing.assert_array_equal(metrics.eval_labels(ones, raw, "mask", "ignore"), [[1, 0, np.nan, np.nan]])
+    np.testing.assert_array_equal(metrics.eval_labels(ones, raw, "as_policy", "zeros"), ones)
+    np.testing.assert_array_equal(metrics.eval_labels(ones, None), ones)  # no raw file: the policy labels
+    with pytest.raises(ValueError, match="eval_uncertain"):
+        metrics.eval_labels(ones, raw, "drop")
+
+
+def _add_uncertain(d, rng):
+    """Turn the folder into a U-Ones CheXpert folder: raw codes beside the policy labels, 20% uncertain (-1 -> 1)."""
+    meta = json.load(open(os.path.join(d, "meta.json")))
+    for s in ("train", "val", "test"):
+        y = np.load(os.path.join(d, f"{s}_labels.npy"))
+        raw = y.copy()
+        unc = (rng.random(y.shape) < 0.2) & ~np.isnan(y)
+        raw[unc] = -1
+        y[unc] = 1
+        np.save(os.path.join(d, f"{s}_labels.npy"), y)
+        np.save(os.path.join(d, f"{s}_labels_raw.npy"), raw)
+    meta.update(raw_labels=True, label_policy={"uncertain": "ones", "blank": "ignore"})
+    json.dump(meta, open(os.path.join(d, "meta.json"), "w"))
+
+
+def test_uncertain_test_cells_are_excluded_from_every_test_metric(tmp_path):
+    dd = tmp_path / "chexpert_u"
+    _prepare(str(dd), CHEX, name="chexpert")
+    _add_uncertain(str(dd), np.random.default_rng(5))
+    run = _fake_run(tmp_path, CHEX, dd)
+    args = [f"--ckpt={run / 'best.pt'}", "--n_bootstrap=0", "--figures=False", "--tensorboard=False", "--device=cpu"]
+    masked = evaluate.main(args)
+    policy = evaluate.main(args + ["--eval_uncertain=as_policy", f"--out_dir={tmp_path / 'policy'}"])
+    raw = np.load(dd / "test_labels_raw.npy")
+    y_policy = np.load(dd / "test_labels.npy")
+    y_mask = np.where(raw == -1, np.nan, raw)
+    rows = list(csv.DictReader(open(run / "predictions_test.csv")))
+    probs = np.array([[float(r[c]) for c in CHEX] for r in rows])
+    for rep, y in ((masked, y_mask), (policy, y_policy)):
+        ref = metrics.classification_metrics(probs, y, CHEX, "multilabel")
+        for c, name in enumerate(CHEX):
+            k = ~np.isnan(y[:, c])
+            assert rep["per_class"][name]["n_pos"] + rep["per_class"][name]["n_neg"] == k.sum()
+            assert rep["auc"][name] == pytest.approx(ref["auc"][name], abs=1e-9)
+        assert rep["auc_comp5"] == pytest.approx(ref["auc_comp5"], abs=1e-9)
+        assert rep["at_0.5"]["f1_micro"] == pytest.approx(ref["f1_micro"], abs=1e-9)
+    n_unc = int((raw == -1).sum())
+    assert n_unc > 0 and sum(r["n_pos"] for r in masked["per_class"].values()) == \
+        sum(r["n_pos"] for r in policy["per_class"].values()) - n_unc
+    saved = json.load(open(run / "eval_test.json"))
+    assert saved["eval_uncertain"] == "mask" and "uncertain masked" in saved["labels_used"]
+    assert json.load(open(tmp_path / "policy" / "eval_test.json"))["eval_uncertain"] == "as_policy"
+    # the masked labels are the truth columns of the predictions file: an uncertain cell is blank there
+    assert sum(r["true_Edema"] == "" for r in rows) == int(np.isnan(y_mask[:, CHEX.index("Edema")]).sum())
+
+
+def test_predict_csv_equals_the_test_split(tmp_path):
+    from PIL import Image
+    dd = tmp_path / "chexpert_tiny"
+    _prepare(str(dd), CHEX, name="chexpert")
+    run = _fake_run(tmp_path, CHEX, dd)
+    rep = evaluate.main([f"--ckpt={run / 'best.pt'}", "--n_bootstrap=0", "--figures=False", "--tensorboard=False",
+                         "--device=cpu"])
+    # the challenge input: the test images as files under a root, listed in a Path column
+    images = np.fromfile(dd / "test_images.u8", dtype=np.uint8).reshape(-1, 32, 32)
+    index = list(csv.DictReader(open(dd / "test_index.csv")))
+    root = tmp_path / "root"
+    for r, img in zip(index, images):
+        os.makedirs(root / os.path.dirname(r["path"]), exist_ok=True)
+        Image.fromarray(img).save(root / r["path"], format="PNG")  # lossless under the .jpg name: same pixels
+    with open(tmp_path / "paths.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Path"])
+        w.writerows([r["path"]] for r in index)
+    out = tmp_path / "challenge"
+    got = evaluate.main([f"--ckpt={run / 'best.pt'}", f"--predict_csv={tmp_path / 'paths.csv'}", f"--root={root}",
+                         f"--out_dir={out}", "--device=cpu"])
+    want = {r["path"]: [float(r[c]) for c in CHEX] for r in csv.DictReader(open(run / "predictions_test.csv"))}
+    pred = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["Path"] for r in pred] == [r["path"] for r in index]
+    np.testing.assert_array_equal([[float(r[c]) for c in CHEX] for r in pred], [want[r["Path"]] for r in pred])
+    assert open(out / "submission.csv").read() == open(run / "submission_test.csv").read()  # study level, 5 columns
+    assert got["probs"].shape == (len(index), len(CHEX)) and rep["n_images"] == len(index)
+    with open(tmp_path / "bad.csv", "w") as f:
+        f.write("Image\nx.png\n")
+    with pytest.raises(ValueError, match="Path"):
+        evaluate.main([f"--ckpt={run / 'best.pt'}", f"--predict_csv={tmp_path / 'bad.csv'}", "--device=cpu"])
