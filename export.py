@@ -22,7 +22,7 @@ fine-tune with train.py's loss. The result has fewer parameters (smaller Linears
     python export.py --ckpt=out/vit_cxr/best.pt --to=pruned --prune_amount=0.3 --prune_importance=taylor --finetune_iters=200
 
 Chaining works (a pruned checkpoint can be quantized or exported): --ckpt=out/x/pruned.pt --to=int8.
-Load any of the .pt files it writes with export.load_model(path) -> (model, checkpoint).
+Load any of the .pt files it writes with common.load_run(path) -> (model, meta, config), as evaluate.py does.
 
 What prune_amount means: the fraction of the *prunable* parameters removed in every block. The prunable
 parameters are the weights and biases of the block Linears: qkv + attention output projection + MLP
