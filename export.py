@@ -43,7 +43,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 import configurator
