@@ -9,7 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluate import _as_multilabel, _input, _safe
+import common
+import data
+import metrics
 
 # -----------------------------------------------------------------------------
 # heatmaps: Grad-CAM on the last 4-D feature map (conv nets), attention rollout for ViTs
@@ -160,7 +162,7 @@ def overlay(gray_u8, heat, min_size=224):
 
 def cam_cases(probs, labels, task, n):
     """Per class: (the n most confident true positives, the n worst errors) as row positions."""
-    onehot = _as_multilabel(labels, probs.shape[1], task)
+    onehot = metrics.as_multilabel(labels, probs.shape[1], task)
     out = []
     for c in range(probs.shape[1]):
         y, p = onehot[:, c], probs[:, c]
@@ -173,26 +175,26 @@ def cam_cases(probs, labels, task, n):
     return out
 
 
-def write_cams(net, ck, images, probs, labels, classes, model_cols, n, cam_dir, tb=None, device="cpu"):
-    """Heatmap overlays for the n most confident true positives and n worst errors of each class."""
+def write_cams(net, meta, images, probs, labels, classes, model_cols, n, cam_dir, tb=None, device="cpu"):
+    """Heatmap overlays for the n most confident true positives and n worst errors of each class. net: a
+    common.load_run model (its model_args), meta: the run's meta (normalization, task)."""
     from PIL import Image
     os.makedirs(cam_dir, exist_ok=True)
-    image_size = ck["model_args"].get("image_size", images.shape[-1])
-    x0 = _input(torch.from_numpy(np.array(images[:1]))[:, None].to(device), ck, image_size)
+    x0 = common.model_input(torch.from_numpy(np.array(images[:1]))[:, None].to(device), meta, net.model_args)
     method, target = find_cam_target(net, x0)
     written = 0
-    for c, (tp, worst) in enumerate(cam_cases(probs, labels, ck["meta"]["task"], n)):
+    for c, (tp, worst) in enumerate(cam_cases(probs, labels, meta["task"], n)):
         for kind, rows in (("tp", tp), ("err", worst)):
             if len(rows) == 0:
                 continue
             u8 = np.array(images[np.sort(rows)])
             order = np.argsort(np.argsort(rows))  # images were read in sorted order (memmap-friendly)
-            x = _input(torch.from_numpy(u8)[:, None].to(device), ck, image_size)
+            x = common.model_input(torch.from_numpy(u8)[:, None].to(device), meta, net.model_args)
             maps = heatmaps(net, x, [model_cols[c]] * len(rows), method, target)
             for k, r in enumerate(rows):
                 j = order[k]
                 img = overlay(u8[j], maps[j])
-                fname = f"{_safe(classes[c])}_{kind}{k}_row{int(r)}_p{probs[r, c]:.2f}.png"
+                fname = f"{metrics.safe_name(classes[c])}_{kind}{k}_row{int(r)}_p{probs[r, c]:.2f}.png"
                 Image.fromarray(img).save(os.path.join(cam_dir, fname))
                 if tb is not None:
                     tb.add_image(f"cam/{classes[c]}/{kind}{k}", img, 0, dataformats="HWC")
@@ -203,5 +205,4 @@ def write_cams(net, ck, images, probs, labels, classes, model_cols, n, cam_dir, 
 def load_image(path, size):
     """A PNG/JPG/DICOM exactly as prepare stores it (data.decode_image): grayscale, the long side resized to
     `size` keeping the aspect ratio, padded black to size x size. Returns uint8 (size, size)."""
-    import data
     return np.array(data.decode_image(path, size), dtype=np.uint8)

@@ -21,16 +21,25 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as tdist
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
+import data
+import fusion
+import model as models
+import model_clip
+from model_gpt import GPT, gpt_config_from_dict
 
 # -----------------------------------------------------------------------------
 # distributed setup (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
@@ -1045,3 +1054,200 @@ def format_eta(seconds):
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# one loader for every checkpoint family: load_run(path) -> (model, meta, config)
+# plain classifier and fusion model (train.py), pruned / int8 export (export.py), CLIP (train_clip.py), GPT
+# (train_gpt.py); each rebuilt from its model_args, so a checkpoint never pickles code
+
+# which commands read each family's checkpoints, for the sentence a wrong-family checkpoint gets
+READ_BY = {"train.py": ("evaluate.py", "export.py", "cam.py", "serve.py"),
+           "export.py": ("evaluate.py", "export.py", "cam.py", "serve.py"),
+           "train_clip.py": ("train_clip.py", "train.py", "train_gpt.py"),  # teacher, text_init, image_init
+           "train_gpt.py": ("sample.py",)}
+RUN_INFO_KEYS = ("script", "iter", "iter_num", "best_metric", "export", "quant_mode", "pruned_shapes", "source",
+                 "tokenizer")
+
+
+def checkpoint_script(ck):
+    """The script that wrote a checkpoint: its `script` key, or inferred from model_args for older files."""
+    if ck.get("script"):
+        return ck["script"]
+    if ck.get("export"):
+        return "export.py"
+    args = ck.get("model_args", {})
+    if "vocab_size" in args and "block_size" in args:
+        return "train_gpt.py"
+    if "text_model" in args and "embed_dim" in args:
+        return "train_clip.py"
+    return "train.py"
+
+
+def load_run(path, device="cpu", weights="model", reader=None):
+    """Any checkpoint nanorad writes -> (model in eval mode on device, meta, config). meta: what the run knew about
+    its data (classes, task, mean / std, data_dir; a GPT's `data` dict); config: the run's knobs. The model carries
+    .model_args and .run_info (iter, script, export kind, pruned shapes, tokenizer: the other small keys).
+    weights: model | ema (the EMA copy, when trained with ema_decay > 0). reader: the calling command (e.g.
+    "evaluate.py"): a checkpoint of a family it does not read is an error that names the command that does."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found: train one first (python train.py ...) or point at "
+                                f"out/<run>/best.pt")
+    ck = load_checkpoint(path)
+    script = checkpoint_script(ck)
+    if reader is not None and reader not in READ_BY.get(script, ()):
+        readers = READ_BY.get(script, ())
+        verb = "reads" if len(readers) == 1 else "read"
+        raise ValueError(f"{path} is a {script} checkpoint; {', '.join(readers) or 'no command'} {verb} it, "
+                         f"{reader} does not")
+    net = build_from_checkpoint(ck, script)
+    if weights == "ema":
+        if ck.get("ema") is None:
+            raise ValueError(f"weights='ema' but {path} holds no EMA weights (trained with ema_decay=0): use the "
+                             f"raw weights (--weights=model / no --use_ema)")
+        state = {k: v.to(ck["model"][k].dtype) for k, v in ck["ema"].items()}
+    elif weights == "model":
+        state = ck["model"]
+    else:
+        raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
+    if ck.get("export") == "int8":
+        # quantized modules read their format version from the state dict's _metadata, which a weights_only load
+        # does not restore; the freshly quantized structure has the same modules, so it lends its own
+        state = OrderedDict(state)
+        state._metadata = net.state_dict()._metadata
+    net.load_state_dict(state)
+    net.model_args = dict(ck["model_args"])
+    net.run_info = {"script": script, **{k: ck[k] for k in RUN_INFO_KEYS if k in ck and k != "script"}}
+    meta = ck.get("meta") or ck.get("data") or {}
+    return net.to(device).eval(), meta, ck.get("config", {})
+
+
+def build_from_checkpoint(ck, script=None):
+    """The untrained module a checkpoint's weights fit: its family's builder on model_args, then the export
+    surgery (pruned widths, int8 structure). load_run loads the weights into it."""
+    script = script or checkpoint_script(ck)
+    args = ck["model_args"]
+    if script == "train_gpt.py":
+        return GPT(gpt_config_from_dict(args))
+    if script == "train_clip.py":
+        return model_clip.build_clip(**args)
+    net = fusion.build_any(args)  # fusion model or image classifier
+    if ck.get("pruned_shapes"):
+        apply_pruned_shapes(net, ck["pruned_shapes"])
+    net.eval()
+    if ck.get("export") == "int8":
+        example = torch.zeros(1, args["in_chans"], args["image_size"], args["image_size"])
+        net = quantize(net, ck["quant_mode"], calib=[example])  # the structure; the state dict brings the values
+    return net
+
+
+def model_input(x_u8, meta, model_args):
+    """Stored uint8 pixels (B, 1, H, W) -> the normalized float input a loaded run was trained on (the run's
+    mean / std or ImageNet statistics, its channels), resized when the pixels are not the run's image_size."""
+    size = model_args.get("image_size", x_u8.shape[-1])
+    x = data.to_float(x_u8, meta["mean"], meta["std"], model_args.get("in_chans", 1), meta.get("imagenet_norm", False))
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+# --- pruned exports: Linears resized, attention heads removed (export.py prunes, this rebuilds)
+
+
+class HeadPrunedAttention(models.SelfAttention):
+    """model.SelfAttention whose heads were removed: the inner width (n_head * head_dim) is smaller than n_embd,
+    so q, k, v are split at the inner width (model.SelfAttention splits at n_embd). Same parameter names."""
+
+    def __init__(self, attn, n_head):
+        nn.Module.__init__(self)
+        self.n_head, self.dropout, self.is_causal = n_head, attn.dropout, attn.is_causal
+        self.c_attn, self.c_proj, self.resid_dropout = attn.c_attn, attn.c_proj, attn.resid_dropout
+
+    def forward(self, x, attn_mask=None):
+        B, T, _ = x.shape
+        inner = self.c_proj.in_features
+        hs = inner // self.n_head
+        q, k, v = self.c_attn(x).split(inner, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=self.is_causal and attn_mask is None)
+        y = y.transpose(1, 2).contiguous().view(B, T, inner)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def set_module(root, name, module):
+    """root.get_submodule(name) = module."""
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def apply_pruned_shapes(net, shapes):
+    """Resize a freshly built model to a pruned checkpoint's widths (before load_state_dict)."""
+    for name, (out_f, in_f) in shapes["linears"].items():
+        old = net.get_submodule(name)
+        set_module(net, name, nn.Linear(in_f, out_f, bias=old.bias is not None))
+    for name, n_head in shapes["n_head"].items():
+        set_module(net, name, HeadPrunedAttention(net.get_submodule(name), n_head))
+    return net
+
+
+# --- int8 exports: export.py quantizes with these, load_run rebuilds the same structure
+
+
+class FoldedConvNeXtBlock(nn.Module):
+    """model.ConvNeXtBlock with the layer scale folded into fc2 (fc2 becomes an ordinary Linear call). The original
+    block reads fc2.weight inside F.linear, which a quantized Linear (weights packed, no .weight tensor) cannot serve."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.dwconv, self.norm, self.fc1, self.fc2 = block.dwconv, block.norm, block.fc1, block.fc2
+        with torch.no_grad():
+            self.fc2.weight.mul_(block.gamma[:, None])
+            self.fc2.bias.mul_(block.gamma)
+
+    def forward(self, x):  # (B, C, H, W), channels_last memory; drop path is a no-op at inference
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        y = self.fc2(F.gelu(self.fc1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+def fold_for_quantization(net):
+    """Make every Linear a plain module call (ConvNeXt's layer scale folded into fc2). Returns net (modified)."""
+    for stage in getattr(net, "stages", []):
+        for i, block in enumerate(stage.blocks):
+            if isinstance(block, models.ConvNeXtBlock):
+                stage.blocks[i] = FoldedConvNeXtBlock(block)
+    return net
+
+
+def quantize_dynamic_linear(module):
+    """Dynamic int8 of every nn.Linear in any module (ViT, ConvNeXt MLPs, CLIP towers, GPT): int8 weights, per-batch
+    activation scales, fp32 elsewhere. A module that reads a Linear's .weight directly (weight tying, ConvNeXt's
+    layer scale) must be folded first (fold_for_quantization)."""
+    from torch.ao.quantization import quantize_dynamic  # torch.ao is imported only by the int8 paths
+    return quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
+
+
+def quantize_static_fx(net, calib):
+    """FX graph-mode static int8 (x86 backend): conv/linear/add with int8 activations, ranges from the calib batches.
+    For conv + BatchNorm nets (tv: resnet, densenet, efficientnet, ...)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(net.eval(), get_default_qconfig_mapping("x86"), (calib[0],))
+    with torch.no_grad():
+        for x in calib:
+            prepared(x)
+    return convert_fx(prepared)
+
+
+def quantize(net, mode, calib):
+    """net (fp32, eval) -> int8 copy of it. mode: dynamic | static (calib: list of normalized input batches)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices (torchao is its successor)
+        if mode == "static":
+            return quantize_static_fx(net, calib)
+        return quantize_dynamic_linear(fold_for_quantization(net))
+

@@ -33,9 +33,12 @@ import sys
 import numpy as np
 from scipy import stats
 
+import metrics
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-HEADLINE = ("auc_macro", "ap_macro", "acc", "balanced_acc", "f1_macro", "auc_micro", "ap_micro",
-            "sensitivity_macro", "specificity_macro", "ece", "loss")
+# auc_comp5 (the CheXpert competition AUC, Irvin et al. 2019) exists only for CheXpert runs: there it is the first row
+HEADLINE = ("auc_comp5", "auc_macro", "ap_macro", "acc", "balanced_acc", "f1_macro", "f1_micro", "exact_match",
+            "auc_micro", "ap_micro", "sensitivity_macro", "specificity_macro", "ece", "loss")
 
 # -----------------------------------------------------------------------------
 # reading run folders
@@ -61,13 +64,14 @@ def _flatten(prefix, rec):
 
 
 def load_run(path):
-    """One run folder -> {dir, name, seed, config, metrics (flat dict of floats), predictions {tag: csv path}}."""
+    """One run folder -> {dir, name, seed, config, metrics (flat dict of floats), predictions {tag: csv path},
+    data_hash (of the prepared data the run used; None when unknown)}."""
     name = os.path.basename(os.path.normpath(path))
     cfg = {}
     if os.path.exists(os.path.join(path, "config.json")):
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
-    metrics, preds = {}, {}
+    values, preds = {}, {}
     mpath = os.path.join(path, "metrics.jsonl")
     if os.path.exists(mpath):
         recs = read_jsonl(mpath)
@@ -82,21 +86,48 @@ def load_run(path):
             scored = [r for r in evals if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             best = (min if key == "loss" else max)(scored, key=lambda r: r[key]) if scored else evals[-1]
         if best is not None:
-            metrics.update(_flatten("val", best))
+            values.update(_flatten("val", best))
         if finals:
-            metrics["best_iter"] = float(finals[-1].get("best_iter", float("nan")) or float("nan"))
+            best_iter = finals[-1].get("best_iter")
+            values["best_iter"] = float("nan") if best_iter is None else float(best_iter)  # iteration 0 is a real 0
             if isinstance(finals[-1].get("time_s"), (int, float)):
-                metrics["time_s"] = float(finals[-1]["time_s"])
+                values["time_s"] = float(finals[-1]["time_s"])
+    hashes = []
     for ep in sorted(glob.glob(os.path.join(path, "eval_*.json"))):
         tag = os.path.basename(ep)[len("eval_"):-len(".json")]
         with open(ep) as f:
             rep = json.load(f)
-        metrics.update(_flatten(tag, rep))
+        values.update(_flatten(tag, rep))
+        hashes.append(rep.get("data_hash"))
         if rep.get("predictions") and os.path.exists(os.path.join(path, rep["predictions"])):
             preds[tag] = os.path.join(path, rep["predictions"])
     m = re.search(r"_s(\d+)$", name)
     seed = int(m.group(1)) if m else cfg.get("seed")
-    return {"dir": path, "name": name, "seed": seed, "config": cfg, "metrics": metrics, "predictions": preds}
+    return {"dir": path, "name": name, "seed": seed, "config": cfg, "metrics": values, "predictions": preds,
+            "data_hash": next((h for h in hashes if h), None) or run_data_hash(cfg)}
+
+
+def run_data_hash(cfg):
+    """The data_hash of a run's prepared data: its config's (checkpointed runs), else its data_dir's meta.json."""
+    if cfg.get("data_hash"):
+        return cfg["data_hash"]
+    meta_path = os.path.join(str(cfg.get("data_dir", "")), "meta.json")
+    if cfg.get("data_dir") and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return json.load(f).get("data_hash")
+    return None
+
+
+def data_hash_warning(arms):
+    """A sentence when the arms of a comparison ({name: runs}) were trained or evaluated on different prepared data
+    (different data_hash), "" otherwise: their numbers then differ by the data as well as by the method."""
+    seen = {name: sorted({r["data_hash"] for r in runs if r.get("data_hash")}) for name, runs in arms.items()}
+    distinct = {h for hs in seen.values() for h in hs}
+    if len(distinct) <= 1:
+        return ""
+    parts = "; ".join(f"{name}: {', '.join(h[:12] for h in hs) or 'unknown'}" for name, hs in seen.items())
+    return (f"warning: the runs used different prepared data (data_hash {parts}); the comparison mixes data "
+            f"differences with method differences: prepare once and train every arm on that folder")
 
 
 def find_runs(pattern):
@@ -153,9 +184,8 @@ def two_arm_tests(a, b, pairs=None):
 
 def delong_by_class(pred_a, pred_b):
     """DeLong p per class for two prediction CSVs of the same images (joined on the row column)."""
-    import evaluate
-    ra, ca, pa, la, task = evaluate.read_predictions(pred_a)
-    rb, cb, pb, lb, _ = evaluate.read_predictions(pred_b)
+    ra, ca, pa, la, task = metrics.read_predictions(pred_a)
+    rb, cb, pb, lb, _ = metrics.read_predictions(pred_b)
     common = np.intersect1d(ra, rb)
     if common.size == 0:
         raise ValueError(f"{pred_a} and {pred_b} share no images (row column): DeLong needs the same test set")
@@ -172,7 +202,7 @@ def delong_by_class(pred_a, pred_b):
             raise ValueError(f"{pred_a} and {pred_b} disagree on the labels of {c}: not the same test set")
         if yk.size == 0 or yk.min() == yk.max():
             continue
-        out[c] = evaluate.delong_test(yk, pa[ia][known, ja], pb[ib][known, jb])
+        out[c] = metrics.delong_test(yk, pa[ia][known, ja], pb[ib][known, jb])
     return out
 
 
@@ -242,7 +272,10 @@ def _default_out(runs):
 def compare_arms(runs_a, runs_b, name_a, name_b, out_dir, alpha=0.05):
     split = _primary_split(runs_a + runs_b)
     keys = set.union(*[set(r["metrics"]) for r in runs_a + runs_b])
-    metrics = _metric_order(keys, split)
+    names = _metric_order(keys, split)
+    warning = data_hash_warning({name_a: runs_a, name_b: runs_b})
+    if warning:
+        print(warning)
     by_seed_b = {r["seed"]: r for r in runs_b if r["seed"] is not None}
     paired = [(r, by_seed_b[r["seed"]]) for r in runs_a if r["seed"] in by_seed_b]
     delong = {}
@@ -254,7 +287,7 @@ def compare_arms(runs_a, runs_b, name_a, name_b, out_dir, alpha=0.05):
               f"{name_b} n", f"{name_b} mean", f"{name_b} std", f"{name_b} ci_lo", f"{name_b} ci_hi",
               "diff", "welch_p", "mwu_p", "paired_t_p", "wilcoxon_p", "n_pairs", "delong_p"]
     rows, md_rows = [], []
-    for m in metrics:
+    for m in names:
         a = [r["metrics"].get(m, float("nan")) for r in runs_a]
         b = [r["metrics"].get(m, float("nan")) for r in runs_b]
         sa, sb = summarize(a, alpha), summarize(b, alpha)
@@ -274,7 +307,8 @@ def compare_arms(runs_a, runs_b, name_a, name_b, out_dir, alpha=0.05):
     md = (f"# {name_a} vs {name_b}\n\n"
           f"Metrics on the **{split}** split ({'evaluate.py' if split != 'val' else 'best validation eval'}); "
           f"mean ± std [t-based {100 * (1 - alpha):.0f}% CI] over runs. "
-          f"{len(paired)} runs pair by seed (paired tests use those).\n\n" + _md_table(md_header, md_rows))
+          f"{len(paired)} runs pair by seed (paired tests use those).\n\n" + (f"**{warning}**\n\n" if warning else "") +
+          _md_table(md_header, md_rows))
     return _write(out_dir, "comparison", md, header, rows), rows
 
 
@@ -309,6 +343,13 @@ def performance_table(runs, keys, out_dir, stem="table", baseline=None, alpha=0.
             raise ValueError(f"baseline {baseline!r} is not among the groups {['+'.join(g) for g in groups]}")
         base = groups[match[0]]
     primary = f"{split}_auc_macro"
+    # an ablation's groups are arms of one comparison; a plain table may group different data sets, but the runs
+    # of one group are always meant to share their data
+    checks = [{"+".join(g): rs for g, rs in groups.items()}] if base is not None else []
+    checks += [{r["name"]: [r] for r in rs} for rs in groups.values()]
+    warning = " ".join(w for w in (data_hash_warning(c) for c in checks) if w)
+    if warning:
+        print(warning)
     header = list(keys) + ["n"] + [f"{h} mean" for h in head] + [f"{h} std" for h in head] + \
         [f"{split}_auc/{c}" for c in classes] + (["welch_p", "mwu_p"] if base is not None else [])
     rows, md_rows = [], []
@@ -336,7 +377,7 @@ def performance_table(runs, keys, out_dir, stem="table", baseline=None, alpha=0.
         (["p vs baseline (Welch)", "Mann-Whitney p"] if base is not None else [])
     title = "Ablation" if base is not None else "Performance"
     md = (f"# {title} ({split} split, mean ± std over runs; per-class columns: mean AUROC)\n\n" +
-          _md_table(md_header, md_rows))
+          (f"**{warning}**\n\n" if warning else "") + _md_table(md_header, md_rows))
     return _write(out_dir, stem, md, header, rows), rows
 
 

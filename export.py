@@ -22,7 +22,7 @@ fine-tune with train.py's loss. The result has fewer parameters (smaller Linears
     python export.py --ckpt=out/vit_cxr/best.pt --to=pruned --prune_amount=0.3 --prune_importance=taylor --finetune_iters=200
 
 Chaining works (a pruned checkpoint can be quantized or exported): --ckpt=out/x/pruned.pt --to=int8.
-Load any of the .pt files it writes with export.load_model(path) -> (model, checkpoint).
+Load any of the .pt files it writes with common.load_run(path) -> (model, meta, config), as evaluate.py does.
 
 What prune_amount means: the fraction of the *prunable* parameters removed in every block. The prunable
 parameters are the weights and biases of the block Linears: qkv + attention output projection + MLP
@@ -31,7 +31,6 @@ one head stays), the MLP hidden channels make up the rest, so each block loses p
 prunable parameters to within one channel. Embeddings, norms, convs and the head are untouched.
 """
 
-import collections
 import datetime
 import io
 import json
@@ -44,13 +43,13 @@ import warnings
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 import configurator
 import data
-import evaluate
+import metrics
 import model as models
+from common import HeadPrunedAttention, quantize, set_module  # noqa: F401 (quantize: export.quantize in tests)
 
 # -----------------------------------------------------------------------------
 # config
@@ -59,7 +58,7 @@ to = "all"  # onnx | int8 | pruned | all
 out_dir = ""  # exports + export.jsonl go here; "" = the checkpoint's folder
 data_dir = ""  # prepared data for the metric / calibration / fine-tune; "" = the one the checkpoint was trained on
 split = "val"  # split the metric is measured on
-metric = "auc_macro"  # any key of evaluate.classification_metrics (auc_macro, ap_macro, acc for multi-class)
+metric = "auc_macro"  # any key of metrics.classification_metrics (auc_macro, ap_macro, acc for multi-class)
 max_eval_images = 0  # 0 = the whole split; a cap makes quick checks quicker
 eval_batch_size = 128
 use_ema = False  # export the EMA weights when the checkpoint has them (train.py ema_decay > 0)
@@ -85,93 +84,18 @@ batch_size = 32  # taylor / fine-tune micro-batch
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# train.py's defaults of the knobs the fine-tune reads, for a checkpoint saved without its config
+FINETUNE_DEFAULTS = dict(weight_decay=0.05, beta1=0.9, beta2=0.999, augment=False, hflip=False)
 
 # -----------------------------------------------------------------------------
 # loading: plain train.py checkpoints, pruned ones (resized Linears) and int8 ones (quantized state dicts)
 
 
-class HeadPrunedAttention(models.SelfAttention):
-    """model.SelfAttention whose heads were removed: the inner width (n_head * head_dim) is smaller than n_embd,
-    so q, k, v are split at the inner width (model.SelfAttention splits at n_embd). Same parameter names."""
-
-    def __init__(self, attn, n_head):
-        nn.Module.__init__(self)
-        self.n_head, self.dropout, self.is_causal = n_head, attn.dropout, attn.is_causal
-        self.c_attn, self.c_proj, self.resid_dropout = attn.c_attn, attn.c_proj, attn.resid_dropout
-
-    def forward(self, x, attn_mask=None):
-        B, T, _ = x.shape
-        inner = self.c_proj.in_features
-        hs = inner // self.n_head
-        q, k, v = self.c_attn(x).split(inner, dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=self.is_causal and attn_mask is None)
-        y = y.transpose(1, 2).contiguous().view(B, T, inner)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class FoldedConvNeXtBlock(nn.Module):
-    """model.ConvNeXtBlock with the layer scale folded into fc2 (fc2 becomes an ordinary Linear call). The original
-    block reads fc2.weight inside F.linear, which a quantized Linear (weights packed, no .weight tensor) cannot serve."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.dwconv, self.norm, self.fc1, self.fc2 = block.dwconv, block.norm, block.fc1, block.fc2
-        with torch.no_grad():
-            self.fc2.weight.mul_(block.gamma[:, None])
-            self.fc2.bias.mul_(block.gamma)
-
-    def forward(self, x):  # (B, C, H, W), channels_last memory; drop path is a no-op at inference
-        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
-        y = self.fc2(F.gelu(self.fc1(self.norm(y))))
-        return x + y.permute(0, 3, 1, 2)
-
-
-def _set_module(root, name, module):
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
-def apply_pruned_shapes(net, shapes):
-    """Resize a freshly built model to a pruned checkpoint's widths (before load_state_dict)."""
-    for name, (out_f, in_f) in shapes["linears"].items():
-        old = net.get_submodule(name)
-        _set_module(net, name, nn.Linear(in_f, out_f, bias=old.bias is not None))
-    for name, n_head in shapes["n_head"].items():
-        _set_module(net, name, HeadPrunedAttention(net.get_submodule(name), n_head))
-    return net
-
-
 def load_model(path, use_ema=False):
-    """Any checkpoint train.py or export.py writes -> (model in eval mode on the CPU, checkpoint dict)."""
-    ck = common.load_checkpoint(path)
-    net = models.build_model(**ck["model_args"])
-    if ck.get("pruned_shapes"):
-        apply_pruned_shapes(net, ck["pruned_shapes"])
-    net.eval()
-    if ck.get("export") == "int8":
-        example = _example_input(ck["model_args"])
-        net = quantize(net, ck["quant_mode"], calib=[example])  # the structure; the loaded state dict brings the values
-    state = ck["model"]
-    if ck.get("export") == "int8":
-        # quantized modules read their format version from the state dict's _metadata, which a weights_only load
-        # does not restore; the freshly quantized structure has the same modules, so it lends its own
-        state = collections.OrderedDict(state)
-        state._metadata = net.state_dict()._metadata
-    if use_ema:
-        if ck.get("ema") is None:
-            raise ValueError(f"use_ema=True but {path} holds no EMA weights (train with --ema_decay=0.999), or drop --use_ema")
-        state = {k: v.to(ck["model"][k].dtype) for k, v in ck["ema"].items()}
-    net.load_state_dict(state)
-    return net.eval(), ck
-
-
-def _example_input(model_args):
-    S = model_args["image_size"]
-    return torch.zeros(1, model_args["in_chans"], S, S)
+    """Any checkpoint train.py or export.py writes -> (model in eval mode on the CPU, checkpoint keys: meta, config,
+    model_args, and export / quant_mode / pruned_shapes when present). common.load_run rebuilds it."""
+    net, meta, config = common.load_run(path, weights="ema" if use_ema else "model", reader="export.py")
+    return net, {**net.run_info, "meta": meta, "config": config, "model_args": net.model_args}
 
 # -----------------------------------------------------------------------------
 # measuring: size on disk, latency, the validation metric
@@ -212,7 +136,7 @@ def metric_of(logits, split, meta, name):
     labels = np.asarray(split.labels)[: len(logits)]
     task = meta["task"]
     probs = torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
-    record = evaluate.classification_metrics(probs.numpy(), labels, meta["classes"], task)
+    record = metrics.classification_metrics(probs.numpy(), labels, meta["classes"], task)
     if name not in record:
         raise ValueError(f"metric={name!r} is not computed for this data; choose one of {sorted(record)}")
     return float(record[name])
@@ -271,36 +195,6 @@ def add_onnx_metadata(path, meta, model_args):
 # int8 quantization
 
 
-def fold_for_quantization(net):
-    """Make every Linear a plain module call (ConvNeXt's layer scale folded into fc2). Returns net (modified)."""
-    for stage in getattr(net, "stages", []):
-        for i, block in enumerate(stage.blocks):
-            if isinstance(block, models.ConvNeXtBlock):
-                stage.blocks[i] = FoldedConvNeXtBlock(block)
-    return net
-
-
-def quantize_dynamic_linear(module):
-    """Dynamic int8 of every nn.Linear in any module (ViT, ConvNeXt MLPs, CLIP towers, GPT): int8 weights, per-batch
-    activation scales, fp32 elsewhere. A module that reads a Linear's .weight directly (weight tying, ConvNeXt's
-    layer scale) must be folded first (fold_for_quantization)."""
-    from torch.ao.quantization import quantize_dynamic
-    return quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
-
-
-def quantize_static_fx(net, calib):
-    """FX graph-mode static int8 (x86 backend): conv/linear/add with int8 activations, ranges from the calib batches.
-    For conv + BatchNorm nets (tv: resnet, densenet, efficientnet, ...)."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-    torch.backends.quantized.engine = "x86"
-    prepared = prepare_fx(net.eval(), get_default_qconfig_mapping("x86"), (calib[0],))
-    with torch.no_grad():
-        for x in calib:
-            prepared(x)
-    return convert_fx(prepared)
-
-
 def count_int8_layers(net):
     """Linear and conv layers that run in int8 (dynamic Linear is a subclass of the static one)."""
     import torch.ao.nn.quantized as nnq
@@ -320,14 +214,6 @@ def resolve_quant_mode(mode, model_name):
         raise ValueError(f"quant_mode must be auto, dynamic or static, got {mode!r}")
     return mode
 
-
-def quantize(net, mode, calib):
-    """net (fp32, eval) -> int8 copy of it. mode: dynamic | static (calib: list of normalized input batches)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices (torchao is its successor)
-        if mode == "static":
-            return quantize_static_fx(net, calib)
-        return quantize_dynamic_linear(fold_for_quantization(net))
 
 # -----------------------------------------------------------------------------
 # structured pruning: whole heads and MLP hidden channels, Linears resized
@@ -434,7 +320,7 @@ def prune_model(net, amount, scores=None, prune_heads=True):
                 attn.c_proj = _shrink_linear(attn.c_proj, in_idx=cols)
                 removed += before - _numel(attn.c_attn, attn.c_proj)
                 new_attn = HeadPrunedAttention(attn, nh - n_remove)
-                _set_module(net, u["attn_name"], new_attn)
+                set_module(net, u["attn_name"], new_attn)
                 shapes["n_head"][u["attn_name"]] = nh - n_remove
                 for part in ("c_attn", "c_proj"):
                     m = getattr(new_attn, part)
@@ -451,8 +337,8 @@ def prune_model(net, amount, scores=None, prune_heads=True):
             ch_scores = w1.sum(1) + (b1 if b1 is not None else 0) + w2.sum(0)
             keep = _keep(ch_scores, n_remove)
             new1, new2 = _shrink_linear(fc1, out_idx=keep), _shrink_linear(fc2, in_idx=keep)
-            _set_module(net, u["fc1_name"], new1)
-            _set_module(net, u["fc2_name"], new2)
+            set_module(net, u["fc1_name"], new1)
+            set_module(net, u["fc2_name"], new2)
             shapes["linears"][u["fc1_name"]] = [new1.out_features, new1.in_features]
             shapes["linears"][u["fc2_name"]] = [new2.out_features, new2.in_features]
     return shapes
@@ -477,9 +363,8 @@ def train_batches(split, cfg, n, start=0):
 
 def finetune(net, ck, cfg, train_split, meta):
     """finetune_iters AdamW steps with train.py's loss (and its augmentation), constant LR, grad clip 1."""
-    import train
-    tcfg = {**train.DEFAULTS, **ck.get("config", {})}
-    loss_fn = train.make_loss_fn(tcfg, meta["task"], None)
+    tcfg = {**models.LOSS_DEFAULTS, **FINETUNE_DEFAULTS, **ck.get("config", {})}
+    loss_fn = models.make_loss_fn(tcfg, meta["task"], None)
     in_chans = ck["model_args"]["in_chans"]
     groups = models.param_groups(net, tcfg["weight_decay"])
     opt = common.make_optimizer(groups, cfg["finetune_lr"], (tcfg["beta1"], tcfg["beta2"]), "cpu")
@@ -620,10 +505,9 @@ def main(argv=None):
         if cfg["prune_importance"] == "taylor" or cfg["finetune_iters"] > 0:
             train_split = data.PreparedSplit(data_dir, "train")
         if cfg["prune_importance"] == "taylor":
-            import train
-            tcfg = {**train.DEFAULTS, **ck.get("config", {})}
+            tcfg = {**models.LOSS_DEFAULTS, **ck.get("config", {})}
             batches = list(train_batches(train_split, cfg, cfg["importance_batches"]))
-            scores = taylor_scores(pnet, batches, train.make_loss_fn(tcfg, meta["task"], None), meta, in_chans)
+            scores = taylor_scores(pnet, batches, models.make_loss_fn(tcfg, meta["task"], None), meta, in_chans)
         elif cfg["prune_importance"] != "l1":
             raise ValueError(f"prune_importance must be l1 or taylor, got {cfg['prune_importance']!r}")
         shapes = merge_shapes(ck.get("pruned_shapes"), prune_model(pnet, cfg["prune_amount"], scores, cfg["prune_heads"]))

@@ -19,8 +19,9 @@ import torch
 
 import common
 import configurator
+import data as data_lib
+import text_data
 import tokenizer as tok_lib
-from model_gpt import GPT, gpt_config_from_dict
 
 # -----------------------------------------------------------------------------
 # config
@@ -50,32 +51,21 @@ def load_model(cfg):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found; train one with: python train_gpt.py config/gpt_phantom_reports.py "
                                 f"--out_dir={cfg['out_dir']}")
-    ckpt = common.load_checkpoint(path)
-    model = GPT(gpt_config_from_dict(ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    ckpt.setdefault("data", {**ckpt.get("meta", {}), "dir": ckpt.get("meta", {}).get("data_dir")})  # the common schema's meta
-    return model, tok_lib.from_dict(ckpt["tokenizer"]), ckpt
+    model, data_info, _ = common.load_run(path, reader="sample.py")
+    return model, tok_lib.from_dict(model.run_info["tokenizer"]), data_info
 
 
-def load_image(spec, ckpt):
+def load_image(spec, data, image_size):
     """uint8 (1, 1, S, S) from 'val:N' (the checkpoint's pairs data) or an image file resized like data.py would."""
-    data = ckpt["data"]
     if ":" in spec and spec.split(":")[0] in ("train", "val", "test") and spec.split(":")[1].isdigit():
-        import text_data
         split, row = spec.split(":")
-        pairs = text_data.Pairs(data["dir"], split)
+        pairs = text_data.Pairs(data.get("data_dir") or data["dir"], split)
         r = int(row)
         print(f"reference report ({spec}): {pairs.index[r]['text']}")
         return np.array(pairs.images[r])[None, None]  # a writable copy of the memmap row
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--image={spec!r} is neither a file nor val:N / test:N")
-    size = ckpt["model_args"]["image_size"]
-    try:
-        import data as data_lib  # data.py reads DICOM/PNG/JPEG and pads to a square like prepare does
-        a = data_lib.decode_image(spec, size)
-    except (ImportError, AttributeError):
-        from PIL import Image
-        a = np.asarray(Image.open(spec).convert("L").resize((size, size), Image.BILINEAR))
+    a = data_lib.decode_image(spec, image_size)  # DICOM/PNG/JPEG, padded to a square as prepare does
     return np.asarray(a, dtype=np.uint8)[None, None]
 
 
@@ -84,22 +74,22 @@ def main(argv=None):
     device = "cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else ("cpu" if cfg["device"] == "auto" else cfg["device"])
     dtype = common.resolve_dtype(cfg["dtype"], device)
     torch.manual_seed(cfg["seed"])
-    model, tok, ckpt = load_model(cfg)
+    model, tok, data_info = load_model(cfg)
     model.eval().to(device)
 
     images = None
     if cfg["image"]:
         if model.config.n_prefix == 0:
             raise ValueError("--image given but the checkpoint is a text-only model (trained with cond='none')")
-        u8 = load_image(cfg["image"], ckpt)
-        images = (torch.from_numpy(u8).to(device).float() / 255.0 - ckpt["data"]["mean"]) / ckpt["data"]["std"]
+        u8 = load_image(cfg["image"], data_info, model.model_args["image_size"])
+        images = (torch.from_numpy(u8).to(device).float() / 255.0 - data_info["mean"]) / data_info["std"]
         images = images.expand(cfg["num_samples"], -1, -1, -1)
         if model.config.n_classes > 0:  # what the finding head sees: the tags the report is conditioned on
             with torch.no_grad():
                 p = model.classify(images[:1])[0].cpu()
             thr = model.prefix.thresholds.cpu()
             hard = model.config.finding_tags == "hard"
-            names = ckpt["data"].get("classes") or [f"class {k}" for k in range(len(p))]
+            names = data_info.get("classes") or [f"class {k}" for k in range(len(p))]
             print("findings (head probability" + (", threshold" if hard else "") + "): " + ", ".join(
                 f"{n} {p[k]:.2f}" + (f"{'>=' if p[k] >= thr[k] else '<'}{thr[k]:.2f}" if hard else "")
                 for k, n in enumerate(names) if p[k] >= 0.1 or (hard and p[k] >= thr[k])))

@@ -48,7 +48,7 @@ grid_points = 3           # grid: values per continuous dimension (log-spaced fo
 n_init = 5                # bayes: random trials before the GP takes over (~2x the dimensions is usual)
 n_candidates = 2000       # bayes: candidates scored by expected improvement per trial (a quarter near the best)
 xi = 0.01                 # bayes: EI margin, in units of the normalised objective; larger = more exploration
-mode = "max"              # max (auc_macro, ap_macro, acc) | min (loss)
+mode = "max"              # max (auc_macro, auc_comp5, ap_macro, acc) | min (loss)
 metric = ""               # "" = the run's best_metric (train.py's select_metric) | a key of its best eval record
 trial_timeout = 0         # seconds of wall clock per trial: the run is killed and recorded failed (0 = no limit)
 out_dir = "out/sweep"     # trials go to out_dir/trial_NNN, results to out_dir/sweep.jsonl

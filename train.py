@@ -39,8 +39,8 @@ import torch.nn.functional as F
 import common
 import configurator
 import data
-import evaluate
 import fusion
+import metrics
 import model as models
 
 # -----------------------------------------------------------------------------
@@ -143,53 +143,7 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 
 # -----------------------------------------------------------------------------
-# losses (NaN labels are unknown: masked out per class)
-
-
-def masked_bce(logits, y, pos_weight=None):
-    mask = ~torch.isnan(y)
-    target = torch.where(mask, y, torch.zeros_like(y))
-    per = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
-    return (per * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_focal(logits, y, alpha, gamma):
-    """Sigmoid focal loss (Lin et al. 2017, eq. 5) averaged over known labels."""
-    mask = ~torch.isnan(y)
-    target = torch.where(mask, y, torch.zeros_like(y))
-    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p = torch.sigmoid(logits)
-    p_t = p * target + (1 - p) * (1 - target)
-    alpha_t = alpha * target + (1 - alpha) * (1 - target)
-    per = alpha_t * (1 - p_t) ** gamma * ce
-    return (per * mask).sum() / mask.sum().clamp(min=1)
-
-
-def make_loss_fn(cfg, task, pos_w):
-    kind = cfg["loss"] if cfg["loss"] != "auto" else ("bce" if task == "multilabel" else "ce")
-    if task == "multiclass" and kind != "ce":
-        raise ValueError(f"loss={kind!r} is for multi-label data; this dataset is multi-class: use --loss=ce")
-    if task == "multilabel" and kind == "ce":
-        raise ValueError("loss='ce' is for multi-class data; this dataset is multi-label: use bce, focal or bce+focal")
-    if kind == "ce":
-        # y is a class index, or a soft target (B, C) after mixup
-        return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=cfg["label_smoothing"])
-    if kind == "bce":
-        return lambda logits, y: masked_bce(logits, y, pos_w)
-    if kind == "focal":
-        return lambda logits, y: masked_focal(logits, y, cfg["focal_alpha"], cfg["focal_gamma"])
-    if kind == "bce+focal":
-        w = cfg["bce_weight"]
-        return lambda logits, y: w * masked_bce(logits, y, pos_w) + (1 - w) * masked_focal(logits, y, cfg["focal_alpha"], cfg["focal_gamma"])
-    raise ValueError(f"unknown loss {kind!r}: choose auto, bce, focal, bce+focal or ce")
-
-
-def distill_loss(student_logits, teacher_logits, task, T):
-    """Soft BCE against the teacher's tempered sigmoids (multi-label), KL to its tempered softmax (multi-class)."""
-    if task == "multilabel":
-        return F.binary_cross_entropy_with_logits(student_logits / T, torch.sigmoid(teacher_logits / T)) * T * T
-    return F.kl_div(F.log_softmax(student_logits / T, 1), F.log_softmax(teacher_logits / T, 1),
-                    reduction="batchmean", log_target=True) * T * T
+# teacher and mixup (the classifier losses live beside the model: model.make_loss_fn, model.distill_loss)
 
 
 def load_teacher(path, device, classes):
@@ -238,7 +192,7 @@ def run_eval(net, split, cfg, meta, dist, loss_fn, inputs=None):
     labels = torch.as_tensor(np.asarray(split.labels))
     task = meta["task"]
     probs = torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
-    record = evaluate.classification_metrics(probs.numpy(), labels.numpy(), meta["classes"], task)
+    record = metrics.classification_metrics(probs.numpy(), labels.numpy(), meta["classes"], task)
     record["loss"] = float(loss_fn(logits, labels))
     return record, probs
 
@@ -268,8 +222,8 @@ def _train(cfg, dist, log):
              f"global batch {global_batch} = {cfg['batch_size']} x {accum} accum x {dist.world_size} ranks | "
              f"{len(train_split) / global_batch:.1f} iters/epoch | {cfg['max_iters'] * global_batch / len(train_split):.1f} epochs")
     pos_w = pos_weights(cfg, task, np.asarray(train_split.labels), dist.device)
-    loss_fn = make_loss_fn(cfg, task, pos_w)
-    eval_loss_fn = make_loss_fn(cfg, task, None if pos_w is None else pos_w.cpu())
+    loss_fn = models.make_loss_fn(cfg, task, pos_w)
+    eval_loss_fn = models.make_loss_fn(cfg, task, None if pos_w is None else pos_w.cpu())
 
     # --- model, teacher, optimizer (over every parameter; the fine-tune mode then freezes some: AdamW skips them)
     raw, inputs = build_classifier(cfg, ckpt, classes, train_split, val_split, log)
@@ -457,7 +411,7 @@ def micro_loss(net, teacher, x, y, idx, k, it, cfg, meta, dist, loss_fn, inputs)
     with torch.no_grad(), common.autocast(dist.device, cfg["dtype"]):
         t_logits = t_net(xt)
     a = cfg["distill_alpha"]
-    return (1 - a) * loss + a * distill_loss(logits.float(), t_logits.float(), meta["task"], cfg["distill_temperature"])
+    return (1 - a) * loss + a * models.distill_loss(logits.float(), t_logits.float(), meta["task"], cfg["distill_temperature"])
 
 
 def evaluate_and_log(raw, ema, split, cfg, meta, dist, loss_fn, inputs, log, it, prog):

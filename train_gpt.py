@@ -42,7 +42,7 @@ import torch.distributed as tdist
 
 import common
 import configurator
-import evaluate
+import metrics
 import model as models
 import text_data
 import tokenizer as tok_lib
@@ -347,7 +347,7 @@ def run_eval(raw_model, d, cfg, dist, step, last):
     rows = np.arange(min(cfg["eval_reports"], len(d.report)))
     if cfg["finding_tags"] == "hard":  # the operating point: per class the F1-best threshold on val
         p_val = finding_probs(raw_model, d.val, np.arange(len(d.val)), mean, std, device, dtype)
-        thr = evaluate.choose_thresholds(p_val, d.val.labels.astype(np.float64), "f1")
+        thr = metrics.choose_thresholds(p_val, d.val.labels.astype(np.float64), "f1")
         raw_model.prefix.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
         p_rep = finding_probs(raw_model, d.report, rows, mean, std, device, dtype)
         res["thresholds"] = [round(float(t), 4) for t in thr]

@@ -22,3 +22,4 @@ eval_interval = 500
 compile = True
 channels_last = True
 augment = True  # random affine / crop / contrast / gamma / noise on the device
+select_metric = "auc_comp5"  # the 5-task CheXpert competition mean AUC (issue 15)

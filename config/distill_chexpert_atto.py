@@ -33,3 +33,4 @@ augment = True  # random affine / crop / contrast / gamma / noise on the device
 dtype = "auto"
 compile = True
 channels_last = True
+select_metric = "auc_comp5"  # the 5-task CheXpert competition mean AUC (issue 15)

@@ -26,3 +26,4 @@ early_stop_patience = 4
 compile = True
 channels_last = True
 augment = True  # random affine / crop / contrast / gamma / noise on the device
+select_metric = "auc_comp5"  # the 5-task CheXpert competition mean AUC (issue 15)

@@ -13,12 +13,12 @@ from scipy import stats
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import compare  # noqa: E402
-import evaluate  # noqa: E402
+import metrics  # noqa: E402
 
 CLASSES = ["Edema", "Nodule"]
 
 
-def _fake_run(d, seed, val_auc, test_auc=None, cfg=None, per_class=(0.8, 0.7), best_iter=20):
+def _fake_run(d, seed, val_auc, test_auc=None, cfg=None, per_class=(0.8, 0.7), best_iter=20, data_hash=None):
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump({"seed": seed, "model": "convnext_atto", "data_dir": "data/phantom", "init_from": "scratch",
@@ -34,7 +34,7 @@ def _fake_run(d, seed, val_auc, test_auc=None, cfg=None, per_class=(0.8, 0.7), b
         with open(os.path.join(d, "eval_test.json"), "w") as f:
             json.dump({"auc_macro": test_auc, "ap_macro": test_auc - 0.2, "ece": 0.05,
                        "auc": {"Edema": test_auc + 0.01, "Nodule": test_auc - 0.01}, "ap": {"Edema": 0.5, "Nodule": None},
-                       "per_class": {}}, f)
+                       "per_class": {}, "data_hash": data_hash}, f)
 
 
 def test_summarize_t_interval():
@@ -97,7 +97,7 @@ def test_delong_between_two_single_models(tmp_path):
     for name, p in (("good_s0", p_a), ("weak_s0", p_b)):
         _fake_run(tmp_path / name, 0, 0.8, 0.8)
         rows = np.arange(n) if name == "good_s0" else np.arange(n)[::-1]  # another row order: joined on `row`
-        evaluate.write_predictions(str(tmp_path / name / "predictions_test.csv"), index, rows, CLASSES, p[rows], y[rows], "multilabel")
+        metrics.write_predictions(str(tmp_path / name / "predictions_test.csv"), index, rows, CLASSES, p[rows], y[rows], "multilabel")
         rep = json.load(open(tmp_path / name / "eval_test.json"))
         rep["predictions"] = "predictions_test.csv"
         json.dump(rep, open(tmp_path / name / "eval_test.json", "w"))
@@ -105,7 +105,7 @@ def test_delong_between_two_single_models(tmp_path):
     r = {x[0]: x for x in rows}
     for c, name in enumerate(CLASSES):
         known = ~np.isnan(y[:, c])
-        ref = evaluate.delong_test(y[known, c], np.round(p_a[known, c], 6), np.round(p_b[known, c], 6))["p"]
+        ref = metrics.delong_test(y[known, c], np.round(p_a[known, c], 6), np.round(p_b[known, c], 6))["p"]
         assert r[f"test_auc/{name}"][17] == pytest.approx(ref, rel=1e-6)
     assert r["test_auc/Edema"][17] < 0.01
     assert "DeLong p" in open(tmp_path / "comparison.md").read()
@@ -133,6 +133,45 @@ def test_table_and_ablation(tmp_path):
     assert "(baseline)" in open(ab / "ablation.md").read()
     with pytest.raises(ValueError, match="baseline"):
         compare.main(["--ablation", str(ab / "fusion_*"), "--group_by=modalities", "--baseline=audio"])
+
+
+def test_data_hash_mismatch_warns(tmp_path, capsys):
+    """Arms trained or evaluated on different prepared data get a warning (stdout and the report); same data: none."""
+    for s in range(2):
+        _fake_run(tmp_path / f"a_s{s}", s, 0.7, 0.7, data_hash="aaaa1111")
+        _fake_run(tmp_path / f"b_s{s}", s, 0.8, 0.8, data_hash="aaaa1111")
+        _fake_run(tmp_path / f"c_s{s}", s, 0.8, 0.8, data_hash="cccc2222")
+    compare.main(["--runs", str(tmp_path / "a_s*"), "--vs", str(tmp_path / "b_s*")])
+    assert "different prepared data" not in capsys.readouterr().out
+    assert "different prepared data" not in open(tmp_path / "comparison.md").read()
+    compare.main(["--runs", str(tmp_path / "a_s*"), "--vs", str(tmp_path / "c_s*")])
+    out = capsys.readouterr().out
+    assert "different prepared data" in out and "aaaa1111" in out and "cccc2222" in out
+    assert "different prepared data" in open(tmp_path / "comparison.md").read()
+    # no eval json hash: the run's data_dir meta.json says it
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "meta.json").write_text(json.dumps({"data_hash": "dddd3333"}))
+    _fake_run(tmp_path / "x_s0", 0, 0.7, cfg={"data_dir": str(d)})
+    assert compare.load_run(str(tmp_path / "x_s0"))["data_hash"] == "dddd3333"
+
+
+def test_best_iter_zero_is_zero(tmp_path):
+    _fake_run(tmp_path / "z_s0", 0, 0.7, best_iter=0)
+    assert compare.load_run(str(tmp_path / "z_s0"))["metrics"]["best_iter"] == 0.0
+
+
+def test_auc_comp5_is_the_first_row(tmp_path):
+    for s in range(2):
+        for arm, v in (("a", 0.7), ("b", 0.8)):
+            _fake_run(tmp_path / f"{arm}_s{s}", s, v, v, cfg={"init_from": arm})
+            rep = json.load(open(tmp_path / f"{arm}_s{s}" / "eval_test.json"))
+            json.dump({**rep, "auc_comp5": v + 0.05}, open(tmp_path / f"{arm}_s{s}" / "eval_test.json", "w"))
+    rows = compare.main(["--runs", str(tmp_path / "a_s*"), "--vs", str(tmp_path / "b_s*")])
+    assert rows[0][0] == "test_auc_comp5" and rows[0][2] == pytest.approx(0.75)
+    table = compare.main(["--table", str(tmp_path / "*_s*")])
+    assert open(tmp_path / "table.md").read().split("\n")[2].split("|")[5].strip() == "auc_comp5"
+    assert table[0][4] == pytest.approx(0.85)  # the first metric column
 
 
 def test_launch_runs_each_seed_once(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import configurator
+import model as models
 import train
 from conftest import ROOT
 
@@ -83,10 +84,10 @@ def test_losses_mask_unknown_labels():
     y = torch.tensor([[1.0, 0.0, float("nan")], [0.0, float("nan"), 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     known = ~torch.isnan(y)
     ref = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], y[known])
-    assert torch.allclose(train.masked_bce(logits, y), ref)
+    assert torch.allclose(models.masked_bce(logits, y), ref)
     # focal with gamma=0 and alpha=0.5 is half the BCE
-    assert torch.allclose(train.masked_focal(logits, y, 0.5, 0.0), 0.5 * ref)
-    assert torch.isfinite(train.masked_focal(logits, y, 0.25, 2.0))
+    assert torch.allclose(models.masked_focal(logits, y, 0.5, 0.0), 0.5 * ref)
+    assert torch.isfinite(models.masked_focal(logits, y, 0.25, 2.0))
 
 
 def test_multiclass_ce(tmp_path):
@@ -158,3 +159,21 @@ def test_phantom_run_learns(quickstart_run):
     test is macro AUC >= 0.85; the quick start's own target is >= 0.90 (measured 0.913 and 0.920)."""
     final = quickstart_run["final"]
     assert final["best_metric"] >= 0.90, final
+
+
+def test_focal_is_torchvisions_under_the_nan_mask():
+    """model.masked_focal (torchvision.ops.sigmoid_focal_loss on the known cells) equals the hand-written
+    focal loss train.py had before (Lin et al. 2017, eq. 5), soft mixup targets included."""
+    torch.manual_seed(0)
+    logits = torch.randn(16, 5) * 3
+    y = (torch.rand(16, 5) < 0.4).float()
+    y[torch.rand(16, 5) < 0.2] = float("nan")
+    y[:4] = torch.where(torch.isnan(y[:4]), y[:4], torch.rand(4, 5))  # soft targets, as after mixup
+    for alpha, gamma in ((0.25, 2.0), (0.5, 0.0), (0.75, 1.5)):
+        mask = ~torch.isnan(y)
+        t = torch.where(mask, y, torch.zeros_like(y))
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, t, reduction="none")
+        p = torch.sigmoid(logits)
+        p_t = p * t + (1 - p) * (1 - t)
+        old = ((alpha * t + (1 - alpha) * (1 - t)) * (1 - p_t) ** gamma * ce * mask).sum() / mask.sum()
+        torch.testing.assert_close(models.masked_focal(logits, y, alpha, gamma), old, rtol=1e-6, atol=1e-7)
