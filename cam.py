@@ -9,9 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import common
 import data
 import metrics
+import runs
 
 # -----------------------------------------------------------------------------
 # heatmaps: Grad-CAM on the last 4-D feature map (conv nets), attention rollout for ViTs
@@ -177,10 +177,10 @@ def cam_cases(probs, labels, task, n):
 
 def write_cams(net, meta, images, probs, labels, classes, model_cols, n, cam_dir, tb=None, device="cpu"):
     """Heatmap overlays for the n most confident true positives and n worst errors of each class. net: a
-    common.load_run model (its model_args), meta: the run's meta (normalization, task)."""
+    runs.load_run model (its model_args), meta: the run's meta (normalization, task)."""
     from PIL import Image
     os.makedirs(cam_dir, exist_ok=True)
-    x0 = common.model_input(torch.from_numpy(np.array(images[:1]))[:, None].to(device), meta, net.model_args)
+    x0 = runs.model_input(torch.from_numpy(np.array(images[:1]))[:, None].to(device), meta, net.model_args)
     method, target = find_cam_target(net, x0)
     written = 0
     for c, (tp, worst) in enumerate(cam_cases(probs, labels, meta["task"], n)):
@@ -189,7 +189,7 @@ def write_cams(net, meta, images, probs, labels, classes, model_cols, n, cam_dir
                 continue
             u8 = np.array(images[np.sort(rows)])
             order = np.argsort(np.argsort(rows))  # images were read in sorted order (memmap-friendly)
-            x = common.model_input(torch.from_numpy(u8)[:, None].to(device), meta, net.model_args)
+            x = runs.model_input(torch.from_numpy(u8)[:, None].to(device), meta, net.model_args)
             maps = heatmaps(net, x, [model_cols[c]] * len(rows), method, target)
             for k, r in enumerate(rows):
                 j = order[k]

@@ -6,40 +6,27 @@ each script still shows its own loop.
 
 import contextlib
 import errno
-import functools
 import glob
 import hashlib
-import importlib
 import json
 import math
 import os
 import pickle
 import random
-import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import warnings
 import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as tdist
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-import data
-import fusion
-import model as models
-import model_clip
-from model_gpt import GPT, gpt_config_from_dict
+import tracking
 
 # -----------------------------------------------------------------------------
 # distributed setup (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
@@ -186,7 +173,7 @@ def start_run(script, cfg, dist, log, defaults, save_config=True):
     log.line(f"nanorad {script} | world {dist.world_size} | device {dist.device} | dtype {cfg['dtype']} | "
              f"config (changed from the defaults; all of it in {cfg['out_dir']}/config.json):")
     log.line(configurator.format_config(cfg, defaults))
-    prov = provenance(cfg, dist.world_size)
+    prov = tracking.provenance(cfg, dist.world_size)
     log.set_tags(script=script, **prov)
     if dist.master and save_config and not cfg["eval_only"]:
         with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
@@ -370,7 +357,7 @@ def launch(script_train, cfg, trackers=None):
     check_run_dir(cfg)
     fresh = not os.path.exists(cfg["out_dir"])
     dist = setup_distributed(cfg["device"], cfg["backend"], timeout_s=cfg["dist_timeout"])
-    log = Logger(cfg["out_dir"], cfg if trackers is None else {**cfg, "trackers": trackers}, dist.master)
+    log = tracking.Logger(cfg["out_dir"], cfg if trackers is None else {**cfg, "trackers": trackers}, dist.master)
     try:
         cfg["dtype"] = resolve_dtype(cfg["dtype"], dist.device)
         return script_train(cfg, dist, log)
@@ -534,7 +521,7 @@ def save_run(cfg, dist, log, script, it, prog, improved, raw, model_args, meta, 
     state = {"model": raw.state_dict(), "model_args": model_args, "config": cfg, "script": script,
              **prog, "iter": it, "meta": meta, "tokenizer": tokenizer, "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "rng": rng, "ema": None if ema is None else ema.module.state_dict(),
-             "trackers": log.tracker_ids(), **provenance(cfg, dist.world_size)}
+             "trackers": log.tracker_ids(), **tracking.provenance(cfg, dist.world_size)}
     assert tuple(state) == CKPT_KEYS, f"checkpoint keys {tuple(state)} drifted from CKPT_KEYS"
     out = cfg["out_dir"]
     save_checkpoint(state, os.path.join(out, "ckpt.pt"))
@@ -732,270 +719,6 @@ def device_peak_flops(device, dtype):
     return None
 
 
-# -----------------------------------------------------------------------------
-# provenance: which code, which software and which data made a run (config.json and every checkpoint carry it)
-
-
-@functools.lru_cache(maxsize=None)
-def _git_state():
-    """(commit, dirty) of the checkout this file was imported from, read once per process: the code that is running.
-    Untracked files (a new config file, data/) do not count as dirty. (None, None) outside a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
-        status = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None, None
-    if commit.returncode != 0 or status.returncode != 0:
-        return None, None
-    return commit.stdout.strip(), bool(status.stdout.strip())
-
-
-def provenance(cfg, world_size):
-    """The fields that trace a run to its code and data: git commit and dirty flag, torch / CUDA versions, world size
-    and the prepared data's content hash (data_hash in <data_dir>/meta.json, written by prepare; None when absent)."""
-    commit, dirty = _git_state()
-    data_dir = cfg.get("data_dir") or os.path.join("data", str(cfg.get("dataset", "")))
-    meta_path = os.path.join(data_dir, "meta.json")
-    data_hash = None
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            data_hash = json.load(f).get("data_hash")
-    cuda = None if torch.version.cuda is None else str(torch.version.cuda)
-    return {"git_commit": commit, "git_dirty": dirty, "torch_version": str(torch.__version__), "cuda_version": cuda,
-            "world_size": world_size, "data_hash": data_hash}
-
-
-# -----------------------------------------------------------------------------
-# logging: stdout + out_dir/train.log, out_dir/metrics.jsonl, and the trackers in cfg['trackers']:
-# TensorBoard (out_dir/tb), MLflow, Weights & Biases; ray_train.py adds 'ray' (metrics reported to Ray Train)
-
-TRACKERS = ("tensorboard", "mlflow", "wandb", "ray")
-_ARTIFACTS = ("config.json", "metrics.jsonl", "train.log", "eval_*.json", "predictions_*.csv", "*.png")
-
-
-def _require(module, pip_name, tracker):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"trackers includes {tracker!r} but {module} is not installed: pip install {pip_name}") from None
-
-
-def parse_trackers(cfg):
-    """cfg['trackers'] ('tensorboard,mlflow') -> a tuple of names; tensorboard_log=False (or tensorboard=False) drops
-    TensorBoard, as it always did."""
-    names = tuple(t.strip() for t in str(cfg.get("trackers", "tensorboard")).split(",") if t.strip())
-    for t in names:
-        if t not in TRACKERS:
-            raise ValueError(f"trackers={cfg.get('trackers')!r}: unknown tracker {t!r}; choose a comma-separated list of "
-                             f"{', '.join(TRACKERS[:3])} (ray is added by ray_train.py)")
-    if not cfg.get("tensorboard_log", cfg.get("tensorboard", True)):
-        names = tuple(t for t in names if t != "tensorboard")
-    return names
-
-
-def _metric_name(name):
-    return re.sub(r"[^\w\-. :/]", "_", name)  # the characters MLflow accepts in a metric name
-
-
-def flatten_record(record):
-    """A metrics.jsonl record -> (step, {'<split>/<key>': number}); nested dicts (per-class AUC) add '/<key>'."""
-    step = record.get("iter", record.get("step", record.get("iters")))
-    prefix = record.get("split") or ("final" if record.get("final") else "metrics")
-    out = {}
-
-    def walk(d, path):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{path}/{k}")
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[_metric_name(f"{path}/{k}")] = v
-
-    walk({k: v for k, v in record.items() if k not in ("iter", "step", "split", "final")}, prefix)
-    return step, out
-
-
-class Logger:
-    """What a run prints and records. The master writes stdout + train.log, metrics.jsonl and every tracker named in
-    cfg['trackers']; the trackers get the scalars the scripts log (train/loss, ...) and every metrics.jsonl record
-    under the same names ('val/auc_macro', 'val/auc/<class>'), one point per name and step. The MLflow / W&B run
-    starts at the first metric (so that resume(ids) from a checkpoint comes first and continues the same run), is
-    named after out_dir, carries the config as params and the provenance as tags, and gets the run folder's files at
-    close(). With 'ray' every rank reports each metrics.jsonl record to Ray Train, so jsonl() must be called on every
-    rank at the same points. Logger(out_dir, True/False, master) is the older TensorBoard-only form."""
-
-    def __init__(self, out_dir, cfg=True, master=True):
-        if not isinstance(cfg, dict):
-            cfg = {"trackers": "tensorboard" if cfg else ""}
-        self.out_dir, self.cfg, self.master = out_dir, cfg, master
-        self.tb, self.mlflow, self.wandb, self.ray = None, None, None, None
-        self.ids, self.tags, self.started, self.last_step = {}, {}, False, {}
-        names = parse_trackers(cfg)
-        if "ray" in names:
-            self.ray = _require("ray.train", '"ray[train]"', "ray")
-        if not master:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        self.log_file = open(os.path.join(out_dir, "train.log"), "a")
-        if "tensorboard" in names:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("tensorboard is not installed (pip install tensorboard); logging to train.log and metrics.jsonl only")
-            else:
-                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-        if "mlflow" in names:
-            self.mlflow = _require("mlflow", "mlflow", "mlflow")
-        if "wandb" in names:
-            self.wandb = _require("wandb", "wandb", "wandb")
-
-    def set_tags(self, **tags):
-        """script, git commit, data hash, world size...: tags of the MLflow run (W&B: its config has them)."""
-        self.tags.update(tags)
-
-    def resume(self, ids):
-        """Continue the tracker runs a checkpoint recorded (tracker_ids()) instead of starting new ones."""
-        assert not self.started, "Logger.resume(ids) must come before the first metric"
-        self.ids.update(ids or {})
-
-    def tracker_ids(self):
-        """{'mlflow': run id, 'wandb': run id} of this run, for the checkpoint."""
-        if self.master and (self.mlflow or self.wandb):
-            self._start()
-        return dict(self.ids)
-
-    def line(self, text):
-        if self.master:
-            print(text, flush=True)
-            self.log_file.write(text + "\n")
-            self.log_file.flush()
-
-    def scalars(self, values, step, prefix=""):
-        if self.tb is not None:
-            for k, v in values.items():
-                if v is not None and np.isfinite(v):
-                    self.tb.add_scalar(prefix + k, v, step)
-        self._track({_metric_name(prefix + k): v for k, v in values.items()}, step)
-
-    def jsonl(self, record):
-        if self.master:
-            with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        step, flat = flatten_record(record)
-        self._track(flat, step)
-        if self.ray is not None:  # a barrier across the workers: every rank calls jsonl
-            pointer = None
-            if self.master:  # Ray's checkpoint registry gets a pointer to the run folder (Result.metrics_dataframe)
-                d = tempfile.mkdtemp()
-                with open(os.path.join(d, "nanorad.json"), "w") as f:
-                    json.dump({"out_dir": os.path.abspath(self.out_dir), "step": step, "record": record}, f)
-                pointer = self.ray.Checkpoint.from_directory(d)
-            self.ray.report({**flat, "step": step}, checkpoint=pointer)
-            if pointer is not None:
-                shutil.rmtree(pointer.path)  # Ray has copied it to its storage
-
-    def _track(self, values, step):
-        """One point per (name, step) to MLflow / W&B: an eval record and the TensorBoard scalars of the same eval
-        carry the same names."""
-        if not self.master or not (self.mlflow or self.wandb) or step is None:
-            return
-        values = {k: float(v) for k, v in values.items()
-                  if v is not None and math.isfinite(v) and self.last_step.get(k) != step}
-        if not values:
-            return
-        self.last_step.update({k: step for k in values})
-        self._start()
-        if self.mlflow is not None:
-            from mlflow.entities import Metric
-            ms = int(time.time() * 1000)
-            metrics = [Metric(k, v, ms, int(step)) for k, v in values.items()]
-            for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
-                self.mlflow_client.log_batch(self.ids["mlflow"], metrics=metrics[i:i + 1000])
-        if self.wandb is not None:
-            self.wandb_run.log(values, step=int(step))
-
-    def _params(self):
-        path = os.path.join(self.out_dir, "config.json")  # the resolved config + provenance, as start_run wrote it
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-        return dict(self.cfg)
-
-    def _start(self):
-        if self.started:
-            return
-        self.started = True
-        params, name = self._params(), os.path.basename(os.path.normpath(self.out_dir))
-        tags = {k: str(v) for k, v in self.tags.items()}
-        if self.mlflow is not None:
-            from mlflow.entities import Param, RunTag
-            self.mlflow_client = client = self.mlflow.MlflowClient(tracking_uri=self.cfg.get("mlflow_uri") or None)
-            exp_name = self.cfg.get("mlflow_experiment") or "nanorad"
-            exp = client.get_experiment_by_name(exp_name)
-            exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
-            run_id = self.ids.get("mlflow")
-            if run_id and self._mlflow_run_exists(run_id):
-                client.update_run(run_id, status="RUNNING")
-                # params are write-once in MLflow: a resumed run records the knobs it changed as tags
-                old = client.get_run(run_id).data.params
-                changed = [RunTag(f"resume.{k}", str(v)[:5000]) for k, v in params.items() if old.get(k, str(v)) != str(v)]
-                client.log_batch(run_id, tags=changed[:100])
-                self.line(f"mlflow: continuing run {run_id} ({client.tracking_uri})")
-            else:
-                if run_id:
-                    self.line(f"mlflow: run {run_id} of the checkpoint is not on {client.tracking_uri}: starting a new run")
-                sys_tags = {"mlflow.source.name": tags.get("script", ""), "mlflow.source.git.commit": tags.get("git_commit", "")}
-                run_id = client.create_run(exp_id, run_name=name, tags={**sys_tags, **tags}).info.run_id
-                ps = [Param(k, str(v)) for k, v in params.items()]
-                for i in range(0, len(ps), 100):  # MLflow's limit per batch
-                    client.log_batch(run_id, params=ps[i:i + 100])
-                self.line(f"mlflow: run {run_id} in experiment {exp_name!r} ({client.tracking_uri})")
-            self.ids["mlflow"] = run_id
-        if self.wandb is not None:
-            mode = self.cfg.get("wandb_mode", "online")
-            if mode not in ("online", "offline"):
-                raise ValueError(f"wandb_mode must be online or offline, got {mode!r}")
-            run_id = self.ids.get("wandb")
-            self.wandb_run = self.wandb.init(project=self.cfg.get("wandb_project") or "nanorad", name=name, id=run_id,
-                                             resume="allow" if run_id else None, mode=mode, dir=self.out_dir,
-                                             config={**params, **{f"tag/{k}": v for k, v in tags.items()}},
-                                             tags=[tags["script"]] if "script" in tags else None, reinit="create_new")
-            if run_id:
-                self.wandb_run.config.update(params, allow_val_change=True)
-            self.ids["wandb"] = self.wandb_run.id
-            self.line(f"wandb: run {self.wandb_run.id} ({mode}) in project {self.wandb_run.project!r}")
-
-    def _mlflow_run_exists(self, run_id):
-        try:
-            self.mlflow_client.get_run(run_id)
-        except self.mlflow.exceptions.MlflowException:
-            return False
-        return True
-
-    def close(self):
-        """Close the files; upload the run folder's files (+ best.pt with track_checkpoints) and end the tracker runs,
-        FAILED when an exception is on its way out of the script."""
-        if not self.master:
-            return
-        failed = sys.exc_info()[0] is not None
-        if self.tb is not None:
-            self.tb.close()
-        if self.started:
-            files = sorted({p for pat in _ARTIFACTS for p in glob.glob(os.path.join(self.out_dir, pat))})
-            if self.cfg.get("track_checkpoints") and os.path.exists(os.path.join(self.out_dir, "best.pt")):
-                files.append(os.path.join(self.out_dir, "best.pt"))
-            if self.mlflow is not None:
-                for p in files:
-                    self.mlflow_client.log_artifact(self.ids["mlflow"], p)
-                self.mlflow_client.set_terminated(self.ids["mlflow"], status="FAILED" if failed else "FINISHED")
-            if self.wandb is not None:
-                for p in files:
-                    self.wandb_run.save(p, base_path=self.out_dir, policy="now")
-                self.wandb_run.finish(exit_code=1 if failed else 0)
-        self.log_file.close()
-
-
 class Timer:
     """Training time per step with evaluation left out, CUDA synchronised: `with timer.paused():` around an eval,
     step() after each optimizer step, lap() at a log line -> mean seconds per step since the last lap."""
@@ -1054,200 +777,3 @@ def format_eta(seconds):
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-# -----------------------------------------------------------------------------
-# one loader for every checkpoint family: load_run(path) -> (model, meta, config)
-# plain classifier and fusion model (train.py), pruned / int8 export (export.py), CLIP (train_clip.py), GPT
-# (train_gpt.py); each rebuilt from its model_args, so a checkpoint never pickles code
-
-# which commands read each family's checkpoints, for the sentence a wrong-family checkpoint gets
-READ_BY = {"train.py": ("evaluate.py", "export.py", "cam.py", "serve.py"),
-           "export.py": ("evaluate.py", "export.py", "cam.py", "serve.py"),
-           "train_clip.py": ("train_clip.py", "train.py", "train_gpt.py"),  # teacher, text_init, image_init
-           "train_gpt.py": ("sample.py",)}
-RUN_INFO_KEYS = ("script", "iter", "iter_num", "best_metric", "export", "quant_mode", "pruned_shapes", "source",
-                 "tokenizer")
-
-
-def checkpoint_script(ck):
-    """The script that wrote a checkpoint: its `script` key, or inferred from model_args for older files."""
-    if ck.get("script"):
-        return ck["script"]
-    if ck.get("export"):
-        return "export.py"
-    args = ck.get("model_args", {})
-    if "vocab_size" in args and "block_size" in args:
-        return "train_gpt.py"
-    if "text_model" in args and "embed_dim" in args:
-        return "train_clip.py"
-    return "train.py"
-
-
-def load_run(path, device="cpu", weights="model", reader=None):
-    """Any checkpoint nanorad writes -> (model in eval mode on device, meta, config). meta: what the run knew about
-    its data (classes, task, mean / std, data_dir; a GPT's `data` dict); config: the run's knobs. The model carries
-    .model_args and .run_info (iter, script, export kind, pruned shapes, tokenizer: the other small keys).
-    weights: model | ema (the EMA copy, when trained with ema_decay > 0). reader: the calling command (e.g.
-    "evaluate.py"): a checkpoint of a family it does not read is an error that names the command that does."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found: train one first (python train.py ...) or point at "
-                                f"out/<run>/best.pt")
-    ck = load_checkpoint(path)
-    script = checkpoint_script(ck)
-    if reader is not None and reader not in READ_BY.get(script, ()):
-        readers = READ_BY.get(script, ())
-        verb = "reads" if len(readers) == 1 else "read"
-        raise ValueError(f"{path} is a {script} checkpoint; {', '.join(readers) or 'no command'} {verb} it, "
-                         f"{reader} does not")
-    net = build_from_checkpoint(ck, script)
-    if weights == "ema":
-        if ck.get("ema") is None:
-            raise ValueError(f"weights='ema' but {path} holds no EMA weights (trained with ema_decay=0): use the "
-                             f"raw weights (--weights=model / no --use_ema)")
-        state = {k: v.to(ck["model"][k].dtype) for k, v in ck["ema"].items()}
-    elif weights == "model":
-        state = ck["model"]
-    else:
-        raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
-    if ck.get("export") == "int8":
-        # quantized modules read their format version from the state dict's _metadata, which a weights_only load
-        # does not restore; the freshly quantized structure has the same modules, so it lends its own
-        state = OrderedDict(state)
-        state._metadata = net.state_dict()._metadata
-    net.load_state_dict(state)
-    net.model_args = dict(ck["model_args"])
-    net.run_info = {"script": script, **{k: ck[k] for k in RUN_INFO_KEYS if k in ck and k != "script"}}
-    meta = ck.get("meta") or ck.get("data") or {}
-    return net.to(device).eval(), meta, ck.get("config", {})
-
-
-def build_from_checkpoint(ck, script=None):
-    """The untrained module a checkpoint's weights fit: its family's builder on model_args, then the export
-    surgery (pruned widths, int8 structure). load_run loads the weights into it."""
-    script = script or checkpoint_script(ck)
-    args = ck["model_args"]
-    if script == "train_gpt.py":
-        return GPT(gpt_config_from_dict(args))
-    if script == "train_clip.py":
-        return model_clip.build_clip(**args)
-    net = fusion.build_any(args)  # fusion model or image classifier
-    if ck.get("pruned_shapes"):
-        apply_pruned_shapes(net, ck["pruned_shapes"])
-    net.eval()
-    if ck.get("export") == "int8":
-        example = torch.zeros(1, args["in_chans"], args["image_size"], args["image_size"])
-        net = quantize(net, ck["quant_mode"], calib=[example])  # the structure; the state dict brings the values
-    return net
-
-
-def model_input(x_u8, meta, model_args):
-    """Stored uint8 pixels (B, 1, H, W) -> the normalized float input a loaded run was trained on (the run's
-    mean / std or ImageNet statistics, its channels), resized when the pixels are not the run's image_size."""
-    size = model_args.get("image_size", x_u8.shape[-1])
-    x = data.to_float(x_u8, meta["mean"], meta["std"], model_args.get("in_chans", 1), meta.get("imagenet_norm", False))
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x
-
-
-# --- pruned exports: Linears resized, attention heads removed (export.py prunes, this rebuilds)
-
-
-class HeadPrunedAttention(models.SelfAttention):
-    """model.SelfAttention whose heads were removed: the inner width (n_head * head_dim) is smaller than n_embd,
-    so q, k, v are split at the inner width (model.SelfAttention splits at n_embd). Same parameter names."""
-
-    def __init__(self, attn, n_head):
-        nn.Module.__init__(self)
-        self.n_head, self.dropout, self.is_causal = n_head, attn.dropout, attn.is_causal
-        self.c_attn, self.c_proj, self.resid_dropout = attn.c_attn, attn.c_proj, attn.resid_dropout
-
-    def forward(self, x, attn_mask=None):
-        B, T, _ = x.shape
-        inner = self.c_proj.in_features
-        hs = inner // self.n_head
-        q, k, v = self.c_attn(x).split(inner, dim=2)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=self.is_causal and attn_mask is None)
-        y = y.transpose(1, 2).contiguous().view(B, T, inner)
-        return self.resid_dropout(self.c_proj(y))
-
-
-def set_module(root, name, module):
-    """root.get_submodule(name) = module."""
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, module)
-
-
-def apply_pruned_shapes(net, shapes):
-    """Resize a freshly built model to a pruned checkpoint's widths (before load_state_dict)."""
-    for name, (out_f, in_f) in shapes["linears"].items():
-        old = net.get_submodule(name)
-        set_module(net, name, nn.Linear(in_f, out_f, bias=old.bias is not None))
-    for name, n_head in shapes["n_head"].items():
-        set_module(net, name, HeadPrunedAttention(net.get_submodule(name), n_head))
-    return net
-
-
-# --- int8 exports: export.py quantizes with these, load_run rebuilds the same structure
-
-
-class FoldedConvNeXtBlock(nn.Module):
-    """model.ConvNeXtBlock with the layer scale folded into fc2 (fc2 becomes an ordinary Linear call). The original
-    block reads fc2.weight inside F.linear, which a quantized Linear (weights packed, no .weight tensor) cannot serve."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.dwconv, self.norm, self.fc1, self.fc2 = block.dwconv, block.norm, block.fc1, block.fc2
-        with torch.no_grad():
-            self.fc2.weight.mul_(block.gamma[:, None])
-            self.fc2.bias.mul_(block.gamma)
-
-    def forward(self, x):  # (B, C, H, W), channels_last memory; drop path is a no-op at inference
-        y = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
-        y = self.fc2(F.gelu(self.fc1(self.norm(y))))
-        return x + y.permute(0, 3, 1, 2)
-
-
-def fold_for_quantization(net):
-    """Make every Linear a plain module call (ConvNeXt's layer scale folded into fc2). Returns net (modified)."""
-    for stage in getattr(net, "stages", []):
-        for i, block in enumerate(stage.blocks):
-            if isinstance(block, models.ConvNeXtBlock):
-                stage.blocks[i] = FoldedConvNeXtBlock(block)
-    return net
-
-
-def quantize_dynamic_linear(module):
-    """Dynamic int8 of every nn.Linear in any module (ViT, ConvNeXt MLPs, CLIP towers, GPT): int8 weights, per-batch
-    activation scales, fp32 elsewhere. A module that reads a Linear's .weight directly (weight tying, ConvNeXt's
-    layer scale) must be folded first (fold_for_quantization)."""
-    from torch.ao.quantization import quantize_dynamic  # torch.ao is imported only by the int8 paths
-    return quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
-
-
-def quantize_static_fx(net, calib):
-    """FX graph-mode static int8 (x86 backend): conv/linear/add with int8 activations, ranges from the calib batches.
-    For conv + BatchNorm nets (tv: resnet, densenet, efficientnet, ...)."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-    torch.backends.quantized.engine = "x86"
-    prepared = prepare_fx(net.eval(), get_default_qconfig_mapping("x86"), (calib[0],))
-    with torch.no_grad():
-        for x in calib:
-            prepared(x)
-    return convert_fx(prepared)
-
-
-def quantize(net, mode, calib):
-    """net (fp32, eval) -> int8 copy of it. mode: dynamic | static (calib: list of normalized input batches)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices (torchao is its successor)
-        if mode == "static":
-            return quantize_static_fx(net, calib)
-        return quantize_dynamic_linear(fold_for_quantization(net))
-

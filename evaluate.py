@@ -38,11 +38,11 @@ import torch
 from PIL import Image
 
 import cam as cam_lib  # the module; `cam` is the config knob below
-import common
 import configurator
 import data
 import fusion
 import metrics
+import runs
 
 # -----------------------------------------------------------------------------
 # config: python evaluate.py --key=value (or a config file), see configurator.py
@@ -69,37 +69,6 @@ figures = True            # PNG curves with matplotlib
 tensorboard = True        # curves + figures to <out_dir>/tb_eval
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-
-# -----------------------------------------------------------------------------
-# inference (optionally with TTA)
-
-
-def _activation(logits, task):
-    return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
-
-
-@torch.no_grad()
-def predict(net, images, meta, batch_size=64, tta=0, tta_seed=0, device="cpu", inputs=None):
-    """Probabilities (N, C) for uint8 images (N, H, W). inputs: a fusion model's per-sample arrays
-    (fusion.split_inputs), row i = image i. TTA: mean of the plain view and `tta` views from data.augment with a
-    generator seeded per batch, so the result does not depend on anything else."""
-    task = meta["task"]
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[i:i + batch_size]))[:, None].to(device)
-        x = common.model_input(x, meta, net.model_args)
-        kw = fusion.batch_inputs(inputs, np.arange(i, i + len(x)), device)  # {} for an image-only model
-        p = _activation(net(x, **kw).float(), task)
-        if tta > 0:
-            gen = torch.Generator(device=x.device)
-            gen.manual_seed(tta_seed * 1_000_003 + i)
-            for _ in range(tta):
-                p += _activation(net(data.augment(x, gen), **kw).float(), task)
-            p /= tta + 1
-        out.append(p.cpu().numpy())
-    C = len(meta["classes"])
-    return np.concatenate(out) if out else np.zeros((0, C), np.float32)
-
 
 def split_inputs(net, split):
     """The text / clinical arrays a fusion model reads beside the image ({} for an image-only model)."""
@@ -128,7 +97,7 @@ def main(argv=None):
     if not cfg["ckpt"]:
         raise ValueError("--ckpt is required, e.g. python evaluate.py --ckpt=out/quickstart/best.pt --split=test")
     dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    net, meta_ck, _ = common.load_run(cfg["ckpt"], dev, cfg["weights"], reader="evaluate.py")
+    net, meta_ck, _ = runs.load_run(cfg["ckpt"], dev, cfg["weights"], reader="evaluate.py")
     out_dir = cfg["out_dir"] or os.path.dirname(os.path.abspath(cfg["ckpt"]))
     os.makedirs(out_dir, exist_ok=True)
     if cfg["image"]:
@@ -148,7 +117,7 @@ def _one_image(cfg, net, meta, out_dir, dev):
     _image_only(net, "--image")
     size = net.model_args.get("image_size", 224)
     u8 = cam_lib.load_image(cfg["image"], size)
-    probs = predict(net, u8[None], meta, 1, cfg["tta"], cfg["tta_seed"], dev)[0]
+    probs = runs.predict(net, u8[None], meta, 1, cfg["tta"], cfg["tta_seed"], dev)[0]
     classes = meta["classes"]
     order = np.argsort(-probs)
     print(f"{cfg['image']} ({net.model_args['model']}, {meta['task']}):")
@@ -156,7 +125,7 @@ def _one_image(cfg, net, meta, out_dir, dev):
         print(f"  {classes[c]:<24} {probs[c]:.4f}")
     cam_dir = os.path.join(out_dir, "cam_image")
     os.makedirs(cam_dir, exist_ok=True)
-    x = common.model_input(torch.from_numpy(u8)[None, None].to(dev), meta, net.model_args)
+    x = runs.model_input(torch.from_numpy(u8)[None, None].to(dev), meta, net.model_args)
     method, target = cam_lib.find_cam_target(net, x)
     top = order[:min(3, len(classes))]
     maps = cam_lib.heatmaps(net, x.expand(len(top), -1, -1, -1), top.tolist(), method, target)
@@ -186,7 +155,7 @@ def _predict_csv(cfg, net, meta, out_dir, dev):
         raise FileNotFoundError(f"{len(missing)} image(s) of {cfg['predict_csv']} are not under --root={root}, "
                                 f"e.g. {missing[0]}: pass the folder the Path column is relative to")
     images = np.stack([data.decode_image(os.path.join(root, p), size) for p in paths]).astype(np.uint8)
-    probs = predict(net, images, meta, cfg["batch_size"], cfg["tta"], cfg["tta_seed"], dev)
+    probs = runs.predict(net, images, meta, cfg["batch_size"], cfg["tta"], cfg["tta_seed"], dev)
     classes = list(meta["classes"])
     pred_path = os.path.join(out_dir, "predictions.csv")
     with open(pred_path, "w", newline="") as f:
@@ -214,7 +183,7 @@ def _evaluate_split(cfg, net, meta_ck, out_dir, dev):
     split = data.PreparedSplit(data_dir, cfg["split"])
     tag = f"{metrics.safe_name(os.path.basename(os.path.normpath(data_dir)))}_{cfg['split']}" if external else cfg["split"]
     t0 = time.time()
-    probs_all = predict(net, split.images, meta_ck, cfg["batch_size"], cfg["tta"], cfg["tta_seed"], dev,
+    probs_all = runs.predict(net, split.images, meta_ck, cfg["batch_size"], cfg["tta"], cfg["tta_seed"], dev,
                         split_inputs(net, split))
     labels_all, labels_used = scoring_labels(data_dir, cfg["split"], split.labels, meta, cfg["eval_uncertain"])
     classes, probs, labels, rows, dropped_m, dropped_d = metrics.align_classes(
@@ -236,7 +205,7 @@ def _evaluate_split(cfg, net, meta_ck, out_dir, dev):
             vp, vl = probs_all, labels_all
         else:
             vs = data.PreparedSplit(val_dir, "val")
-            vp = predict(net, vs.images, meta_ck, cfg["batch_size"], cfg["tta"], cfg["tta_seed"], dev,
+            vp = runs.predict(net, vs.images, meta_ck, cfg["batch_size"], cfg["tta"], cfg["tta_seed"], dev,
                          split_inputs(net, vs))
             vl, _ = scoring_labels(val_dir, "val", vs.labels, val_meta, cfg["eval_uncertain"])
         vclasses = list(val_meta["classes"])

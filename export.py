@@ -22,7 +22,7 @@ fine-tune with train.py's loss. The result has fewer parameters (smaller Linears
     python export.py --ckpt=out/vit_cxr/best.pt --to=pruned --prune_amount=0.3 --prune_importance=taylor --finetune_iters=200
 
 Chaining works (a pruned checkpoint can be quantized or exported): --ckpt=out/x/pruned.pt --to=int8.
-Load any of the .pt files it writes with common.load_run(path) -> (model, meta, config), as evaluate.py does.
+Load any of the .pt files it writes with runs.load_run(path) -> (model, meta, config), as evaluate.py does.
 
 What prune_amount means: the fraction of the *prunable* parameters removed in every block. The prunable
 parameters are the weights and biases of the block Linears: qkv + attention output projection + MLP
@@ -49,7 +49,8 @@ import configurator
 import data
 import metrics
 import model as models
-from common import HeadPrunedAttention, quantize, set_module  # noqa: F401 (quantize: export.quantize in tests)
+import runs
+from runs import HeadPrunedAttention, quantize, set_module  # noqa: F401 (quantize: export.quantize in tests)
 
 # -----------------------------------------------------------------------------
 # config
@@ -93,8 +94,8 @@ FINETUNE_DEFAULTS = dict(weight_decay=0.05, beta1=0.9, beta2=0.999, augment=Fals
 
 def load_model(path, use_ema=False):
     """Any checkpoint train.py or export.py writes -> (model in eval mode on the CPU, checkpoint keys: meta, config,
-    model_args, and export / quant_mode / pruned_shapes when present). common.load_run rebuilds it."""
-    net, meta, config = common.load_run(path, weights="ema" if use_ema else "model", reader="export.py")
+    model_args, and export / quant_mode / pruned_shapes when present). runs.load_run rebuilds it."""
+    net, meta, config = runs.load_run(path, weights="ema" if use_ema else "model", reader="export.py")
     return net, {**net.run_info, "meta": meta, "config": config, "model_args": net.model_args}
 
 # -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 import common
 import configurator
 import data as data_lib
+import runs
 import text_data
 import tokenizer as tok_lib
 
@@ -51,7 +52,7 @@ def load_model(cfg):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found; train one with: python train_gpt.py config/gpt_phantom_reports.py "
                                 f"--out_dir={cfg['out_dir']}")
-    model, data_info, _ = common.load_run(path, reader="sample.py")
+    model, data_info, _ = runs.load_run(path, reader="sample.py")
     return model, tok_lib.from_dict(model.run_info["tokenizer"]), data_info
 
 

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 
 import configurator
+import metrics
+import runs
 
 # -----------------------------------------------------------------------------
 # config: python serve.py --key=value (or a config file), see configurator.py
@@ -180,26 +182,25 @@ def _decode_file(path, size, dicom_ts):
 
 
 # -----------------------------------------------------------------------------
-# the models: today's loaders (evaluate.py, cam.py, train_clip.py, model_gpt.py) behind a few small functions
+# the models: runs.load_run / runs.predict / runs.model_input (the numbers evaluate.py prints), cam.py's heatmaps,
+# the CLIP input and caption encoder of runs.py, model_gpt.py
 
 
 def load_classifier(path, rule, target_sensitivity, dev):
-    import evaluate
     from cam import find_cam_target
-    net, ck = evaluate.load_model(path, "model", dev)
-    size = ck["model_args"].get("image_size", 224)
-    x = evaluate._input(torch.zeros(1, 1, size, size, dtype=torch.uint8, device=dev), ck, size)
+    net, meta, config = runs.load_run(path, dev, reader="serve.py")
+    ck = {"model_args": net.model_args, "meta": meta, "config": config, "iter": net.run_info.get("iter")}
+    size = net.model_args.get("image_size", 224)
+    x = runs.model_input(torch.zeros(1, 1, size, size, dtype=torch.uint8, device=dev), meta, net.model_args)
     method, target = find_cam_target(net, x)
-    thresholds, source = classifier_thresholds(net, ck, rule, target_sensitivity, dev)
-    return {"net": net, "ck": ck, "size": size, "classes": list(ck["meta"]["classes"]), "task": ck["meta"]["task"],
+    thresholds, source = classifier_thresholds(net, meta, rule, target_sensitivity, dev)
+    return {"net": net, "ck": ck, "size": size, "classes": list(meta["classes"]), "task": meta["task"],
             "cam": (method, target), "thresholds": thresholds, "threshold_source": source, "path": path}
 
 
-def classifier_thresholds(net, ck, rule, target_sensitivity, dev):
+def classifier_thresholds(net, meta, rule, target_sensitivity, dev):
     """The operating point per class, chosen on the checkpoint's own validation split as evaluate.py does."""
     import data
-    import evaluate
-    meta = ck["meta"]
     C = len(meta["classes"])
     if meta["task"] == "multiclass":
         return None, "argmax (multiclass)"
@@ -211,20 +212,20 @@ def classifier_thresholds(net, ck, rule, target_sensitivity, dev):
     if list(vs.meta["classes"]) != list(meta["classes"]):
         return [0.5] * C, f"0.5 for every class ({d} has other classes than the checkpoint)"
     with torch.inference_mode():
-        vp = evaluate.predict(net, vs.images, ck, 64, device=dev)
-    thr = evaluate.choose_thresholds(vp, np.asarray(vs.labels, dtype=np.float32), rule, target_sensitivity)
+        vp = runs.predict(net, vs.images, meta, 64, device=dev)
+    thr = metrics.choose_thresholds(vp, np.asarray(vs.labels, dtype=np.float32), rule, target_sensitivity)
     return [float(t) for t in thr], f"{d} val ({len(vs)} images), {rule}"
 
 
 def classify_batch(m, u8s, n_top):
     """uint8 (B, S, S) -> per image: probabilities (C,), the top classes, their heatmaps (n_top, S, S)."""
-    import evaluate
     from cam import heatmaps
+    meta = m["ck"]["meta"]
     with torch.inference_mode():
-        probs = evaluate.predict(m["net"], u8s, m["ck"], len(u8s), device=m["dev"])
+        probs = runs.predict(m["net"], u8s, meta, len(u8s), device=m["dev"])
     top = np.argsort(-probs, axis=1, kind="stable")[:, :n_top]
     # heatmaps of all images' top classes in one pass; Grad-CAM needs autograd, hence outside inference_mode
-    x = evaluate._input(torch.from_numpy(np.ascontiguousarray(u8s))[:, None].to(m["dev"]), m["ck"], m["size"])
+    x = runs.model_input(torch.from_numpy(np.ascontiguousarray(u8s))[:, None].to(m["dev"]), meta, m["net"].model_args)
     xs = x.repeat_interleave(n_top, 0)
     maps = heatmaps(m["net"], xs, top.reshape(-1).tolist(), *m["cam"]).reshape(len(u8s), n_top, *xs.shape[-2:])
     return [(probs[i], top[i], maps[i]) for i in range(len(u8s))]
@@ -250,14 +251,12 @@ def load_clip(path, dev):
 
 
 def clip_images(m, u8s):
-    import train_clip
-    x = train_clip.images_to_float(torch.from_numpy(np.ascontiguousarray(u8s))[:, None].to(m["dev"]), m["ck"]["meta"], m["cfg"])
+    x = runs.images_to_float(torch.from_numpy(np.ascontiguousarray(u8s))[:, None].to(m["dev"]), m["ck"]["meta"], m["cfg"])
     return m["net"].encode_image(x).float().cpu()
 
 
 def clip_texts(m, texts):
-    import train_clip
-    return train_clip.encode_texts(m["net"], m["tok"], texts, m["cfg"], m["dev"])
+    return runs.encode_texts(m["net"], m["tok"], texts, m["cfg"], m["dev"])
 
 
 def build_index(m, data_dir, split_name, n):
@@ -293,7 +292,7 @@ def load_gpt(path, dev):
     if net.config.n_prefix == 0:
         raise ValueError(f"--gpt={path} is a text-only model (cond='none'); /v1/report needs one trained with --cond=image")
     net.to(dev).eval()
-    d = ck["data"]
+    d = ck.get("meta") or ck.get("data") or {}  # the common checkpoint schema's meta (older GPT checkpoints: data)
     classes = d.get("classes") or [f"class {k}" for k in range(net.config.n_classes)]
     return {"net": net, "ck": ck, "tok": tok_lib.from_dict(ck["tokenizer"]), "size": ck["model_args"]["image_size"],
             "classes": classes, "path": path}
@@ -301,7 +300,7 @@ def load_gpt(path, dev):
 
 def write_report(m, u8, max_tokens):
     """Greedy report for one uint8 (S, S) image, and the finding head's tags (as sample.py --image shows them)."""
-    net, tok, d = m["net"], m["tok"], m["ck"]["data"]
+    net, tok, d = m["net"], m["tok"], m["ck"].get("meta") or m["ck"].get("data") or {}
     with torch.inference_mode():
         x = (torch.from_numpy(u8)[None, None].to(m["dev"]).float() / 255.0 - d["mean"]) / d["std"]
         tags = []
@@ -484,7 +483,7 @@ class Service:
                 d.update(image_model=ck["model_args"].get("image_model"), text_model=ck["model_args"].get("text_model"),
                          tokenizer=m["cfg"]["tokenizer"], data_dir=ck["meta"].get("data_dir"))
             else:
-                d.update(classes=m["classes"], finding_tags=m["net"].config.finding_tags, data_dir=ck["data"].get("dir"),
+                d.update(classes=m["classes"], finding_tags=m["net"].config.finding_tags, data_dir=(ck.get("meta") or ck.get("data") or {}).get("data_dir"),
                          n_layer=m["net"].config.n_layer, n_embd=m["net"].config.n_embd)
             out[name] = d
         if self.index is not None:

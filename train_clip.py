@@ -53,6 +53,7 @@ import configurator
 import data
 import model as models
 import model_clip
+import runs
 import tokenizer as tok_lib
 
 # -----------------------------------------------------------------------------
@@ -165,7 +166,6 @@ distill_feature = 0.0  # + this x mean(1 - cos(student, teacher)) per embedding 
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 # how a class name reads in a prompt (others: the lower-cased name)
 FINDING_PHRASES = {"No Finding": "no acute cardiopulmonary abnormality", "Support Devices": "a tube or catheter",
@@ -338,7 +338,7 @@ def zero_shot(raw, img, labels, classes, tok, cfg, device):
     templates = [t for t in cfg["zs_templates"].split("|") if t]
     pos, neg = class_prompts(classes, templates, cfg["zs_negative"], cfg["zs_prompts"])
     flat = [t for prompts in pos + neg for t in prompts]
-    e = encode_texts(raw, tok, flat, cfg, device)  # one pass for all prompts
+    e = runs.encode_texts(raw, tok, flat, cfg, device)  # one pass for all prompts
     # average the prompt embeddings per class, as in CLIP's prompt ensembling
     ends = np.cumsum([len(p) for p in pos + neg])
     mean = torch.stack([e[a:b].mean(0) for a, b in zip(np.r_[0, ends[:-1]], ends)])
@@ -372,55 +372,14 @@ def zero_shot(raw, img, labels, classes, tok, cfg, device):
 # images and captions -> features
 
 
-def _norm_stats(meta, cfg):
-    """Per-channel (mean, std) in [0, 1] pixel units of the run's input normalization (norm, in_chans)."""
-    C, norm = cfg["in_chans"], cfg["norm"]
-    if norm not in ("dataset", "imagenet", "clip"):
-        raise ValueError(f"norm must be dataset, imagenet or clip, got {norm!r}")
-    if norm == "dataset":
-        return [float(meta["mean"])] * C, [float(meta["std"])] * C
-    m, s = (CLIP_MEAN, CLIP_STD) if norm == "clip" else (data.IMAGENET_MEAN, data.IMAGENET_STD)
-    return (list(m), list(s)) if C == 3 else ([sum(m) / 3] * C, [sum(s) / 3] * C)
-
-
-def images_to_float(x, meta, cfg):
-    """uint8 (B,1,H,W) or float in [0, 1] -> the normalized (B,in_chans,H,W) input of the image tower."""
-    m, s = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in _norm_stats(meta, cfg))
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    return (x.expand(-1, m.shape[1], -1, -1) - m) / s
-
-
-def images_to_unit(x, meta, cfg):
-    """The inverse of images_to_float: a normalized input -> gray (B,1,H,W) in [0, 1] pixel units."""
-    m, s = _norm_stats(meta, cfg)
-    return x[:, :1] * s[0] + m[0]
-
-
-def trim(tokens, lengths):
-    """Cut the padding columns every row of the batch has: exact for both towers (causal: padding comes after the
-    pooled end token; BERT: padding is masked), and the attention cost follows the longest caption."""
-    return tokens[:, :max(1, int(lengths.max()))]
-
-
-@torch.no_grad()
-def encode_texts(raw, tok, texts, cfg, device, batch=256):
-    out = []
-    for a in range(0, len(texts), batch):
-        ids, lengths = tok(texts[a:a + batch], cfg["context_length"])
-        t = trim(torch.tensor(ids), torch.tensor(lengths)).to(device)
-        with common.autocast(device, cfg["dtype"]):
-            out.append(raw.encode_text(t).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, cfg["embed_dim"])
-
-
 @torch.no_grad()
 def encode_split(raw, split, tokens, lengths, n, cfg, meta, dist):
     """Image and caption features of the first n samples, each rank a shard, gathered exactly (sorted by index)."""
     idx_parts, img_parts, txt_parts = [], [], []
     view = _Head(split, n)
     for idx, x, _ in data.eval_shards(view, cfg["eval_batch_size"], dist.rank, dist.world_size):
-        x = images_to_float(x.to(dist.device), meta, cfg)
-        t = trim(torch.from_numpy(tokens[idx]).long(), torch.from_numpy(lengths[idx])).to(dist.device)
+        x = runs.images_to_float(x.to(dist.device), meta, cfg)
+        t = runs.trim(torch.from_numpy(tokens[idx]).long(), torch.from_numpy(lengths[idx])).to(dist.device)
         with common.autocast(dist.device, cfg["dtype"]):
             img, txt, _ = raw(x, t)
         idx_parts.append(torch.as_tensor(idx))
@@ -516,11 +475,11 @@ class Teacher:
     @torch.no_grad()
     def __call__(self, x, idx):
         """x: the student's normalized (augmented) images; idx: their rows in the training split."""
-        x = images_to_float(images_to_unit(x, self.student_meta, self.student_cfg), self.meta, self.cfg)
+        x = runs.images_to_float(runs.images_to_unit(x, self.student_meta, self.student_cfg), self.meta, self.cfg)
         S = self.net.model_args["image_size"]
         if x.shape[-1] != S or x.shape[-2] != S:
             x = F.interpolate(x, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
-        t = trim(torch.from_numpy(self.tokens[idx]).long(), torch.from_numpy(self.lengths[idx])).to(x.device)
+        t = runs.trim(torch.from_numpy(self.tokens[idx]).long(), torch.from_numpy(self.lengths[idx])).to(x.device)
         with common.autocast(str(x.device), self.cfg["dtype"]):
             img, txt, scale = self.net(x, t)
         return img.float(), txt.float(), scale.float()
@@ -723,13 +682,13 @@ def build_clip_model(cfg, ckpt, tok, log):
 def micro_batch(x, idx, k, it, train_tokens, crit, teacher, cfg, meta, dist):
     """(images, tokens, margin, weight, teacher features) of one micro-batch: images augmented on device, a pure
     function of (seed, iter, rank, micro-step); margins and weights of the critical pairs."""
-    x = images_to_float(x, meta, cfg)
+    x = runs.images_to_float(x, meta, cfg)
     if cfg["augment"]:
         gen = torch.Generator(device=x.device)
         gen.manual_seed(((cfg["seed"] * 1_000_003 + it) * 1009 + dist.rank) * 131 + k)
         x = data.augment(x, gen, hflip=False)
     tokens, lengths = train_tokens
-    t = trim(torch.from_numpy(tokens[idx]).long(), torch.from_numpy(lengths[idx])).to(dist.device)
+    t = runs.trim(torch.from_numpy(tokens[idx]).long(), torch.from_numpy(lengths[idx])).to(dist.device)
     c = torch.from_numpy(crit[idx]).to(dist.device).float()
     m = cfg["margin"] + cfg["critical_margin"] * c if (cfg["margin"] or cfg["critical_margin"]) else None
     w = 1.0 + (cfg["critical_weight"] - 1.0) * c if cfg["critical_weight"] != 1.0 else None
@@ -769,7 +728,7 @@ def _retrieve(raw, split, tokens, captions, cfg, meta, dist, tok):
     img, txt = encode_split(raw, split, *tokens, n, cfg, meta, dist)
     out = {}
     if cfg["query"]:
-        q = encode_texts(raw, tok, [cfg["query"]], cfg, dist.device)[0]
+        q = runs.encode_texts(raw, tok, [cfg["query"]], cfg, dist.device)[0]
         scores, order = (img @ q).topk(min(cfg["top_k"], n))
         out["images"] = [(int(i), float(s), captions[i]) for s, i in zip(scores, order)]
         common.print0(f"query: {cfg['query']!r} -> top {len(order)} of {n} validation images")
@@ -777,7 +736,7 @@ def _retrieve(raw, split, tokens, captions, cfg, meta, dist, tok):
             common.print0(f"{r:3d} | val #{i:5d} | {s:.3f} | {c}")
     if cfg["image"]:
         a = data.decode_image(cfg["image"], cfg["image_size"])
-        x = images_to_float(torch.from_numpy(np.asarray(a, np.uint8))[None, None].to(dist.device), meta, cfg)
+        x = runs.images_to_float(torch.from_numpy(np.asarray(a, np.uint8))[None, None].to(dist.device), meta, cfg)
         with torch.no_grad(), common.autocast(dist.device, cfg["dtype"]):
             v = raw.encode_image(x).float().cpu()[0]
         first = {}

@@ -29,6 +29,8 @@ from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import metrics  # noqa: E402
+import runs  # noqa: E402
 import serve  # noqa: E402
 
 
@@ -120,8 +122,8 @@ def test_classify_equals_evaluate_image(client, serve_models, tmp_path):
     for name, raw in files.items():
         (tmp_path / name).write_bytes(raw)
     write_dicom(str(tmp_path / "ct16.dcm"), big.astype(np.uint16) * 12)
-    ck = evaluate.load_model(serve_models["classifier"])[1]
-    classes = ck["meta"]["classes"]
+    net, meta, _ = runs.load_run(serve_models["classifier"])
+    classes = meta["classes"]
     for name in [*files, "ct16.dcm"]:
         path = tmp_path / name
         r = client.post("/v1/classify", files={"file": (name, path.read_bytes(), "application/octet-stream")})
@@ -138,9 +140,8 @@ def test_classify_equals_evaluate_image(client, serve_models, tmp_path):
         assert heat.mode == "RGB" and heat.size[0] >= 224  # overlay() enlarges 32 px to >= 224
     # the thresholds: evaluate.py's rule (Youden) on the checkpoint's own validation split
     vs = data.PreparedSplit(serve_models["data_dir"], "val")
-    net = evaluate.load_model(serve_models["classifier"])[0]
-    vp = evaluate.predict(net, vs.images, ck)
-    want_thr = evaluate.choose_thresholds(vp, np.asarray(vs.labels, np.float32), "youden")
+    vp = runs.predict(net, vs.images, meta)
+    want_thr = metrics.choose_thresholds(vp, np.asarray(vs.labels, np.float32), "youden")
     np.testing.assert_allclose(res["thresholds"], want_thr, atol=1e-6)
     assert "val" in res["threshold_source"] and "youden" in res["threshold_source"]
 
@@ -199,8 +200,8 @@ def test_search_report_and_models(client, serve_models):
 
     m = client.get("/v1/models").json()
     assert set(m) == {"classifier", "clip", "gpt", "index", "server"}
-    ck = evaluate.load_model(serve_models["classifier"])[1]
-    assert m["classifier"]["sha256"] == serve.sha256(serve_models["classifier"]) and m["classifier"]["iter"] == ck["iter"]
+    net, _, _ = runs.load_run(serve_models["classifier"])
+    assert m["classifier"]["sha256"] == serve.sha256(serve_models["classifier"]) and m["classifier"]["iter"] == net.run_info["iter"]
     assert m["index"]["rows"] == len(split) and "not a medical device" in m["server"]["notice"]
     page = client.get("/")
     assert page.status_code == 200 and "not a medical device" in page.text.lower()
@@ -226,10 +227,9 @@ def test_start_up_errors_name_the_fix(serve_models, tmp_path, monkeypatch):
 def test_search_finds_the_own_report_of_an_index_image(serve_clip):
     """A CLIP that has learned its training pairs (serve_clip) searching an index of those pairs: an image uploaded
     as a PNG file gets its own reference report in the top 5 (of 400+ distinct reports) for most images, and every
-    score equals the direct computation with train_clip.py's encoders."""
+    score equals the direct computation with runs.py's CLIP encoders (the ones train_clip.py trains with)."""
     import torch
 
-    import train_clip
     app = serve.build_app([f"--clip={serve_clip['clip']}", f"--index={serve_clip['data_dir']}", "--split=train"])
     split = data.PreparedSplit(serve_clip["data_dir"], "train")
     m = app.state.service.models["clip"]
@@ -240,10 +240,10 @@ def test_search_finds_the_own_report_of_an_index_image(serve_clip):
             assert r.status_code == 200, r.text
             reports = r.json()["reports"]
             hits.append(split.index[row]["text"] in [h["report"] for h in reports])
-            x = train_clip.images_to_float(torch.from_numpy(np.array(split.images[row]))[None, None], m["ck"]["meta"], m["cfg"])
+            x = runs.images_to_float(torch.from_numpy(np.array(split.images[row]))[None, None], m["ck"]["meta"], m["cfg"])
             with torch.no_grad():
                 v = m["net"].encode_image(x)[0]
-                t = train_clip.encode_texts(m["net"], m["tok"], [h["report"] for h in reports], m["cfg"], "cpu")
+                t = runs.encode_texts(m["net"], m["tok"], [h["report"] for h in reports], m["cfg"], "cpu")
             np.testing.assert_allclose([h["score"] for h in reports], (t @ v).numpy(), atol=1e-5)
     print(f"own report in the top 5: {sum(hits)}/{len(hits)}")
     assert np.mean(hits) >= 0.4, hits  # chance: 5 / 400+ ~ 0.012

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import common
+import tracking
 import train
 from conftest import ROOT
 
@@ -39,23 +40,23 @@ def records(out):
 
 def test_provenance_names_commit_versions_and_data(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"data_hash": "sha256:abc"}))
-    prov = common.provenance({"data_dir": str(tmp_path)}, 4)
+    prov = tracking.provenance({"data_dir": str(tmp_path)}, 4)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert prov["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert prov["git_dirty"] in ((True, False) if head.returncode == 0 else (None,))
     assert prov["torch_version"] == str(torch.__version__) and prov["world_size"] == 4
     assert prov["data_hash"] == "sha256:abc"
-    assert common.provenance({"data_dir": str(tmp_path / "none")}, 1)["data_hash"] is None
+    assert tracking.provenance({"data_dir": str(tmp_path / "none")}, 1)["data_hash"] is None
 
 
 def test_trackers_knob_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown tracker 'mlfow'"):
-        common.Logger(str(tmp_path), {"trackers": "tensorboard,mlfow"})
+        tracking.Logger(str(tmp_path), {"trackers": "tensorboard,mlfow"})
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install mlflow"):
-        common.Logger(str(tmp_path), {"trackers": "mlflow"})
-    assert common.parse_trackers({"trackers": "tensorboard,wandb", "tensorboard_log": False}) == ("wandb",)
-    step, flat = common.flatten_record({"iter": 3, "split": "val", "auc_macro": 0.7, "auc": {"Pleural Effusion": 0.6},
+        tracking.Logger(str(tmp_path), {"trackers": "mlflow"})
+    assert tracking.parse_trackers({"trackers": "tensorboard,wandb", "tensorboard_log": False}) == ("wandb",)
+    step, flat = tracking.flatten_record({"iter": 3, "split": "val", "auc_macro": 0.7, "auc": {"Pleural Effusion": 0.6},
                                         "final": False, "note": "x"})
     assert step == 3 and flat == {"val/auc_macro": 0.7, "val/auc/Pleural Effusion": 0.6}
 
@@ -65,7 +66,7 @@ def test_config_and_checkpoints_carry_provenance(tmp_path, tiny_phantom):
     out = str(tmp_path / "run")
     run(out, tiny_phantom, "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2", "--tensorboard_log=False")
     cfg = json.load(open(os.path.join(out, "config.json")))
-    want = common.provenance({"data_dir": tiny_phantom}, 1)
+    want = tracking.provenance({"data_dir": tiny_phantom}, 1)
     assert {k: cfg[k] for k in PROVENANCE} == want
     with open(os.path.join(tiny_phantom, "meta.json")) as f:
         assert cfg["data_hash"] == json.load(f).get("data_hash")
