@@ -30,10 +30,19 @@ class Dist:
     master: bool
 
 
+def resolve_device(device):
+    """'auto' -> cuda when torch sees a GPU, else cpu; a CUDA device that is not there is the user's error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA GPU: use --device=cpu (or auto), or install a "
+                         f"CUDA build of torch")
+    return device
+
+
 def setup_distributed(device="auto", backend="auto"):
     """One process: returns a world of 1. Under torchrun: init_process_group and pick this rank's device."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     ddp = int(os.environ.get("RANK", -1)) != -1
     if not ddp:
         return Dist(False, 0, 0, 1, device, True)
@@ -163,8 +172,28 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    return torch.load(path, map_location=map_location, weights_only=True)
+# which command reads the checkpoints each training script writes (for the error when another one is given)
+CHECKPOINT_READERS = {"train.py": "evaluate.py, export.py and cam.py read it", "train_gpt.py": "sample.py reads it",
+                      "train_clip.py": "train_clip.py --eval_only=True reads it"}
+
+
+def checkpoint_writer(ck):
+    """The training script that wrote checkpoint dict `ck`, told from what it holds."""
+    a = ck.get("model_args") or {}
+    if "tokenizer" in ck or ("n_layer" in a and "text_model" not in a):
+        return "train_gpt.py"
+    return "train_clip.py" if "text_model" in a and "modalities" not in a else "train.py"
+
+
+def load_checkpoint(path, map_location="cpu", reader=None, writer="train.py"):
+    """torch.load of a checkpoint of plain types; with `reader` (the calling script), one written by another script
+    than `writer` is the user's error, named in a sentence."""
+    ck = torch.load(path, map_location=map_location, weights_only=True)
+    if reader is not None and checkpoint_writer(ck) != writer:
+        got = checkpoint_writer(ck)
+        raise ValueError(f"{path} is a {got} checkpoint; {CHECKPOINT_READERS[got]}, {reader} does not (it reads "
+                         f"{writer} checkpoints)")
+    return ck
 
 
 def rng_state():

@@ -449,7 +449,7 @@ def load_model(ckpt_path, which="model", device="cpu"):
         raise FileNotFoundError(f"checkpoint {ckpt_path} not found: train one first (python train.py ...) "
                                 f"or point --ckpt at out/<run>/best.pt")
     import common
-    ck = common.load_checkpoint(ckpt_path)
+    ck = common.load_checkpoint(ckpt_path, reader="evaluate.py")
     net = models.build_model(**ck["model_args"])
     if which == "ema":
         if ck.get("ema") is None:
@@ -679,7 +679,10 @@ def main(argv=None):
     cfg = configurator.load(DEFAULTS, sys.argv[1:] if argv is None else argv)
     if not cfg["ckpt"]:
         raise ValueError("--ckpt is required, e.g. python evaluate.py --ckpt=out/quickstart/best.pt --split=test")
-    dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg["image"] and not os.path.isfile(cfg["image"]):
+        raise FileNotFoundError(f"--image={cfg['image']!r} not found: pass the path of a PNG/JPEG/DICOM file")
+    import common
+    dev = common.resolve_device(cfg["device"])
     net, ck = load_model(cfg["ckpt"], cfg["weights"], dev)
     meta_ck = ck["meta"]
     task, model_classes = meta_ck["task"], list(meta_ck["classes"])
@@ -817,4 +820,4 @@ def _evaluate_split(cfg, net, ck, out_dir, dev):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

@@ -147,7 +147,7 @@ def apply_pruned_shapes(net, shapes):
 
 def load_model(path, use_ema=False):
     """Any checkpoint train.py or export.py writes -> (model in eval mode on the CPU, checkpoint dict)."""
-    ck = common.load_checkpoint(path)
+    ck = common.load_checkpoint(path, reader="export.py")
     net = models.build_model(**ck["model_args"])
     if ck.get("pruned_shapes"):
         apply_pruned_shapes(net, ck["pruned_shapes"])
@@ -655,4 +655,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

@@ -50,7 +50,7 @@ def load_model(cfg):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found; train one with: python train_gpt.py config/gpt_phantom_reports.py "
                                 f"--out_dir={cfg['out_dir']}")
-    ckpt = common.load_checkpoint(path)
+    ckpt = common.load_checkpoint(path, reader="sample.py", writer="train_gpt.py")
     model = GPT(gpt_config_from_dict(ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model, tok_lib.from_dict(ckpt["tokenizer"]), ckpt
@@ -80,7 +80,7 @@ def load_image(spec, ckpt):
 
 def main(argv=None):
     cfg = configurator.load(DEFAULTS, sys.argv[1:] if argv is None else argv)
-    device = "cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else ("cpu" if cfg["device"] == "auto" else cfg["device"])
+    device = common.resolve_device(cfg["device"])
     dtype = common.resolve_dtype(cfg["dtype"], device)
     torch.manual_seed(cfg["seed"])
     model, tok, ckpt = load_model(cfg)
@@ -135,4 +135,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

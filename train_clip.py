@@ -855,4 +855,4 @@ def _tensorboard_eval(log, record, img, txt, split, captions, it):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

@@ -475,4 +475,4 @@ def _train(cfg, dist, device, dtype, logger):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)
