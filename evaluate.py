@@ -694,7 +694,7 @@ def main(argv=None):
 
 
 def _one_image(cfg, net, ck, out_dir, dev):
-    from cam import find_cam_target, heatmaps, load_image, overlay  # cam imports evaluate: not at the top
+    from cam import find_cam_target, heatmaps, load_image, overlay, save_cam_png  # cam imports evaluate: not at the top
     size = ck["model_args"].get("image_size", 224)
     u8 = load_image(cfg["image"], size)
     probs = predict(net, u8[None], ck, 1, cfg["tta"], cfg["tta_seed"], dev)[0]
@@ -705,7 +705,6 @@ def _one_image(cfg, net, ck, out_dir, dev):
         print(f"  {classes[c]:<24} {probs[c]:.4f}")
     cam_dir = os.path.join(out_dir, "cam_image")
     os.makedirs(cam_dir, exist_ok=True)
-    from PIL import Image
     x = _input(torch.from_numpy(u8)[None, None].to(dev), ck, size)
     method, target = find_cam_target(net, x)
     top = order[:min(3, len(classes))]
@@ -714,7 +713,7 @@ def _one_image(cfg, net, ck, out_dir, dev):
     paths = []
     for k, c in enumerate(top):
         p = os.path.join(cam_dir, f"{_safe(stem)}_{_safe(classes[c])}.png")
-        Image.fromarray(overlay(u8, maps[k])).save(p)
+        save_cam_png(p, overlay(u8, maps[k]), method, classes[c], float(probs[c]), os.path.basename(cfg["image"]))
         paths.append(p)
     print(f"heatmaps ({method}) for the top {len(top)} classes: {', '.join(paths)}")
     return {"classes": classes, "probs": probs.tolist(), "method": method, "heatmaps": paths}

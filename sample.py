@@ -85,6 +85,10 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     model, tok, ckpt = load_model(cfg)
     model.eval().to(device)
+    # temperature 0 is greedy decoding: every sample would be the same text, so there is one
+    n_samples = 1 if cfg["temperature"] == 0 else cfg["num_samples"]
+    if n_samples < cfg["num_samples"]:
+        print(f"temperature=0 is greedy (deterministic): 1 sample instead of num_samples={cfg['num_samples']}")
 
     images = None
     if cfg["image"]:
@@ -92,7 +96,7 @@ def main(argv=None):
             raise ValueError("--image given but the checkpoint is a text-only model (trained with cond='none')")
         u8 = load_image(cfg["image"], ckpt)
         images = (torch.from_numpy(u8).to(device).float() / 255.0 - ckpt["data"]["mean"]) / ckpt["data"]["std"]
-        images = images.expand(cfg["num_samples"], -1, -1, -1)
+        images = images.expand(n_samples, -1, -1, -1)
         if model.config.n_classes > 0:  # what the finding head sees: the tags the report is conditioned on
             with torch.no_grad():
                 p = model.classify(images[:1])[0].cpu()
@@ -110,7 +114,7 @@ def main(argv=None):
         with open(text[5:], encoding="utf-8") as f:
             text = f.read()
     ids = [tok.eot_id] + tok.encode(text)  # eot = start of a document, as in the training files
-    idx = torch.tensor([ids] * cfg["num_samples"], dtype=torch.long, device=device)
+    idx = torch.tensor([ids] * n_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
 
     t0 = time.perf_counter()
