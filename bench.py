@@ -625,6 +625,7 @@ def main(argv=None):
     if cfg["real_data"] and cfg["task"] not in ("classify", "data"):
         raise ValueError(f"real_data=True reads images for task=classify or data; task={cfg['task']} uses random tokens")
     assert cfg["iters"] >= 1, f"iters={cfg['iters']}: at least one timed step is needed"
+    cfg["device"] = common.resolve_device(cfg["device"])
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     cfg["dtype"] = common.resolve_dtype(cfg["dtype"], cfg["device"])
@@ -633,4 +634,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

@@ -152,12 +152,32 @@ def overlay(gray_u8, heat, min_size=224):
     H, W = gray_u8.shape
     heat = F.interpolate(torch.as_tensor(heat)[None, None].float(), size=(H, W), mode="bilinear",
                          align_corners=False)[0, 0].numpy()
-    r = np.clip(1.5 - np.abs(4 * heat - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * heat - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * heat - 1), 0, 1)
-    color = np.stack([r, g, b], -1) * 255
+    color = _heat_colors(heat) * 255
     base = np.repeat(gray_u8[..., None].astype(np.float64), 3, -1)
     return np.clip(0.6 * base + 0.4 * color, 0, 255).astype(np.uint8)
+
+
+def _heat_colors(heat):
+    """The overlay's jet-like colour map: heat in [0,1] -> RGB in [0,1] (blue = 0, red = 1)."""
+    return np.stack([np.clip(1.5 - np.abs(4 * heat - k), 0, 1) for k in (3, 2, 1)], -1)
+
+
+def save_cam_png(path, rgb, method, class_name, prob, title=""):
+    """Write an overlay (from overlay()) as a PNG a reader can interpret alone: a title naming the image, the method,
+    the class and its probability, and a colour bar for the heat scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    fig, ax = plt.subplots(figsize=(4.6, 4.0), dpi=100)
+    ax.imshow(rgb)
+    ax.set_axis_off()
+    ax.set_title(f"{title + chr(10) if title else ''}{method}: {class_name}, p = {prob:.2f}", fontsize=10)
+    cmap = ListedColormap(_heat_colors(np.linspace(0, 1, 256)))
+    bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label(f"{method} (normalized to the image's max)", fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
 
 
 def cam_cases(probs, labels, task, n):
@@ -178,7 +198,6 @@ def cam_cases(probs, labels, task, n):
 def write_cams(net, meta, images, probs, labels, classes, model_cols, n, cam_dir, tb=None, device="cpu"):
     """Heatmap overlays for the n most confident true positives and n worst errors of each class. net: a
     runs.load_run model (its model_args), meta: the run's meta (normalization, task)."""
-    from PIL import Image
     os.makedirs(cam_dir, exist_ok=True)
     x0 = runs.model_input(torch.from_numpy(np.array(images[:1]))[:, None].to(device), meta, net.model_args)
     method, target = find_cam_target(net, x0)
@@ -195,7 +214,8 @@ def write_cams(net, meta, images, probs, labels, classes, model_cols, n, cam_dir
                 j = order[k]
                 img = overlay(u8[j], maps[j])
                 fname = f"{metrics.safe_name(classes[c])}_{kind}{k}_row{int(r)}_p{probs[r, c]:.2f}.png"
-                Image.fromarray(img).save(os.path.join(cam_dir, fname))
+                title = f"{'confident true positive' if kind == 'tp' else 'worst error'} {k}, row {int(r)}"
+                save_cam_png(os.path.join(cam_dir, fname), img, method, classes[c], float(probs[r, c]), title)
                 if tb is not None:
                     tb.add_image(f"cam/{classes[c]}/{kind}{k}", img, 0, dataformats="HWC")
                 written += 1

@@ -42,13 +42,22 @@ class Dist:
     master: bool
 
 
+def resolve_device(device):
+    """'auto' -> cuda when torch sees a GPU, else cpu; a CUDA device that is not there is the user's error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA GPU: use --device=cpu (or auto), or install a "
+                         f"CUDA build of torch")
+    return device
+
+
 def setup_distributed(device="auto", backend="auto", timeout_s=None):
     """One process: returns a world of 1. Under torchrun: init_process_group and pick this rank's device. Under
     ray_train.py the group exists already (Ray made it): its rank and world size are used as they are.
     timeout_s (the scripts' dist_timeout knob): a collective that a peer does not join within it fails on the other
     ranks with a sentence naming the silent ranks (cleanup_distributed writes it), instead of torch's 30 min hang."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     launched = tdist.is_available() and tdist.is_initialized()  # a launcher made the group (ray_train.py): use it
     ddp = launched or int(os.environ.get("RANK", -1)) != -1
     if not ddp:

@@ -469,4 +469,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import configurator
+    configurator.cli(main)

@@ -110,3 +110,26 @@ def format_config(cfg, defaults=None):
         return "  (all defaults)"
     width = max(len(k) for k, _ in items)
     return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in items)
+
+
+# -----------------------------------------------------------------------------
+# The scripts' entry point: `if __name__ == "__main__": configurator.cli(main)`
+
+# A user's mistake (a config key or value, a missing data folder or file, a checkpoint of another kind, a device that
+# is not there, a missing optional package) is raised as one of these with a sentence that names the thing and the
+# fix; on the command line that sentence is all the user needs, not the traceback under it.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError)
+
+
+def cli(main):
+    """Run main() (which reads sys.argv) as a command: a user error prints `error: <sentence>` on stderr and exits
+    with code 2 (the code argparse uses for a usage error). NANORAD_TRACEBACK=1 re-raises it with the traceback."""
+    import sys
+    try:
+        main()
+    except USER_ERRORS as e:
+        if os.environ.get("NANORAD_TRACEBACK", "0") not in ("", "0"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes around the sentence
+        print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)  # one line, whatever the sentence's newlines
+        sys.exit(2)

@@ -862,4 +862,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import configurator
+    configurator.cli(main)

@@ -35,9 +35,9 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 import cam as cam_lib  # the module; `cam` is the config knob below
+import common
 import configurator
 import data
 import fusion
@@ -96,7 +96,9 @@ def main(argv=None):
     cfg = configurator.load(DEFAULTS, sys.argv[1:] if argv is None else argv)
     if not cfg["ckpt"]:
         raise ValueError("--ckpt is required, e.g. python evaluate.py --ckpt=out/quickstart/best.pt --split=test")
-    dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg["image"] and not os.path.isfile(cfg["image"]):
+        raise FileNotFoundError(f"--image={cfg['image']!r} not found: pass the path of a PNG/JPEG/DICOM file")
+    dev = common.resolve_device(cfg["device"])
     net, meta_ck, _ = runs.load_run(cfg["ckpt"], dev, cfg["weights"], reader="evaluate.py")
     out_dir = cfg["out_dir"] or os.path.dirname(os.path.abspath(cfg["ckpt"]))
     os.makedirs(out_dir, exist_ok=True)
@@ -133,7 +135,7 @@ def _one_image(cfg, net, meta, out_dir, dev):
     paths = []
     for k, c in enumerate(top):
         p = os.path.join(cam_dir, f"{metrics.safe_name(stem)}_{metrics.safe_name(classes[c])}.png")
-        Image.fromarray(cam_lib.overlay(u8, maps[k])).save(p)
+        cam_lib.save_cam_png(p, cam_lib.overlay(u8, maps[k]), method, classes[c], float(probs[c]), os.path.basename(cfg["image"]))
         paths.append(p)
     print(f"heatmaps ({method}) for the top {len(top)} classes: {', '.join(paths)}")
     return {"classes": classes, "probs": probs.tolist(), "method": method, "heatmaps": paths}
@@ -285,4 +287,4 @@ def _tb_writer(out_dir):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

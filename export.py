@@ -63,7 +63,7 @@ metric = "auc_macro"  # any key of metrics.classification_metrics (auc_macro, ap
 max_eval_images = 0  # 0 = the whole split; a cap makes quick checks quicker
 eval_batch_size = 128
 use_ema = False  # export the EMA weights when the checkpoint has them (train.py ema_decay > 0)
-# latency: the same batch, the original and the export alternating in one process, median of latency_iters
+# latency: the same batch, the original and every export alternating in one process, median of latency_iters
 threads = 0  # torch / onnxruntime intra-op threads; 0 = torch's current setting
 latency_batch = 16  # images per timed forward (1 = interactive use; larger = throughput)
 latency_iters = 20  # timed forwards per model; the median is reported
@@ -144,16 +144,26 @@ def metric_of(logits, split, meta, name):
 
 
 def latency_ms(forwards, x, iters, warmup):
-    """Median ms per forward of each callable on the same batch, calls alternating so all see the same noise."""
+    """Median ms per forward of each callable on the same batch. Each gets its own `warmup` untimed calls (allocator,
+    oneDNN kernel choice, ORT's first run), then rounds alternate between them with the order rotated every round, so
+    all see the same machine noise and none always follows the same neighbour."""
     times = {k: [] for k in forwards}
+    names = list(forwards)
     with torch.no_grad():
-        for i in range(warmup + iters):
-            for k, fn in forwards.items():
+        for k in names:
+            for _ in range(warmup):
+                forwards[k](x)
+        for i in range(iters):
+            for k in names[i % len(names):] + names[:i % len(names)]:
                 t = time.perf_counter()
-                fn(x)
-                if i >= warmup:
-                    times[k].append(1000 * (time.perf_counter() - t))
+                forwards[k](x)
+                times[k].append(1000 * (time.perf_counter() - t))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def times_word(before, after, less, more):
+    """'2.00x smaller' when after < before, '1.01x larger' when after > before (never '0.99x smaller')."""
+    return f"{before / after:.2f}x {less}" if after <= before else f"{after / before:.2f}x {more}"
 
 # -----------------------------------------------------------------------------
 # ONNX
@@ -400,8 +410,10 @@ def summarize(kind, cfg, path, before, after, extra):
     with open(os.path.join(cfg["out_dir"], "export.jsonl"), "a") as f:
         f.write(json.dumps(rec) + "\n")
     print(json.dumps(rec), flush=True)
-    print(f"{kind}: {before['size_mb']:.2f} -> {after['size_mb']:.2f} MB ({rec['delta']['size_x']:.2f}x smaller) | "
-          f"latency {before['latency_ms']:.2f} -> {after['latency_ms']:.2f} ms ({rec['delta']['latency_x']:.2f}x faster) | "
+    size = times_word(before["size_mb"], after["size_mb"], "smaller", "larger")
+    speed = times_word(before["latency_ms"], after["latency_ms"], "faster", "slower")
+    print(f"{kind}: {before['size_mb']:.2f} -> {after['size_mb']:.2f} MB ({size}) | "
+          f"latency {before['latency_ms']:.2f} -> {after['latency_ms']:.2f} ms ({speed}) | "
           f"{cfg['metric']} {before['metric']:.4f} -> {after['metric']:.4f} ({rec['delta']['metric']:+.4f}) | {path}", flush=True)
     return rec
 
@@ -442,7 +454,7 @@ def main(argv=None):
           f"{cfg['split']} {cfg['metric']} {before['metric']:.4f} on {len(base_logits)} images | threads {torch.get_num_threads()}")
     saved_ck = {"model_args": model_args, "meta": meta, "config": ck.get("config", {}), "source": cfg["ckpt"],
                 "pruned_shapes": ck.get("pruned_shapes")}
-    records = {}
+    pending = {}  # kind -> (path, after, extra, forward): timed together at the end, then summarized
 
     # --- ONNX
     if "onnx" in kinds:
@@ -464,16 +476,17 @@ def main(argv=None):
             else:
                 so = ort.SessionOptions()
                 so.intra_op_num_threads = torch.get_num_threads()
+                # ORT's threads otherwise busy-wait after each run and slow the torch forward timed next to it
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
                 run_ort = lambda x: torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])  # noqa: E731
                 onnx_logits = eval_logits(run_ort, eval_split, cfg["eval_batch_size"], cfg["max_eval_images"])
-                lat = latency_ms({"torch": base, "onnx": run_ort}, xb, cfg["latency_iters"], cfg["latency_warmup"])
-                before["latency_ms"] = lat["torch"]
-                after = {"size_mb": os.path.getsize(path) / 1e6, "latency_ms": lat["onnx"],
+                after = {"size_mb": os.path.getsize(path) / 1e6,
                          "metric": metric_of(onnx_logits, eval_split, meta, cfg["metric"])}
-                records["onnx"] = summarize("onnx", cfg, path, dict(before), after, {
+                pending["onnx"] = (path, after, {
                     "max_abs_diff": float((onnx_logits - base_logits).abs().max()), "opset": cfg["opset"],
-                    "exporter": "dynamo" if cfg["onnx_dynamo"] else "torchscript", "onnxruntime": ort.__version__})
+                    "exporter": "dynamo" if cfg["onnx_dynamo"] else "torchscript", "onnxruntime": ort.__version__},
+                    run_ort)
 
     # --- int8
     if "int8" in kinds:
@@ -489,13 +502,10 @@ def main(argv=None):
         path = os.path.join(cfg["out_dir"], "int8.pt")
         common.save_checkpoint({**saved_ck, "model": q.state_dict(), "export": "int8", "quant_mode": mode}, path)
         q_logits = eval_logits(qpre, eval_split, cfg["eval_batch_size"], cfg["max_eval_images"])
-        lat = latency_ms({"fp32": base, "int8": qpre}, xb, cfg["latency_iters"], cfg["latency_warmup"])
-        before["latency_ms"] = lat["fp32"]
-        after = {"size_mb": os.path.getsize(path) / 1e6, "latency_ms": lat["int8"],
-                 "metric": metric_of(q_logits, eval_split, meta, cfg["metric"])}
-        records["int8"] = summarize("int8", cfg, path, dict(before), after, {
+        after = {"size_mb": os.path.getsize(path) / 1e6, "metric": metric_of(q_logits, eval_split, meta, cfg["metric"])}
+        pending["int8"] = (path, after, {
             "quant_mode": mode, "engine": torch.backends.quantized.engine, "int8_layers": count_int8_layers(q),
-            "max_abs_diff": float((q_logits - base_logits).abs().max())})
+            "max_abs_diff": float((q_logits - base_logits).abs().max())}, qpre)
 
     # --- structured pruning (+ optional fine-tune)
     if "pruned" in kinds:
@@ -525,19 +535,23 @@ def main(argv=None):
                                path)
         ppre = Preprocessed(pnet, meta, in_chans).eval()
         p_logits = eval_logits(ppre, eval_split, cfg["eval_batch_size"], cfg["max_eval_images"])
-        lat = latency_ms({"dense": base, "pruned": ppre}, xb, cfg["latency_iters"], cfg["latency_warmup"])
-        before["latency_ms"] = lat["dense"]
         prunable_after = count_prunable(pnet)
-        after = {"size_mb": os.path.getsize(path) / 1e6, "latency_ms": lat["pruned"], "params": models.get_num_params(pnet),
+        after = {"size_mb": os.path.getsize(path) / 1e6, "params": models.get_num_params(pnet),
                  "metric": metric_of(p_logits, eval_split, meta, cfg["metric"])}
-        records["pruned"] = summarize("pruned", cfg, path, dict(before), after, {
+        pending["pruned"] = (path, after, {
             "prunable_params_before": prunable_before, "prunable_params_after": prunable_after,
             "prunable_frac_removed": round(1 - prunable_after / prunable_before, 4),
             "importance": cfg["prune_importance"], "n_head_kept": sorted(set(shapes["n_head"].values())) or None,
             "metric_before_finetune": pre_ft_metric, "finetune_iters": cfg["finetune_iters"],
-            "finetune_loss_first_last": [losses[0], losses[-1]] if losses else None})
-    return records
+            "finetune_loss_first_last": [losses[0], losses[-1]] if losses else None}, ppre)
+
+    # --- latency: the fp32 model and every variant in one alternating run (one fp32 figure for all rows), then the rows
+    lat = latency_ms({"fp32": base, **{k: v[3] for k, v in pending.items()}}, xb, cfg["latency_iters"],
+                     cfg["latency_warmup"])
+    before["latency_ms"] = lat["fp32"]
+    return {kind: summarize(kind, cfg, path, dict(before), {**after, "latency_ms": lat[kind]}, extra)
+            for kind, (path, after, extra, _) in pending.items()}
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

@@ -688,10 +688,21 @@ def load_image_init(net, path):
     """load_pretrained for a tower/encoder started from an image model's weights (train_clip.py and train_gpt.py
     image_init): a missing file gets the fix in its message (train the image model first)."""
     if not path.startswith("torchvision:") and not os.path.exists(path):
-        raise FileNotFoundError(f"image_init={path!r} does not exist: train the image model first (for the phantom "
-                                f"recipes: python train.py, the quick start, writes out/quickstart/best.pt) or pass "
+        recipe = _recipe_writing(path)
+        how = f"{recipe} writes it" if recipe else "python train.py --out_dir=<run> writes <run>/best.pt"
+        raise FileNotFoundError(f"image_init={path!r} does not exist: train the image model first ({how}) or pass "
                                 f"--image_init='' to start it from scratch")
     return load_pretrained(net, path)
+
+
+def _recipe_writing(path):
+    """The command that writes checkpoint `path`: the config/ recipe whose out_dir is its folder, or None."""
+    run, folder = os.path.dirname(os.path.normpath(path)), os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+    for cfg in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, cfg)) as f:
+            if re.search(rf"^out_dir\s*=\s*[\"']{re.escape(run)}/?[\"']", f.read(), re.M):
+                return f"python train.py config/{cfg}"
+    return None
 
 
 def load_pretrained(model, path):

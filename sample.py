@@ -72,11 +72,15 @@ def load_image(spec, data, image_size):
 
 def main(argv=None):
     cfg = configurator.load(DEFAULTS, sys.argv[1:] if argv is None else argv)
-    device = "cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else ("cpu" if cfg["device"] == "auto" else cfg["device"])
+    device = common.resolve_device(cfg["device"])
     dtype = common.resolve_dtype(cfg["dtype"], device)
     torch.manual_seed(cfg["seed"])
     model, tok, data_info = load_model(cfg)
     model.eval().to(device)
+    # temperature 0 is greedy decoding: every sample would be the same text, so there is one
+    n_samples = 1 if cfg["temperature"] == 0 else cfg["num_samples"]
+    if n_samples < cfg["num_samples"]:
+        print(f"temperature=0 is greedy (deterministic): 1 sample instead of num_samples={cfg['num_samples']}")
 
     images = None
     if cfg["image"]:
@@ -102,7 +106,7 @@ def main(argv=None):
         with open(text[5:], encoding="utf-8") as f:
             text = f.read()
     ids = [tok.eot_id] + tok.encode(text)  # eot = start of a document, as in the training files
-    idx = torch.tensor([ids] * cfg["num_samples"], dtype=torch.long, device=device)
+    idx = torch.tensor([ids] * n_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
 
     t0 = time.perf_counter()
@@ -127,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

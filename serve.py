@@ -623,4 +623,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

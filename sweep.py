@@ -322,4 +322,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

@@ -468,4 +468,5 @@ def report_metrics(hypotheses, references, labels, classes=FINDINGS):
 
 
 if __name__ == "__main__":
-    main()
+    import configurator
+    configurator.cli(main)

@@ -694,4 +694,5 @@ def _main_compare(args):
 
 
 if __name__ == "__main__":
-    main()
+    import configurator
+    configurator.cli(main)

@@ -469,4 +469,4 @@ def _tensorboard_eval(log, record, probs, split, meta, it):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

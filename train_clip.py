@@ -766,4 +766,4 @@ def _tensorboard_eval(log, record, img, txt, split, queries, it):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

@@ -469,4 +469,4 @@ def _train(cfg, dist, log):
 
 
 if __name__ == "__main__":
-    main()
+    configurator.cli(main)

@@ -3,7 +3,7 @@
 # The phantom's indication is drawn from the findings half of the time and age/sex/view follow the findings
 # (phantom.py), so each modality carries signal and the ablation shows what fusion adds.
 # Hardware: a laptop CPU (2 cores). Time: 0.5-11 min per run at 32 px on 2 busy cores (clinical fastest, all slowest).
-# Expected (measured, docs_fusion.md): val macro AUC vision 0.52, text 0.73, clinical 0.63, text,clinical 0.76,
+# Expected (measured with the ablation commands below): val macro AUC vision 0.52, text 0.73, clinical 0.63, text,clinical 0.76,
 # all 0.75: at 32 px / 300 iterations the image branch has not learned yet (64 px: --data_dir=data/phantom
 # --image_size=64 --batch_size=64, where vision alone reaches >= 0.85, not measured here).
 # The ablation (one row per modality set; compare.py groups by the `modalities` key of config.json):

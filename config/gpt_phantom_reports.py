@@ -4,8 +4,9 @@
 #           for a char-level model: python text_data.py --dataset=phantom_reports --tokenizer=char
 #           --out_dir=data/phantom_reports_char, then --dataset=phantom_reports_char --block_size=256).
 # Hardware: CPU (2+ cores); a GPU finishes in well under a minute.
-# Time:     ~4 min on 2 free CPU cores (600 steps).
-# Expected: val loss ~0.45 nats/char (bpb ~0.65) vs the unigram entropy ~3.06 nats/char printed at start;
+# Time:     ~1 min on 2 quiet CPU cores (600 steps: 54 s measured for issue 21); several times that on busy cores.
+# Expected: val loss ~0.65 nats/token (measured 0.647) vs the unigram entropy 4.116 nats/token printed at start
+#           (BPE tokens: the run prints nats per token, and bpb, bits per byte of text, beside it);
 #           samples read like phantom reports ("Small right pleural effusion. No pneumothorax.").
 # Then:     python sample.py --out_dir=out/gpt_phantom_reports --start="Moderate"
 out_dir = "out/gpt_phantom_reports"

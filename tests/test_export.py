@@ -223,3 +223,20 @@ def test_distillation_improves_student(tmp_path, quickstart_run):
                          "--distill_alpha=0.7", "--distill_temperature=2.0"])
     print(f"distillation: alone {alone['best_auc_macro']:.4f}, taught {taught['best_auc_macro']:.4f}")
     assert taught["best_auc_macro"] > alone["best_auc_macro"] + 0.005, (taught, alone)
+
+
+def test_size_and_speed_wording():
+    # a ratio below 1 is said the other way round: 1.01x larger, never 0.99x smaller
+    assert export.times_word(10.0, 5.0, "smaller", "larger") == "2.00x smaller"
+    assert export.times_word(10.0, 10.1, "smaller", "larger") == "1.01x larger"
+    assert export.times_word(12.0, 13.2, "faster", "slower") == "1.10x slower"
+    assert export.times_word(4.0, 4.0, "smaller", "larger") == "1.00x smaller"
+
+
+def test_latency_warms_each_variant_and_alternates():
+    calls = []
+    fns = {k: (lambda x, k=k: calls.append(k)) for k in ("fp32", "onnx", "int8")}
+    lat = export.latency_ms(fns, torch.zeros(1), iters=3, warmup=2)
+    assert set(lat) == set(fns) and all(v >= 0 for v in lat.values())
+    assert calls[:6] == ["fp32", "fp32", "onnx", "onnx", "int8", "int8"]  # each its own warm-up, back to back
+    assert calls[6:] == ["fp32", "onnx", "int8", "onnx", "int8", "fp32", "int8", "fp32", "onnx"]  # rotated rounds

@@ -210,7 +210,7 @@ def test_fusion_beats_vision_only_on_the_phantom(tmp_path_factory):
     print(f"phantom 32 px, 100 steps: val macro AUC vision {auc_vision:.3f} | all {auc_all:.3f}")
     # measured (seed 0, two runs): vision 0.517-0.518, all 0.718-0.722. At 32 px and 100 steps the image branch
     # has barely started to learn, so the gain is the indication's and the clinical variables' (a logistic regression on them alone
-    # reaches 0.79, docs_fusion.md); the 0.10 margin is half the measured gap
+    # reaches 0.79 when this test was written); the 0.10 margin is half the measured gap
     assert auc_all > auc_vision + 0.10, (auc_vision, auc_all)
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""A user's mistake on the command line ends in one line, `error: <sentence naming the thing and the fix>`, on stderr
+and exit code 2 (configurator.cli), not a traceback. Each case runs the script as a person types it and fails during
+config or setup, before any data or model work (a few seconds each, most of it importing torch)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd=ROOT):
+    env = {k: v for k, v in os.environ.items() if k != "NANORAD_TRACEBACK"}
+    env["OMP_NUM_THREADS"] = "1"
+    p = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stderr.strip().splitlines()
+
+
+def assert_user_error(rc, lines, *names):
+    assert rc == 2, f"exit code {rc}, stderr: {lines}"
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {lines[-5:]}"
+    assert lines[0].startswith("error: "), lines[0]
+    for name in names:
+        assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
+
+
+def test_unknown_config_key():
+    assert_user_error(*run("train.py", "--bogus=1"), "'bogus'")
+
+
+def test_bad_config_value():
+    assert_user_error(*run("train.py", "--batch_size=abc"), "batch_size", "int")
+
+
+def test_missing_config_file():
+    assert_user_error(*run("train.py", "config/no_such_recipe.py"), "config/no_such_recipe.py")
+
+
+def test_missing_data(tmp_path):
+    rc, lines = run("train.py", "--dataset=chexpert", f"--data_dir={tmp_path / 'nodata'}", f"--out_dir={tmp_path / 'run'}",
+                    "--tensorboard_log=False")
+    assert_user_error(rc, lines, str(tmp_path / "nodata"), "python data.py")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a machine without a CUDA GPU")
+def test_cuda_without_gpu(tmp_path):
+    assert_user_error(*run("train.py", "--device=cuda", f"--out_dir={tmp_path}"), "device='cuda'", "--device=cpu")
+
+
+def test_checkpoint_of_another_script(tmp_path):
+    gpt = tmp_path / "gpt.pt"
+    torch.save({"model": {}, "model_args": {"n_layer": 1, "n_embd": 8}, "tokenizer": {"kind": "char"}}, gpt)
+    assert_user_error(*run("evaluate.py", f"--ckpt={gpt}"), str(gpt), "train_gpt.py checkpoint", "sample.py reads it")
+    clf = tmp_path / "best.pt"
+    torch.save({"model": {}, "model_args": {"model": "convnext_atto", "num_classes": 2}}, clf)
+    assert_user_error(*run("sample.py", f"--ckpt_path={clf}"), str(clf), "train.py checkpoint", "evaluate.py")
+
+
+def test_missing_image(tmp_path):
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"")
+    missing = tmp_path / "no_such_xray.png"
+    assert_user_error(*run("evaluate.py", f"--ckpt={ckpt}", f"--image={missing}"), str(missing))
+
+
+def test_traceback_on_request():
+    env = dict(os.environ, NANORAD_TRACEBACK="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "train.py", "--bogus=1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1 and "Traceback" in p.stderr and "ConfigError" in p.stderr
+
+
+def test_report_from_image_recipe_names_its_image_model(tmp_path, monkeypatch):
+    # config/gpt_report_from_image.py starts its encoder from out/phantom_long/best.pt: the error names the recipe
+    # that writes it, config/convnext_phantom_long.py (not the quick start)
+    import model as models
+    monkeypatch.chdir(tmp_path)
+    net = models.build_model("convnext_atto", 2, in_chans=1, image_size=64)
+    with pytest.raises(FileNotFoundError, match=r"python train\.py config/convnext_phantom_long\.py writes it"):
+        models.load_image_init(net, "out/phantom_long/best.pt")
