@@ -44,10 +44,10 @@ def checkpoint_script(ck):
     if ck.get("export"):
         return "export.py"
     args = ck.get("model_args", {})
-    if "vocab_size" in args and "block_size" in args:
-        return "train_gpt.py"
-    if "text_model" in args and "embed_dim" in args:
+    if "text_model" in args:
         return "train_clip.py"
+    if "model" not in args and ("n_layer" in args or "vocab_size" in args):  # a GPT config has no 'model' name
+        return "train_gpt.py"
     return "train.py"
 
 
