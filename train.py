@@ -120,8 +120,10 @@ modalities = ""  # "" (image-only, build_model) | vision | text | clinical | vis
 fusion_mode = "concat"  # concat (project each modality, concatenate, MLP) | cross_attention (+ image tokens attend to text tokens)
 text_column = "indication"  # {split}_index.csv column read by the text encoder; not 'text' (the report) when labels were mined from reports: it leaks them
 clinical_columns = "age,sex,view"  # index columns: numeric -> z-score, else one-hot; an empty cell -> 0 + a missing flag
-text_encoder = "small"  # small (bytes -> text_layers Blocks, from scratch) | clip (text tower of a CLIP / BERT at text_init)
-text_init = ""  # text_encoder='clip': a train_clip.py checkpoint, open_clip / BiomedCLIP weights or a HF CLIP folder
+vision_encoder = "model"  # model (the `model` network) | clip (a CLIP ViT image tower at vision_init, e.g. BiomedCLIP's)
+vision_init = ""  # vision_encoder='clip': BiomedCLIP open_clip_pytorch_model.bin, open_clip / HF CLIP weights or a train_clip.py checkpoint
+text_encoder = "small"  # small (bytes -> text_layers Blocks, from scratch) | clip (text tower of a CLIP / BERT at text_init) | modernbert (HF folder at text_init)
+text_init = ""  # text_encoder='clip': a train_clip.py checkpoint, open_clip / BiomedCLIP weights or a HF CLIP folder; 'modernbert': a HF ModernBERT folder
 text_tokenizer = "auto"  # auto (byte for small, the checkpoint's for clip) | byte | bpe (tokenizer.py json) | clip | wordpiece
 text_tokenizer_path = ""  # bpe: tokenizer.py json; clip: merges file or HF folder ('' = open_clip's); wordpiece: vocab.txt
 text_context = 64  # tokens per text (phantom indications <= 50 bytes; CLIP 77)
@@ -317,6 +319,8 @@ def _train(cfg, dist, log):
         else:
             _check_family(cfg["pretrained_path"], cfg["model"])
             models.load_pretrained(raw, cfg["pretrained_path"])
+    if fused and ckpt is None and cfg["vision_init"] and "vision" in raw.modalities:
+        log.line(fusion.load_vision_init(raw, cfg["vision_init"]))
     if fused and ckpt is None and cfg["text_init"] and "text" in raw.modalities:
         log.line(fusion.load_text_init(raw, cfg["text_init"]))
     # per-split modality arrays, row i = sample i: the training loop and eval look them up by the batch's indices

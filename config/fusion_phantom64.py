@@ -1,0 +1,37 @@
+# Multimodal fusion on the phantom at 64 px where every modality carries signal: the vision encoder starts from
+# the quick start's checkpoint (python train.py -> out/quickstart/best.pt, val macro AUC ~0.91), the small text
+# encoder reads the indication, the clinical MLP reads age/sex/view; two stages (frozen vision encoder, then all).
+# Hardware: CPU, 2 cores. Time: see the README's fusion ablation (measured there, with the commands).
+#   python train.py                                   # the quick start: data/phantom (64 px) + out/quickstart/best.pt
+#   for m in vision text clinical all; do
+#     python train.py config/fusion_phantom64.py --modalities=$m --out_dir=out/fusion64_${m/,/+}_s1337; done
+# text / clinical rows have no vision encoder: add --init_from=scratch for them.
+out_dir = "out/fusion64_all_s1337"
+data_dir = "data/phantom"
+dataset = "phantom"
+image_size = 64
+model = "convnext_atto"
+init_from = "pretrained"
+pretrained_path = "out/quickstart/best.pt"
+modalities = "all"
+fusion_mode = "concat"
+text_column = "indication"  # never 'text': the phantom's labels are exactly what its report says
+clinical_columns = "age,sex,view"
+text_encoder = "small"
+text_context = 48  # phantom indications are <= 42 bytes (+ BOS)
+text_width = 64
+text_heads = 2
+finetune_mode = "two_stage"
+freeze_iters = 200
+max_iters = 400
+lr_decay_iters = 400
+warmup_iters = 20
+learning_rate = 1e-3  # stage 1: fusion + head (+ clinical MLP)
+stage2_lr = 1e-4  # stage 2: fusion + head; encoders x lr_backbone_mult
+lr_backbone_mult = 0.1
+min_lr = 1e-5
+batch_size = 32
+eval_interval = 100
+loss = "bce+focal"
+augment = False  # as the quick start that trained the vision encoder
+tensorboard_log = False
