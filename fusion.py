@@ -455,9 +455,14 @@ class CrossAttention(nn.Module):
 
 
 class Fusion(nn.Module):
-    def __init__(self, dims, d, mode, token_dims=None, n_head=4, dropout=0.3):
+    """modality_dropout p: in training, each sample loses each modality's projected features with probability p
+    (zeroed; one modality always stays), so the head cannot lean on the strongest branch alone (gradient starvation
+    of the weaker ones: Wu et al. 2022, "Characterizing and overcoming the greedy nature of learning in multi-modal
+    deep neural networks"; Neverova et al. 2016 ModDrop)."""
+
+    def __init__(self, dims, d, mode, token_dims=None, n_head=4, dropout=0.3, modality_dropout=0.0):
         super().__init__()
-        self.mode = mode
+        self.mode, self.modality_dropout = mode, modality_dropout
         self.proj = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(k), nn.Linear(k, d)) for m, k in dims.items()})
         n = len(dims)
         if mode == "cross_attention":
@@ -470,6 +475,12 @@ class Fusion(nn.Module):
 
     def forward(self, pooled, tokens=None):
         h = [self.proj[m](pooled[m]) for m in self.proj]  # ModuleDict keeps the canonical modality order
+        if self.training and self.modality_dropout > 0 and len(h) > 1:
+            B, n = h[0].shape[0], len(h)
+            keep = torch.rand(B, n, device=h[0].device) >= self.modality_dropout  # (B, n)
+            none = ~keep.any(1)
+            keep[none, torch.randint(0, n, (int(none.sum()),), device=keep.device)] = True  # never drop every modality
+            h = [x * keep[:, i:i + 1].to(x.dtype) for i, x in enumerate(h)]
         if self.mode == "cross_attention":
             img, (txt, mask) = self.img_tokens(tokens["vision"]), tokens["text"]
             x = self.xattn(img, self.txt_tokens(txt), mask)  # (B, Tv, d)
@@ -528,7 +539,7 @@ class FusionClassifier(models.Classifier):
             self.clinical = ClinicalEncoder(a["clinical_dim"], a["clinical_hidden"])
             dims["clinical"] = self.clinical.out_dim
         d = a["fusion_dim"]
-        self.fusion = Fusion(dims, d, a["fusion"], token_dims, a["fusion_heads"], a["fusion_dropout"])
+        self.fusion = Fusion(dims, d, a["fusion"], token_dims, a["fusion_heads"], a["fusion_dropout"], a["modality_dropout"])
         self.head = nn.Sequential(nn.Dropout(a["head_dropout"]), nn.Linear(d, a["head_hidden"]), nn.GELU(),
                                   nn.Dropout(a["head_dropout2"]), nn.Linear(a["head_hidden"], a["num_classes"]))
         for m in (self.fusion, self.head) + ((self.clinical,) if "clinical" in mods else ()):
@@ -586,7 +597,7 @@ FUSION_DEFAULTS = dict(
     text_encoder="small", text_column="indication", text_tokenizer="byte", text_tokenizer_path="", text_context=64,
     text_vocab_size=258, text_width=128, text_layers=2, text_heads=4, text_dropout=0.1, text_args=None,
     clinical_spec=None, clinical_dim=0, clinical_hidden=64,
-    fusion_dim=256, fusion_heads=4, fusion_dropout=0.3, head_hidden=128, head_dropout=0.3, head_dropout2=0.2)
+    fusion_dim=256, fusion_heads=4, fusion_dropout=0.3, modality_dropout=0.0, head_hidden=128, head_dropout=0.3, head_dropout2=0.2)
 
 
 def build_fusion(**kwargs):
@@ -652,9 +663,30 @@ def _load_clip_vision(net, path):
     return f"vision encoder <- {path} ({rep['layout']}, {len(sd)} tensors{'; ' + '; '.join(rep['adapted']) if rep['adapted'] else ''})"
 
 
+def _load_small_text(net, path):
+    """The small text encoder of another fusion run (e.g. a text-only run trained first, the text counterpart of the
+    quick start's image network): its architecture and tokenizer must be ours."""
+    obj = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+    if not (isinstance(obj, dict) and obj.get("model_args", {}).get("model") == "fusion" and "text" in
+            parse_modalities(obj["model_args"]["modalities"]) and obj["model_args"]["text_encoder"] == "small"):
+        raise ValueError(f"text_init={path!r}: text_encoder='small' starts from a train.py fusion checkpoint with a small "
+                         f"text encoder (e.g. out/<run with --modalities=text>/best.pt)")
+    src, own = obj["model_args"], net.model_args
+    diff = [k for k in ("text_tokenizer", "text_tokenizer_path", "text_context", "text_width", "text_layers", "text_heads")
+            if src[k] != own[k]]
+    if diff:
+        raise ValueError(f"text_init={path}: its text encoder differs in {', '.join(f'{k}={src[k]!r}' for k in diff)}: "
+                         f"set the same values")
+    sd = {k[len("text."):]: v for k, v in obj["model"].items() if k.startswith("text.")}
+    net.text.load_state_dict(sd, strict=True)
+    return f"text encoder <- {path} (small, {len(sd)} tensors)"
+
+
 def load_text_init(net, path):
     """Copy the text tower of a CLIP checkpoint / weights file (or a ModernBERT folder) into net.text (strict)."""
     import model_clip
+    if isinstance(getattr(net, "text", None), SmallTextEncoder):
+        return _load_small_text(net, path)
     if isinstance(getattr(net, "text", None), ModernBertTextEncoder):
         import model_bert
         net.text.tower.load_state_dict(model_bert.read_state_dict(path), strict=True)

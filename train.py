@@ -122,7 +122,7 @@ text_column = "indication"  # {split}_index.csv column read by the text encoder;
 clinical_columns = "age,sex,view"  # index columns: numeric -> z-score, else one-hot; an empty cell -> 0 + a missing flag
 vision_encoder = "model"  # model (the `model` network) | clip (a CLIP ViT image tower at vision_init, e.g. BiomedCLIP's)
 vision_init = ""  # vision_encoder='clip': BiomedCLIP open_clip_pytorch_model.bin, open_clip / HF CLIP weights or a train_clip.py checkpoint
-text_encoder = "small"  # small (bytes -> text_layers Blocks, from scratch) | clip (text tower of a CLIP / BERT at text_init) | modernbert (HF folder at text_init)
+text_encoder = "small"  # small (bytes -> text_layers Blocks, from scratch or a fusion run at text_init) | clip (text tower of a CLIP / BERT at text_init) | modernbert (HF folder at text_init)
 text_init = ""  # text_encoder='clip': a train_clip.py checkpoint, open_clip / BiomedCLIP weights or a HF CLIP folder; 'modernbert': a HF ModernBERT folder
 text_tokenizer = "auto"  # auto (byte for small, the checkpoint's for clip) | byte | bpe (tokenizer.py json) | clip | wordpiece
 text_tokenizer_path = ""  # bpe: tokenizer.py json; clip: merges file or HF folder ('' = open_clip's); wordpiece: vocab.txt

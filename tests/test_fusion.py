@@ -212,6 +212,7 @@ def _clip_vit_hidden(v, x):
     return model_clip._run_blocks(v.blocks, v.ln_pre(h), False)
 
 
+@pytest.mark.slow  # importing open_clip / transformers alone takes 10-40 s on 2 busy cores
 def test_clip_vision_tower_from_open_clip_weights(split, tmp_path):
     """An open_clip file (BiomedCLIP ships open_clip weights): the fusion's pooled features, projected, equal
     model_clip's encode_image and open_clip's own encode_image on the gray image (RGB filters summed)."""
@@ -254,6 +255,7 @@ def _tiny_modernbert(tmp_path, **kw):
     return ref, path
 
 
+@pytest.mark.slow  # importing open_clip / transformers alone takes 10-40 s on 2 busy cores
 def test_modernbert_equals_transformers(tmp_path):
     """model_bert.ModernBert loads a HF ModernBERT folder; hidden states equal ModernBertModel's at every real token
     (rotary embeddings with separate global / local theta, GeGLU, local +-4-token windows every layer but 0 and 3)."""
@@ -287,6 +289,7 @@ def test_modernbert_equals_transformers(tmp_path):
         torch.testing.assert_close(enc2.eval()(ids, mask), h, atol=0, rtol=0)
 
 
+@pytest.mark.slow  # importing open_clip / transformers alone takes 10-40 s on 2 busy cores
 def test_modernbert_text_encoder_in_fusion(split, tmp_path):
     """text_encoder='modernbert': the fusion's text branch is the loaded ModernBERT (hidden states equal to
     transformers'), pooling is [CLS], and the cross-attention model trains every parameter."""
