@@ -23,7 +23,9 @@ because head_names = ('clinical', 'fusion', 'head')):
            transformer or BERT) from a train_clip.py checkpoint or open_clip / HF / BiomedCLIP weights;
            'modernbert': model_bert.py's ModernBERT from a Hugging Face folder (Clinical ModernBERT), its
            tokenizer.json read with the `tokenizers` package
-The clinical MLP is trained with fusion + head in both stages: there is no pretrained clinical encoder.
+The clinical MLP is trained with fusion + head in both stages: there is no pretrained clinical encoder. A small
+text encoder can start from another fusion run (text_init=<text-only run>/best.pt), as the image encoder starts
+from the quick start; modality_dropout drops whole modalities per training sample (ModDrop).
 
 Plumbing from a prepared data set (data.PreparedSplit, {split}_index.csv):
   spec = clinical_spec(train_split.index, "age,sex,view")     # train-split statistics, stored in model_args
@@ -752,6 +754,7 @@ def fusion_args_from_cfg(cfg, num_classes, train_split):
              text_tokenizer=cfg["text_tokenizer"], text_tokenizer_path=cfg["text_tokenizer_path"],
              text_context=cfg["text_context"], text_width=cfg["text_width"], text_layers=cfg["text_layers"],
              text_heads=cfg["text_heads"], fusion_dim=cfg["fusion_dim"], fusion_dropout=cfg["fusion_dropout"],
+             modality_dropout=cfg.get("modality_dropout", 0.0),
              head_dropout=cfg["head_dropout"], head_dropout2=cfg["head_dropout2"])
     mods = parse_modalities(cfg["modalities"])
     if "clinical" in mods:

@@ -161,6 +161,22 @@ def test_vision_init_from_a_train_checkpoint(split, tmp_path):
     with pytest.raises(ValueError, match="use --model=convnext_atto"):
         fusion.load_vision_init(wrong, path)
 
+def test_modality_dropout_drops_whole_modalities_in_training_only(split):
+    torch.manual_seed(0)
+    net = fusion.build_fusion(**small_args(split, modalities="all", modality_dropout=0.5))
+    pooled = {"vision": torch.randn(64, 4), "text": torch.randn(64, 4), "clinical": torch.randn(64, 4)}
+    f = net.fusion
+    f.proj = torch.nn.ModuleDict({m: torch.nn.Identity() for m in pooled})  # see the kept / dropped features directly
+    f.mlp = torch.nn.Identity()
+    net.train()
+    h = f(pooled).view(64, 3, 4)
+    kept = (h != 0).all(-1)  # (B, 3) each modality is either whole or zero
+    assert ((h == 0).all(-1) | kept).all() and kept.any(1).all(), "a sample lost every modality"
+    assert 0.2 < 1 - kept.float().mean() < 0.5  # p = 0.5, minus the re-kept samples that lost all three
+    net.eval()
+    assert torch.equal(f(pooled), torch.cat(list(pooled.values()), 1))
+
+
 # -----------------------------------------------------------------------------
 # pretrained encoders: BiomedCLIP-style CLIP ViT image tower, ModernBERT text encoder (issue 17)
 
