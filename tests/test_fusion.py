@@ -161,6 +161,20 @@ def test_vision_init_from_a_train_checkpoint(split, tmp_path):
     with pytest.raises(ValueError, match="use --model=convnext_atto"):
         fusion.load_vision_init(wrong, path)
 
+def test_text_init_from_a_text_only_fusion_run(split, tmp_path):
+    """text_init for the small text encoder: a text-only fusion run's encoder, copied exactly; another width is refused."""
+    torch.manual_seed(0)
+    src = fusion.build_fusion(**small_args(split, modalities="text"))
+    path = str(tmp_path / "best.pt")
+    common.save_checkpoint({"model": src.state_dict(), "model_args": src.model_args}, path)
+    net = fusion.build_fusion(**small_args(split, modalities="all"))
+    fusion.load_text_init(net, path)
+    assert all(torch.equal(v, src.text.state_dict()[k]) for k, v in net.text.state_dict().items())
+    wide = fusion.build_fusion(**small_args(split, modalities="all", text_width=64))
+    with pytest.raises(ValueError, match="text_width=32"):
+        fusion.load_text_init(wide, path)
+
+
 def test_modality_dropout_drops_whole_modalities_in_training_only(split):
     torch.manual_seed(0)
     net = fusion.build_fusion(**small_args(split, modalities="all", modality_dropout=0.5))
