@@ -13,12 +13,19 @@ table measures what text and clinical variables add, not a change of head.
 
 Encoders (what stage 1 of finetune_mode='two_stage' freezes; model.freeze_backbone works on this model
 because head_names = ('clinical', 'fusion', 'head')):
-  vision   any model.py image network (convnext_*, vit_*, vit_cxr, tv:<name>) with its head replaced by
-           Identity; optionally initialised from a train.py / train_clip.py checkpoint or any load_pretrained file
+  vision   'model': any model.py image network (convnext_*, vit_*, vit_cxr, tv:<name>) with its head replaced
+           by Identity; optionally initialised from a train.py / train_clip.py checkpoint or any load_pretrained file.
+           'clip': model_clip.py's CLIP ViT image tower (BiomedCLIP's, an open_clip / HF CLIP's, or a train_clip.py
+           checkpoint's) without its projection: pooled = ln_post([CLS]) = encode_image before the projection,
+           tokens = ln_post(patch tokens) for cross-attention; vision_args holds the tower's architecture
   text     'small': token + position embeddings, model.Block x n, LayerNorm, masked mean pooling, over UTF-8
            bytes (or a tokenizer.py byte-BPE file); 'clip': the text tower of model_clip.py (CLIP causal
-           transformer or BERT) from a train_clip.py checkpoint or open_clip / HF / BiomedCLIP weights
-The clinical MLP is trained with fusion + head in both stages: there is no pretrained clinical encoder.
+           transformer or BERT) from a train_clip.py checkpoint or open_clip / HF / BiomedCLIP weights;
+           'modernbert': model_bert.py's ModernBERT from a Hugging Face folder (Clinical ModernBERT), its
+           tokenizer.json read with the `tokenizers` package
+The clinical MLP is trained with fusion + head in both stages: there is no pretrained clinical encoder. A small
+text encoder can start from another fusion run (text_init=<text-only run>/best.pt), as the image encoder starts
+from the quick start; modality_dropout drops whole modalities per training sample (ModDrop).
 
 Plumbing from a prepared data set (data.PreparedSplit, {split}_index.csv):
   spec = clinical_spec(train_split.index, "age,sex,view")     # train-split statistics, stored in model_args
@@ -163,10 +170,37 @@ class SmallTokens:
         return out
 
 
+class HFTokens:
+    """A Hugging Face tokenizer.json (ModernBERT's: [CLS] text [SEP]) through the `tokenizers` package; padding is
+    pad_id, which the encoder masks."""
+
+    def __init__(self, path, pad_id):
+        f = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"text_tokenizer_path={path!r}: no tokenizer.json (the ModernBERT folder holds one)")
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise ImportError("text_encoder='modernbert' reads tokenizer.json with Hugging Face tokenizers: "
+                              "pip install tokenizers") from e
+        self.tok, self.pad_id = tokenizers.Tokenizer.from_file(f), pad_id
+        self.tok.no_padding()
+        self.tok.no_truncation()
+
+    def __call__(self, texts, T):
+        out = np.full((len(texts), T), self.pad_id, np.int64)
+        for i, enc in enumerate(self.tok.encode_batch(list(texts))):
+            ids = enc.ids[:T - 1] + enc.ids[-1:] if len(enc.ids) > T else enc.ids  # keep [SEP] when truncating
+            out[i, :len(ids)] = ids
+        return out
+
+
 def make_tokenizer(args):
     """The tokenizer of a fusion model's text encoder: callable texts -> (N, text_context) int64."""
     if args["text_encoder"] == "small":
         return SmallTokens(args["text_tokenizer"], args["text_tokenizer_path"])
+    if args["text_encoder"] == "modernbert":
+        return HFTokens(args["text_tokenizer_path"], args["text_args"]["pad_token_id"])
     import tokenizer
     tok = tokenizer.build_tokenizer(args["text_tokenizer"], args["text_tokenizer_path"], args["text_context"])
     return lambda texts, T: tokenizer.tokenize_numpy(tok, texts, T)[0].astype(np.int64)
@@ -274,6 +308,57 @@ class ClipTextEncoder(nn.Module):
         return {f"tower.{k}": v for k, v in ids.items()}, n
 
 
+class ModernBertTextEncoder(nn.Module):
+    """model_bert.py's ModernBERT: hidden states (B, T, C) for cross-attention, [CLS] / mean pooling for concat."""
+
+    def __init__(self, a):
+        super().__init__()
+        import model_bert
+        self.tower = model_bert.ModernBert(a)
+        self.width = self.out_dim = a["hidden_size"]
+
+    def forward(self, tokens):
+        mask = tokens != self.tower.pad_id
+        h = self.tower(tokens, mask)
+        return h, self.tower.pool(h, mask), mask
+
+    def layer_ids(self):
+        ids, n = self.tower.layer_ids()
+        return {f"tower.{k}": v for k, v in ids.items()}, n
+
+
+class ClipVisionEncoder(nn.Module):
+    """model_clip.py's CLIP ViT image tower without its projection: pooled = ln_post(class token), which is
+    CLIP.encode_image(x, normalize=False) before visual.proj; tokens = ln_post(patch tokens) (B, grid^2, width)."""
+
+    def __init__(self, a, tokens=False):
+        super().__init__()
+        import model_clip
+        a = {**model_clip.CLIP_DEFAULTS, **a}
+        if a["image_model"] != "clip_vit":
+            raise ValueError(f"vision_encoder='clip' takes a CLIP ViT image tower, not image_model={a['image_model']!r}: "
+                             f"use vision_encoder='model' with --model={a['image_model']} (the tower's network loads as it is)")
+        self.tower = model_clip.VisionTransformer(a["embed_dim"], a["image_size"], a["patch_size"], a["vision_width"],
+                                                  a["vision_layers"], a["vision_heads"], a["vision_mlp_ratio"], a["in_chans"],
+                                                  a["ln_pre"], a["patch_bias"], a["vision_act"], a["vision_eps"],
+                                                  a["drop_path"], a["grad_checkpoint"])
+        self.tower.proj = nn.Identity()  # the fusion projects each modality itself; CLIP's projection is not used
+        self._tokens = tokens
+        self.out_dim = self.token_dim = a["vision_width"]
+
+    def forward(self, x):
+        import model_clip
+        t = self.tower
+        x = t.patch_embed(x).flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        x = torch.cat([t.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1) + t.pos_embed.to(x.dtype)
+        x = t.ln_post(model_clip._run_blocks(t.blocks, t.ln_pre(x), t.grad_checkpoint))  # LayerNorm per token
+        return x[:, 0], (x[:, 1:] if self._tokens else None)
+
+    def layer_ids(self):
+        ids, n = self.tower.layer_ids()
+        return {f"tower.{k}": v for k, v in ids.items() if k in dict(self.tower.named_parameters())}, n
+
+
 def _token_module(net):
     """The submodule whose output is the spatial feature map / token sequence, and its layout."""
     if isinstance(net, models.ConvNeXt):
@@ -372,9 +457,14 @@ class CrossAttention(nn.Module):
 
 
 class Fusion(nn.Module):
-    def __init__(self, dims, d, mode, token_dims=None, n_head=4, dropout=0.3):
+    """modality_dropout p: in training, each sample loses each modality's projected features with probability p
+    (zeroed; one modality always stays), so the head cannot lean on the strongest branch alone (gradient starvation
+    of the weaker ones: Wu et al. 2022, "Characterizing and overcoming the greedy nature of learning in multi-modal
+    deep neural networks"; Neverova et al. 2016 ModDrop)."""
+
+    def __init__(self, dims, d, mode, token_dims=None, n_head=4, dropout=0.3, modality_dropout=0.0):
         super().__init__()
-        self.mode = mode
+        self.mode, self.modality_dropout = mode, modality_dropout
         self.proj = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(k), nn.Linear(k, d)) for m, k in dims.items()})
         n = len(dims)
         if mode == "cross_attention":
@@ -387,6 +477,12 @@ class Fusion(nn.Module):
 
     def forward(self, pooled, tokens=None):
         h = [self.proj[m](pooled[m]) for m in self.proj]  # ModuleDict keeps the canonical modality order
+        if self.training and self.modality_dropout > 0 and len(h) > 1:
+            B, n = h[0].shape[0], len(h)
+            keep = torch.rand(B, n, device=h[0].device) >= self.modality_dropout  # (B, n)
+            none = ~keep.any(1)
+            keep[none, torch.randint(0, n, (int(none.sum()),), device=keep.device)] = True  # never drop every modality
+            h = [x * keep[:, i:i + 1].to(x.dtype) for i, x in enumerate(h)]
         if self.mode == "cross_attention":
             img, (txt, mask) = self.img_tokens(tokens["vision"]), tokens["text"]
             x = self.xattn(img, self.txt_tokens(txt), mask)  # (B, Tv, d)
@@ -409,7 +505,16 @@ class FusionClassifier(models.Classifier):
             raise ValueError(f"fusion='cross_attention' lets image tokens attend to text tokens: modalities must hold "
                              f"vision and text, got {a['modalities']!r} (use fusion='concat')")
         dims, token_dims = {}, {}
-        if "vision" in mods:
+        if "vision" in mods and a["vision_encoder"] == "clip":
+            if not a["vision_args"]:
+                raise ValueError("vision_encoder='clip' needs vision_args (the CLIP architecture): pass vision_init=<BiomedCLIP "
+                                 "/ open_clip weights or a train_clip.py checkpoint> when building the model")
+            self.vision = ClipVisionEncoder({**a["vision_args"], "image_size": a["image_size"], "in_chans": a["in_chans"],
+                                             "drop_path": a["drop_path"], "grad_checkpoint": a["grad_checkpoint"]}, tokens=cross)
+            dims["vision"], token_dims["vision"] = self.vision.out_dim, self.vision.token_dim
+        elif "vision" in mods:
+            if a["vision_encoder"] != "model":
+                raise ValueError(f"vision_encoder must be model or clip, got {a['vision_encoder']!r}")
             self.vision = VisionEncoder(a["vision_model"], a["in_chans"], a["image_size"], a["drop_path"], a["vision_dropout"],
                                         a["grad_checkpoint"], tokens=cross)
             dims["vision"], token_dims["vision"] = self.vision.out_dim, self.vision.token_dim
@@ -422,8 +527,13 @@ class FusionClassifier(models.Classifier):
                     raise ValueError("text_encoder='clip' needs text_args (the CLIP architecture): pass text_init=<checkpoint "
                                      "or weights file> when building the model")
                 self.text = ClipTextEncoder(a["text_args"])
+            elif a["text_encoder"] == "modernbert":
+                if not a["text_args"]:
+                    raise ValueError("text_encoder='modernbert' needs text_args (the ModernBERT config): pass text_init=<Hugging "
+                                     "Face ModernBERT folder> when building the model")
+                self.text = ModernBertTextEncoder(a["text_args"])
             else:
-                raise ValueError(f"text_encoder must be small or clip, got {a['text_encoder']!r}")
+                raise ValueError(f"text_encoder must be small, clip or modernbert, got {a['text_encoder']!r}")
             dims["text"], token_dims["text"] = self.text.out_dim, self.text.width
         if "clinical" in mods:
             if a["clinical_dim"] < 1:
@@ -431,7 +541,7 @@ class FusionClassifier(models.Classifier):
             self.clinical = ClinicalEncoder(a["clinical_dim"], a["clinical_hidden"])
             dims["clinical"] = self.clinical.out_dim
         d = a["fusion_dim"]
-        self.fusion = Fusion(dims, d, a["fusion"], token_dims, a["fusion_heads"], a["fusion_dropout"])
+        self.fusion = Fusion(dims, d, a["fusion"], token_dims, a["fusion_heads"], a["fusion_dropout"], a["modality_dropout"])
         self.head = nn.Sequential(nn.Dropout(a["head_dropout"]), nn.Linear(d, a["head_hidden"]), nn.GELU(),
                                   nn.Dropout(a["head_dropout2"]), nn.Linear(a["head_hidden"], a["num_classes"]))
         for m in (self.fusion, self.head) + ((self.clinical,) if "clinical" in mods else ()):
@@ -485,11 +595,11 @@ class FusionClassifier(models.Classifier):
 
 FUSION_DEFAULTS = dict(
     model="fusion", modalities="all", fusion="concat", num_classes=10,
-    vision_model="convnext_atto", in_chans=1, image_size=64, drop_path=0.0, vision_dropout=0.0, grad_checkpoint=False,
+    vision_encoder="model", vision_args=None, vision_model="convnext_atto", in_chans=1, image_size=64, drop_path=0.0, vision_dropout=0.0, grad_checkpoint=False,
     text_encoder="small", text_column="indication", text_tokenizer="byte", text_tokenizer_path="", text_context=64,
     text_vocab_size=258, text_width=128, text_layers=2, text_heads=4, text_dropout=0.1, text_args=None,
     clinical_spec=None, clinical_dim=0, clinical_hidden=64,
-    fusion_dim=256, fusion_heads=4, fusion_dropout=0.3, head_hidden=128, head_dropout=0.3, head_dropout2=0.2)
+    fusion_dim=256, fusion_heads=4, fusion_dropout=0.3, modality_dropout=0.0, head_hidden=128, head_dropout=0.3, head_dropout2=0.2)
 
 
 def build_fusion(**kwargs):
@@ -530,9 +640,59 @@ def text_args_from(path):
     return model_clip.clip_args_from_weights(path), None
 
 
-def load_text_init(net, path):
-    """Copy the text tower of a CLIP checkpoint / weights file into net.text (strict: every tower key)."""
+def vision_args_from(path):
+    """CLIP architecture args of a train_clip.py checkpoint or open_clip / HF / BiomedCLIP weights, for
+    vision_encoder='clip' (the image tower must be a CLIP ViT)."""
     import model_clip
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"vision_init={path!r} not found: BiomedCLIP's open_clip_pytorch_model.bin (or any open_clip "
+                                f"/ Hugging Face CLIP weights) or a train_clip.py checkpoint (out/<run>/best.pt)")
+    obj = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) and path.endswith((".pt", ".pth")) else None
+    if isinstance(obj, dict) and "model_args" in obj and "image_model" in obj["model_args"]:
+        return dict(obj["model_args"])
+    return model_clip.clip_args_from_weights(path)
+
+
+def _load_clip_vision(net, path):
+    """A whole CLIP is built and loaded (model_clip.load_clip_weights: every layout, RGB filters summed for gray input,
+    position grid resampled to our image_size), then its image tower minus the projection is copied."""
+    import model_clip
+    a = net.model_args
+    clip = model_clip.build_clip(**{**a["vision_args"], "image_size": a["image_size"], "in_chans": a["in_chans"]})
+    rep = model_clip.load_clip_weights(clip, path)
+    sd = {k[len("visual."):]: v for k, v in clip.state_dict().items() if k.startswith("visual.") and k != "visual.proj.weight"}
+    net.vision.tower.load_state_dict(sd, strict=True)
+    return f"vision encoder <- {path} ({rep['layout']}, {len(sd)} tensors{'; ' + '; '.join(rep['adapted']) if rep['adapted'] else ''})"
+
+
+def _load_small_text(net, path):
+    """The small text encoder of another fusion run (e.g. a text-only run trained first, the text counterpart of the
+    quick start's image network): its architecture and tokenizer must be ours."""
+    obj = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+    if not (isinstance(obj, dict) and obj.get("model_args", {}).get("model") == "fusion" and "text" in
+            parse_modalities(obj["model_args"]["modalities"]) and obj["model_args"]["text_encoder"] == "small"):
+        raise ValueError(f"text_init={path!r}: text_encoder='small' starts from a train.py fusion checkpoint with a small "
+                         f"text encoder (e.g. out/<run with --modalities=text>/best.pt)")
+    src, own = obj["model_args"], net.model_args
+    diff = [k for k in ("text_tokenizer", "text_tokenizer_path", "text_context", "text_width", "text_layers", "text_heads")
+            if src[k] != own[k]]
+    if diff:
+        raise ValueError(f"text_init={path}: its text encoder differs in {', '.join(f'{k}={src[k]!r}' for k in diff)}: "
+                         f"set the same values")
+    sd = {k[len("text."):]: v for k, v in obj["model"].items() if k.startswith("text.")}
+    net.text.load_state_dict(sd, strict=True)
+    return f"text encoder <- {path} (small, {len(sd)} tensors)"
+
+
+def load_text_init(net, path):
+    """Copy the text tower of a CLIP checkpoint / weights file (or a ModernBERT folder) into net.text (strict)."""
+    import model_clip
+    if isinstance(getattr(net, "text", None), SmallTextEncoder):
+        return _load_small_text(net, path)
+    if isinstance(getattr(net, "text", None), ModernBertTextEncoder):
+        import model_bert
+        net.text.tower.load_state_dict(model_bert.read_state_dict(path), strict=True)
+        return f"text encoder <- {path} (ModernBERT, {len(net.text.tower.state_dict())} tensors)"
     if not isinstance(getattr(net, "text", None), ClipTextEncoder):
         raise ValueError("text_init loads a CLIP / BERT text tower: set text_encoder='clip' (and modalities with text)")
     obj = torch.load(path, map_location="cpu", weights_only=True) if path.endswith((".pt", ".pth")) else None
@@ -549,7 +709,10 @@ def load_text_init(net, path):
 
 def load_vision_init(net, path):
     """Vision encoder weights from a train.py checkpoint, a train_clip.py checkpoint whose image tower is a
-    model.py network (visual.net.*), or anything model.load_pretrained reads; the source head is dropped."""
+    model.py network (visual.net.*), or anything model.load_pretrained reads; the source head is dropped. With
+    vision_encoder='clip': a CLIP ViT image tower from open_clip / HF / BiomedCLIP weights or a train_clip.py checkpoint."""
+    if isinstance(net.vision, ClipVisionEncoder):
+        return _load_clip_vision(net, path)
     v = net.vision.net
     obj = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) and path.endswith((".pt", ".pth")) else None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "model_args" in obj:
@@ -585,11 +748,13 @@ def estimate_flops(net, device="cpu"):
 def fusion_args_from_cfg(cfg, num_classes, train_split):
     """build_fusion kwargs from train.py's config (knob names as in train.py) and the train split (clinical stats)."""
     a = dict(modalities=cfg["modalities"], fusion=cfg["fusion_mode"], num_classes=num_classes, vision_model=cfg["model"],
+             vision_encoder=cfg.get("vision_encoder", "model"),
              in_chans=cfg["in_chans"], image_size=cfg["image_size"], drop_path=cfg["drop_path"], vision_dropout=cfg["dropout"],
              grad_checkpoint=cfg["grad_checkpoint"], text_encoder=cfg["text_encoder"], text_column=cfg["text_column"],
              text_tokenizer=cfg["text_tokenizer"], text_tokenizer_path=cfg["text_tokenizer_path"],
              text_context=cfg["text_context"], text_width=cfg["text_width"], text_layers=cfg["text_layers"],
              text_heads=cfg["text_heads"], fusion_dim=cfg["fusion_dim"], fusion_dropout=cfg["fusion_dropout"],
+             modality_dropout=cfg.get("modality_dropout", 0.0),
              head_dropout=cfg["head_dropout"], head_dropout2=cfg["head_dropout2"])
     mods = parse_modalities(cfg["modalities"])
     if "clinical" in mods:
@@ -601,6 +766,19 @@ def fusion_args_from_cfg(cfg, num_classes, train_split):
         if tok is not None and cfg["text_tokenizer"] == "auto":  # the tokenizer the CLIP was trained with
             a.update(text_tokenizer=tok["text_tokenizer"], text_tokenizer_path=tok["text_tokenizer_path"],
                      text_context=min(cfg["text_context"], tok["text_context"]))
+    if "vision" in mods and a["vision_encoder"] == "clip":
+        if not cfg.get("vision_init"):
+            raise ValueError("vision_encoder='clip' needs vision_init=<BiomedCLIP open_clip_pytorch_model.bin, open_clip / HF "
+                             "CLIP weights, or a train_clip.py checkpoint>")
+        a["vision_args"] = vision_args_from(cfg["vision_init"])
+    if "text" in mods and cfg["text_encoder"] == "modernbert":
+        import model_bert
+        if not cfg["text_init"]:
+            raise ValueError("text_encoder='modernbert' needs text_init=<Hugging Face ModernBERT folder: config.json + "
+                             "model.safetensors + tokenizer.json>")
+        a["text_args"] = model_bert.read_config(cfg["text_init"])
+        if cfg["text_tokenizer"] == "auto":
+            a.update(text_tokenizer="hf", text_tokenizer_path=cfg["text_tokenizer_path"] or cfg["text_init"])
     if a["text_tokenizer"] == "auto":
         a["text_tokenizer"] = "byte" if cfg["text_encoder"] == "small" else "clip"
     if cfg["text_column"] == "text" and "text" in mods:

@@ -125,8 +125,10 @@ modalities = ""  # "" (image-only, build_model) | vision | text | clinical | vis
 fusion_mode = "concat"  # concat (project each modality, concatenate, MLP) | cross_attention (+ image tokens attend to text tokens)
 text_column = "indication"  # {split}_index.csv column read by the text encoder; not 'text' (the report) when labels were mined from reports: it leaks them
 clinical_columns = "age,sex,view"  # index columns: numeric -> z-score, else one-hot; an empty cell -> 0 + a missing flag
-text_encoder = "small"  # small (bytes -> text_layers Blocks, from scratch) | clip (text tower of a CLIP / BERT at text_init)
-text_init = ""  # text_encoder='clip': a train_clip.py checkpoint, open_clip / BiomedCLIP weights or a HF CLIP folder
+vision_encoder = "model"  # model (the `model` network) | clip (a CLIP ViT image tower at vision_init, e.g. BiomedCLIP's)
+vision_init = ""  # vision_encoder='clip': BiomedCLIP open_clip_pytorch_model.bin, open_clip / HF CLIP weights or a train_clip.py checkpoint
+text_encoder = "small"  # small (bytes -> text_layers Blocks, from scratch or a fusion run at text_init) | clip (text tower of a CLIP / BERT at text_init) | modernbert (HF folder at text_init)
+text_init = ""  # text_encoder='clip': a train_clip.py checkpoint, open_clip / BiomedCLIP weights or a HF CLIP folder; 'modernbert': a HF ModernBERT folder
 text_tokenizer = "auto"  # auto (byte for small, the checkpoint's for clip) | byte | bpe (tokenizer.py json) | clip | wordpiece
 text_tokenizer_path = ""  # bpe: tokenizer.py json; clip: merges file or HF folder ('' = open_clip's); wordpiece: vocab.txt
 text_context = 64  # tokens per text (phantom indications <= 50 bytes; CLIP 77)
@@ -135,6 +137,7 @@ text_layers = 2
 text_heads = 4
 fusion_dim = 256  # width of each projected modality and of the fusion MLP
 fusion_dropout = 0.3  # after the fusion MLP
+modality_dropout = 0.0  # training: each sample drops each modality's fused features with this probability (one always stays)
 head_dropout = 0.3  # before the head's first Linear
 head_dropout2 = 0.2  # before the head's last Linear
 stage2_lr = 0.0  # two_stage: peak LR of fusion + head after freeze_iters (encoders: x lr_backbone_mult); 0 = one schedule
@@ -365,6 +368,8 @@ def build_classifier(cfg, ckpt, classes, train_split, val_split, log):
         else:
             _check_family(cfg["pretrained_path"], cfg["model"])
             models.load_pretrained(raw, cfg["pretrained_path"])
+    if fused and ckpt is None and cfg["vision_init"] and "vision" in raw.modalities:
+        log.line(fusion.load_vision_init(raw, cfg["vision_init"]))
     if fused and ckpt is None and cfg["text_init"] and "text" in raw.modalities:
         log.line(fusion.load_text_init(raw, cfg["text_init"]))
     if ckpt is not None:

@@ -161,6 +161,191 @@ def test_vision_init_from_a_train_checkpoint(split, tmp_path):
     with pytest.raises(ValueError, match="use --model=convnext_atto"):
         fusion.load_vision_init(wrong, path)
 
+def test_text_init_from_a_text_only_fusion_run(split, tmp_path):
+    """text_init for the small text encoder: a text-only fusion run's encoder, copied exactly; another width is refused."""
+    torch.manual_seed(0)
+    src = fusion.build_fusion(**small_args(split, modalities="text"))
+    path = str(tmp_path / "best.pt")
+    common.save_checkpoint({"model": src.state_dict(), "model_args": src.model_args}, path)
+    net = fusion.build_fusion(**small_args(split, modalities="all"))
+    fusion.load_text_init(net, path)
+    assert all(torch.equal(v, src.text.state_dict()[k]) for k, v in net.text.state_dict().items())
+    wide = fusion.build_fusion(**small_args(split, modalities="all", text_width=64))
+    with pytest.raises(ValueError, match="text_width=32"):
+        fusion.load_text_init(wide, path)
+
+
+def test_modality_dropout_drops_whole_modalities_in_training_only(split):
+    torch.manual_seed(0)
+    net = fusion.build_fusion(**small_args(split, modalities="all", modality_dropout=0.5))
+    pooled = {"vision": torch.randn(64, 4), "text": torch.randn(64, 4), "clinical": torch.randn(64, 4)}
+    f = net.fusion
+    f.proj = torch.nn.ModuleDict({m: torch.nn.Identity() for m in pooled})  # see the kept / dropped features directly
+    f.mlp = torch.nn.Identity()
+    net.train()
+    h = f(pooled).view(64, 3, 4)
+    kept = (h != 0).all(-1)  # (B, 3) each modality is either whole or zero
+    assert ((h == 0).all(-1) | kept).all() and kept.any(1).all(), "a sample lost every modality"
+    assert 0.2 < 1 - kept.float().mean() < 0.5  # p = 0.5, minus the re-kept samples that lost all three
+    net.eval()
+    assert torch.equal(f(pooled), torch.cat(list(pooled.values()), 1))
+
+
+# -----------------------------------------------------------------------------
+# pretrained encoders: BiomedCLIP-style CLIP ViT image tower, ModernBERT text encoder (issue 17)
+
+TINY_CLIP = dict(embed_dim=16, image_model="clip_vit", image_size=32, patch_size=8, vision_width=64, vision_layers=2,
+                 vision_heads=1, in_chans=1, text_model="causal", vocab_size=100, context_length=16, text_width=64,
+                 text_layers=1, text_heads=1, eot_id=99)
+
+
+def _clip_vision_fusion(split, path, **kw):
+    net = fusion.build_fusion(**small_args(split, modalities="vision", vision_encoder="clip",
+                                           vision_args=fusion.vision_args_from(path), **kw))
+    fusion.load_vision_init(net, path)
+    return net.eval()
+
+
+def test_clip_vision_tower_from_a_train_clip_checkpoint(split, tmp_path):
+    """vision_encoder='clip' from a train_clip.py checkpoint: pooled == model_clip's encode_image before the
+    projection (visual.proj(pooled) == encode_image(normalize=False)), patch tokens reach cross-attention."""
+    import model_clip
+    torch.manual_seed(0)
+    clip = model_clip.build_clip(**TINY_CLIP).eval()
+    path = str(tmp_path / "best.pt")
+    common.save_checkpoint({"model": clip.state_dict(), "model_args": clip.model_args, "config": {}}, path)
+    net = _clip_vision_fusion(split, path)
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        pooled, tokens = net.vision(x)
+        ref = clip.encode_image(x, normalize=False)
+        torch.testing.assert_close(clip.visual.proj(pooled), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled, clip.visual.ln_post(_clip_vit_hidden(clip.visual, x)[:, 0]), atol=1e-5, rtol=1e-5)
+    assert tokens is None
+    cross = fusion.build_fusion(**small_args(split, modalities="all", fusion="cross_attention", vision_encoder="clip",
+                                             vision_args=fusion.vision_args_from(path)))
+    fusion.load_vision_init(cross, path)
+    pooled2, tokens = cross.vision(x)
+    assert tokens.shape == (3, 16, 64)  # (B, (32/8)^2 patches, width)
+    torch.testing.assert_close(pooled2, pooled, atol=1e-5, rtol=1e-5)
+    idx = np.arange(3)
+    _, kw, y = batch(split, cross, idx)
+    F.binary_cross_entropy_with_logits(cross(x, **kw), y).backward()
+    assert all(p.grad is not None for p in cross.parameters()), "a CLIP tower parameter gets no gradient"
+    assert "vision.tower.proj.weight" not in cross.state_dict()
+
+
+def _clip_vit_hidden(v, x):
+    import model_clip
+    h = v.patch_embed(x).flatten(2).transpose(1, 2)
+    h = torch.cat([v.cls_token.expand(x.shape[0], 1, -1), h], 1) + v.pos_embed
+    return model_clip._run_blocks(v.blocks, v.ln_pre(h), False)
+
+
+@pytest.mark.slow  # importing open_clip / transformers alone takes 10-40 s on 2 busy cores
+def test_clip_vision_tower_from_open_clip_weights(split, tmp_path):
+    """An open_clip file (BiomedCLIP ships open_clip weights): the fusion's pooled features, projected, equal
+    model_clip's encode_image and open_clip's own encode_image on the gray image (RGB filters summed)."""
+    open_clip = pytest.importorskip("open_clip")
+    import model_clip
+    torch.manual_seed(0)
+    ref = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(layers=2, width=64, patch_size=8, image_size=32),
+                               text_cfg=dict(context_length=16, vocab_size=100, width=64, heads=1, layers=1),
+                               quick_gelu=True).eval()
+    with torch.no_grad():  # open_clip zero-inits nothing we rely on, but give every tensor a non-trivial value
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = str(tmp_path / "open_clip_model.pt")
+    torch.save(ref.state_dict(), path)
+    net = _clip_vision_fusion(split, path)
+    ours = model_clip.build_clip(**model_clip.clip_args_from_weights(path))
+    model_clip.load_clip_weights(ours, path)
+    ours.eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        pooled, _ = net.vision(x)
+        want = ours.encode_image(x.expand(-1, 3, -1, -1), normalize=False)
+        torch.testing.assert_close(pooled @ ref.visual.proj, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(want, ref.encode_image(x.expand(-1, 3, -1, -1), normalize=False), atol=1e-5, rtol=1e-5)
+
+
+def _tiny_modernbert(tmp_path, **kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ModernBertConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                        num_attention_heads=4, local_attention=8, max_position_embeddings=64,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, **kw)
+    ref = transformers.ModernBertModel(cfg).eval()
+    with torch.no_grad():  # LayerNorms start at 1 / 0: perturb them so a swapped norm cannot pass
+        for n, p in ref.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = str(tmp_path / "modernbert")
+    ref.save_pretrained(path)
+    return ref, path
+
+
+@pytest.mark.slow  # importing open_clip / transformers alone takes 10-40 s on 2 busy cores
+def test_modernbert_equals_transformers(tmp_path):
+    """model_bert.ModernBert loads a HF ModernBERT folder; hidden states equal ModernBertModel's at every real token
+    (rotary embeddings with separate global / local theta, GeGLU, local +-4-token windows every layer but 0 and 3)."""
+    import model_bert
+    ref, path = _tiny_modernbert(tmp_path)
+    enc, args = model_bert.load_modernbert(path)
+    assert args["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    enc.eval()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 100, (3, 24))
+    mask = torch.ones(3, 24, dtype=torch.long)
+    mask[1, 15:], mask[2, 6:] = 0, 0
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        h = enc(ids, mask)
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(h[real], want[real], atol=1e-4, rtol=1e-4)
+    # the local window matters at 24 tokens: all-global attention gives other hidden states
+    glob = model_bert.ModernBert({**args, "layer_types": ["full_attention"] * 4})
+    glob.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        assert (glob.eval()(ids, mask) - h)[real].abs().max() > 1e-3
+    # a ModernBertForMaskedLM file ('model.' prefix + MLM head) loads the same encoder
+    import transformers
+    mlm = transformers.ModernBertForMaskedLM(ref.config)
+    mlm.model.load_state_dict(ref.state_dict())
+    mlm.save_pretrained(str(tmp_path / "mlm"))
+    enc2, _ = model_bert.load_modernbert(str(tmp_path / "mlm"))
+    with torch.no_grad():
+        torch.testing.assert_close(enc2.eval()(ids, mask), h, atol=0, rtol=0)
+
+
+@pytest.mark.slow  # importing open_clip / transformers alone takes 10-40 s on 2 busy cores
+def test_modernbert_text_encoder_in_fusion(split, tmp_path):
+    """text_encoder='modernbert': the fusion's text branch is the loaded ModernBERT (hidden states equal to
+    transformers'), pooling is [CLS], and the cross-attention model trains every parameter."""
+    import model_bert
+    ref, path = _tiny_modernbert(tmp_path)
+    net = fusion.build_fusion(**small_args(split, modalities="all", fusion="cross_attention", text_encoder="modernbert",
+                                           text_args=model_bert.read_config(path), text_context=16))
+    fusion.load_text_init(net, path)
+    torch.manual_seed(2)
+    tokens = torch.randint(3, 100, (4, 16))
+    tokens[0, 9:] = 0
+    net.eval()
+    with torch.no_grad():
+        h, pooled, mask = net.text(tokens)
+        want = ref(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+    torch.testing.assert_close(h[mask], want[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pooled, h[:, 0])
+    net.train()
+    x = torch.randn(4, 1, 32, 32)
+    clin = torch.zeros(4, net.model_args["clinical_dim"])
+    F.binary_cross_entropy_with_logits(net(x, text_tokens=tokens, clinical=clin), torch.ones(4, net.model_args["num_classes"])).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    again = fusion.build_any(json.loads(json.dumps(net.model_args)))
+    again.load_state_dict(net.state_dict())
+
+
 # -----------------------------------------------------------------------------
 # learning: on the phantom the fused model beats the image alone
 
