@@ -53,6 +53,8 @@ import common
 import configurator
 import data
 import model as models
+import model_clip
+import model_gpt
 
 # -----------------------------------------------------------------------------
 # config
@@ -131,12 +133,10 @@ SUITE_DRY = ["--device=cpu", "--dtype=float32", "--compile=False", "--warmup_ite
 
 
 def gptlib():
-    import model_gpt
     return model_gpt
 
 
 def cliplib():
-    import model_clip
     return model_clip
 
 
@@ -403,9 +403,9 @@ def data_rows(cfg, cleanup):
         S, n = src.meta["image_size"], min(n, len(src))
         images, source = np.asarray(src.images[:n]), f"first {n} train images of {cfg['data_dir']}"
     else:
-        images, source = data._bench_images(n, S), f"{n} generated images"
+        images, source = data.bench_images(n, S), f"{n} generated images"
     labels = np.zeros((n, 1), np.float32)
-    data.write_prepared(tmp, {"train": (images, labels, [data._record(f"bench/{i}", i) for i in range(n)])},
+    data.write_prepared(tmp, {"train": (images, labels, [data.index_record(f"bench/{i}", i) for i in range(n)])},
                         dict(task="multilabel", classes=["x"], source="bench"))
     split = data.PreparedSplit(tmp, "train")
     mean, std = split.meta["mean"], split.meta["std"]

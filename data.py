@@ -47,9 +47,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from readers import (CHEXPERT_CLASSES, IMAGE_EXTS, NIH_CLASSES, READER_KNOBS, Source, _record,  # noqa: F401
+from readers import (CHEXPERT_CLASSES, IMAGE_EXTS, NIH_CLASSES, READER_KNOBS, Source, index_record,  # noqa: F401
                      decode_image, load_gray, read_chexpert, read_covidx, read_dataset, read_folder,
                      read_nih, read_phantom, read_roco, read_vinbigdata, resize_square)
+import configurator
+import phantom
 
 # -----------------------------------------------------------------------------
 # config: python data.py --key=value overrides these (configurator.load)
@@ -791,9 +793,8 @@ def augment(x, generator, rot=10.0, scale=(0.9, 1.1), translate=0.06, crop_scale
 # benchmark: memmap loader vs the torchvision ImageFolder + PIL pipeline on the same images
 
 
-def _bench_images(n, S):
+def bench_images(n, S):
     try:
-        import phantom
         return phantom.generate(n, S, 0)["images"]
     except ImportError:  # smooth synthetic images so PNG sizes resemble radiographs
         yy, xx = np.mgrid[0:S, 0:S] / S
@@ -815,8 +816,8 @@ def bench(cfg):
     S, B = cfg["image_size"] or 224, cfg["batch_size"]
     n_mem, n_png = 4096, 512
     with tempfile.TemporaryDirectory() as tmp:
-        images = _bench_images(n_mem, S)
-        recs = [_record(f"bench/{i}", i) for i in range(n_mem)]
+        images = bench_images(n_mem, S)
+        recs = [index_record(f"bench/{i}", i) for i in range(n_mem)]
         write_prepared(tmp, {"train": (images, np.zeros((n_mem, 1), np.float32), recs)},
                        dict(task="multilabel", classes=["x"], source="bench"))
         split = PreparedSplit(tmp, "train")
@@ -852,7 +853,6 @@ def bench(cfg):
 
 
 def main(argv=None):
-    import configurator
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = [f"{a}=True" if a in ("--bench", "--overwrite", "--binary", "--allow_outside_root") else a for a in argv]
     cfg = configurator.load(DEFAULTS, argv)
@@ -862,5 +862,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import configurator
     configurator.cli(main)

@@ -43,6 +43,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as models
+import model_bert
+import model_clip
+import tokenizer
 
 MODALITIES = ("vision", "text", "clinical")
 MISSING = ("", "nan", "none", "na", "n/a", "null", "unknown")  # lower-cased cell values read as missing
@@ -151,7 +154,6 @@ class SmallTokens:
         if kind == "byte":
             self.encode, base = (lambda t: list(t.encode("utf-8"))), 256
         elif kind == "bpe":
-            import tokenizer
             if not path:
                 raise ValueError("text_tokenizer='bpe' needs text_tokenizer_path=<tokenizer.py json> "
                                  "(make one: python tokenizer.py --train=reports.txt --vocab_size=4096 --out=tok.json)")
@@ -201,7 +203,6 @@ def make_tokenizer(args):
         return SmallTokens(args["text_tokenizer"], args["text_tokenizer_path"])
     if args["text_encoder"] == "modernbert":
         return HFTokens(args["text_tokenizer_path"], args["text_args"]["pad_token_id"])
-    import tokenizer
     tok = tokenizer.build_tokenizer(args["text_tokenizer"], args["text_tokenizer_path"], args["text_context"])
     return lambda texts, T: tokenizer.tokenize_numpy(tok, texts, T)[0].astype(np.int64)
 
@@ -275,7 +276,6 @@ class ClipTextEncoder(nn.Module):
 
     def __init__(self, a):
         super().__init__()
-        import model_clip
         a = {**model_clip.CLIP_DEFAULTS, **a}  # clip_args_from_weights gives only what the file shows
         if a["text_model"] == "causal":
             self.tower = model_clip.TextTransformer(a["embed_dim"], a["vocab_size"], a["context_length"], a["text_width"],
@@ -296,9 +296,8 @@ class ClipTextEncoder(nn.Module):
         if self.kind == "bert":
             h = t.hidden_states(tokens)
             return h, t.proj(h[:, 0]), tokens != t.pad_id
-        import model_clip
         x = t.token_embedding(tokens) + t.pos_embed[:T]
-        x = t.ln_final(model_clip._run_blocks(t.blocks, x, t.grad_checkpoint, is_causal=True))
+        x = t.ln_final(model_clip.run_blocks(t.blocks, x, t.grad_checkpoint, is_causal=True))
         eot = (tokens == t.eot_id).int().argmax(dim=1)
         mask = torch.arange(T, device=tokens.device)[None] <= eot[:, None]  # tokens up to end-of-text (CLIP pad id 0 is '!')
         return x, t.proj(x[torch.arange(B, device=x.device), eot]), mask
@@ -313,7 +312,6 @@ class ModernBertTextEncoder(nn.Module):
 
     def __init__(self, a):
         super().__init__()
-        import model_bert
         self.tower = model_bert.ModernBert(a)
         self.width = self.out_dim = a["hidden_size"]
 
@@ -333,7 +331,6 @@ class ClipVisionEncoder(nn.Module):
 
     def __init__(self, a, tokens=False):
         super().__init__()
-        import model_clip
         a = {**model_clip.CLIP_DEFAULTS, **a}
         if a["image_model"] != "clip_vit":
             raise ValueError(f"vision_encoder='clip' takes a CLIP ViT image tower, not image_model={a['image_model']!r}: "
@@ -347,11 +344,10 @@ class ClipVisionEncoder(nn.Module):
         self.out_dim = self.token_dim = a["vision_width"]
 
     def forward(self, x):
-        import model_clip
         t = self.tower
         x = t.patch_embed(x).flatten(2).transpose(1, 2)  # (B, grid*grid, width)
         x = torch.cat([t.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1) + t.pos_embed.to(x.dtype)
-        x = t.ln_post(model_clip._run_blocks(t.blocks, t.ln_pre(x), t.grad_checkpoint))  # LayerNorm per token
+        x = t.ln_post(model_clip.run_blocks(t.blocks, t.ln_pre(x), t.grad_checkpoint))  # LayerNorm per token
         return x[:, 0], (x[:, 1:] if self._tokens else None)
 
     def layer_ids(self):
@@ -545,7 +541,7 @@ class FusionClassifier(models.Classifier):
         self.head = nn.Sequential(nn.Dropout(a["head_dropout"]), nn.Linear(d, a["head_hidden"]), nn.GELU(),
                                   nn.Dropout(a["head_dropout2"]), nn.Linear(a["head_hidden"], a["num_classes"]))
         for m in (self.fusion, self.head) + ((self.clinical,) if "clinical" in mods else ()):
-            m.apply(models._init_weights)
+            m.apply(models.init_weights)
 
     def forward(self, x=None, text_tokens=None, clinical=None):
         pooled, tokens = {}, {}
@@ -627,7 +623,6 @@ def build_any(model_args):
 def text_args_from(path):
     """(CLIP architecture args, tokenizer settings or None) of a train_clip.py checkpoint or open_clip / HF /
     BiomedCLIP weights, for text_encoder='clip'."""
-    import model_clip
     if not os.path.exists(path):
         raise FileNotFoundError(f"text_init={path!r} not found: a train_clip.py checkpoint (out/<run>/best.pt) or a "
                                 f"CLIP weights file / Hugging Face folder")
@@ -643,7 +638,6 @@ def text_args_from(path):
 def vision_args_from(path):
     """CLIP architecture args of a train_clip.py checkpoint or open_clip / HF / BiomedCLIP weights, for
     vision_encoder='clip' (the image tower must be a CLIP ViT)."""
-    import model_clip
     if not os.path.exists(path):
         raise FileNotFoundError(f"vision_init={path!r} not found: BiomedCLIP's open_clip_pytorch_model.bin (or any open_clip "
                                 f"/ Hugging Face CLIP weights) or a train_clip.py checkpoint (out/<run>/best.pt)")
@@ -656,7 +650,6 @@ def vision_args_from(path):
 def _load_clip_vision(net, path):
     """A whole CLIP is built and loaded (model_clip.load_clip_weights: every layout, RGB filters summed for gray input,
     position grid resampled to our image_size), then its image tower minus the projection is copied."""
-    import model_clip
     a = net.model_args
     clip = model_clip.build_clip(**{**a["vision_args"], "image_size": a["image_size"], "in_chans": a["in_chans"]})
     rep = model_clip.load_clip_weights(clip, path)
@@ -686,11 +679,9 @@ def _load_small_text(net, path):
 
 def load_text_init(net, path):
     """Copy the text tower of a CLIP checkpoint / weights file (or a ModernBERT folder) into net.text (strict)."""
-    import model_clip
     if isinstance(getattr(net, "text", None), SmallTextEncoder):
         return _load_small_text(net, path)
     if isinstance(getattr(net, "text", None), ModernBertTextEncoder):
-        import model_bert
         net.text.tower.load_state_dict(model_bert.read_state_dict(path), strict=True)
         return f"text encoder <- {path} (ModernBERT, {len(net.text.tower.state_dict())} tensors)"
     if not isinstance(getattr(net, "text", None), ClipTextEncoder):
@@ -772,7 +763,6 @@ def fusion_args_from_cfg(cfg, num_classes, train_split):
                              "CLIP weights, or a train_clip.py checkpoint>")
         a["vision_args"] = vision_args_from(cfg["vision_init"])
     if "text" in mods and cfg["text_encoder"] == "modernbert":
-        import model_bert
         if not cfg["text_init"]:
             raise ValueError("text_encoder='modernbert' needs text_init=<Hugging Face ModernBERT folder: config.json + "
                              "model.safetensors + tokenizer.json>")

@@ -146,7 +146,7 @@ def _eval_outside_head(model, name, module):
         _eval_outside_head(model, f"{name}.{child_name}", child)
 
 
-def _init_weights(module):
+def init_weights(module):
     """N(0, 0.02) for Linear / conv: the ConvNeXt / ViT reference code's trunc_normal_(std=.02) truncates at +-2
     (absolute, i.e. 100 std), which never triggers, and trunc_normal_ is 4x slower to sample."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -267,7 +267,7 @@ class ConvNeXt(Classifier):
         self.norm = nn.LayerNorm(c.dims[-1], eps=1e-6)
         self.head_drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.dims[-1], c.num_classes)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward_features(self, x):
         # channels_last from the stem on: the permutes to (B, H, W, C) are then free views and LayerNorm / Linear read
@@ -414,7 +414,7 @@ class ViT(Classifier):
         self.ln_f = nn.LayerNorm(c.n_embd, eps=1e-6)
         self.head_drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.n_embd, c.num_classes)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
 
@@ -752,7 +752,7 @@ def load_pretrained(model, path):
     raw.load_state_dict(load, strict=False)
     for head in raw.head_names:  # fresh head (also when the model was trained before: reset means reset)
         if any(k.startswith(head + ".") for k in reset):
-            raw.get_submodule(head).apply(_init_weights)
+            raw.get_submodule(head).apply(init_weights)
     report = dict(layout=layout, missing=missing, unexpected=unexpected, reset=reset, adapted=adapted)
     print(f"load_pretrained: {path} ({layout} layout) -> {name}: loaded {len(load)}/{len(own)} tensors"
           f" | head reset: {reset or 'no'} | adapted: {adapted or 'none'} | missing {len(missing)}{missing[:3] if missing else ''}"

@@ -150,10 +150,10 @@ class ModernBert(nn.Module):
         self.layers = nn.ModuleList([Layer(a, i) for i in range(a["num_hidden_layers"])])
         self.final_norm = norm(a, a["hidden_size"])
         self.width, self.pad_id = a["hidden_size"], a["pad_token_id"]
-        self.apply(self._init_weights)
+        self.apply(self.init_weights)
 
     @staticmethod
-    def _init_weights(m):
+    def init_weights(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
             if getattr(m, "bias", None) is not None:

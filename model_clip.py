@@ -130,7 +130,7 @@ def _init_clip_blocks(blocks, width):
         nn.init.normal_(b.c_proj.weight, std=proj_std)
 
 
-def _run_blocks(blocks, x, grad_checkpoint, **kw):
+def run_blocks(blocks, x, grad_checkpoint, **kw):
     for block in blocks:
         if grad_checkpoint and x.requires_grad:
             x = checkpoint(block, x, use_reentrant=False, **kw)
@@ -161,7 +161,7 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.grad_checkpoint = grad_checkpoint
-        self.apply(_init_weights)
+        self.apply(init_weights)
         _init_clip_blocks(self.blocks, width)
         nn.init.normal_(self.proj.weight, std=width ** -0.5)
 
@@ -169,7 +169,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, grid*grid, width)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
-        x = _run_blocks(self.blocks, self.ln_pre(x), self.grad_checkpoint)
+        x = run_blocks(self.blocks, self.ln_pre(x), self.grad_checkpoint)
         return self.proj(self.ln_post(x[:, 0]))
 
     def layer_ids(self):
@@ -221,7 +221,7 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.grad_checkpoint = grad_checkpoint
-        self.apply(_init_weights)
+        self.apply(init_weights)
         _init_clip_blocks(self.blocks, width)
         nn.init.normal_(self.proj.weight, std=width ** -0.5)
 
@@ -229,7 +229,7 @@ class TextTransformer(nn.Module):
         B, T = tokens.shape
         assert T <= self.context_length, f"{T} tokens > context_length {self.context_length}"
         x = self.token_embedding(tokens) + self.pos_embed[:T]
-        x = _run_blocks(self.blocks, x, self.grad_checkpoint, is_causal=True)
+        x = run_blocks(self.blocks, x, self.grad_checkpoint, is_causal=True)
         # the causal mask makes the end-of-text position a summary of the whole caption (padding comes after it);
         # the first eot (CLIP pools at argmax(ids), the same place since eot is the largest id)
         eot = (tokens == self.eot_id).int().argmax(dim=1)
@@ -288,7 +288,7 @@ class BertTextEncoder(nn.Module):
             self.proj = nn.Identity()
         else:
             raise ValueError(f"text_proj must be linear, mlp or none, got {proj!r}")
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def hidden_states(self, tokens):
         B, T = tokens.shape
@@ -315,7 +315,7 @@ class BertTextEncoder(nn.Module):
         return ids, L + 2
 
 
-def _init_weights(m):
+def init_weights(m):
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:

@@ -208,7 +208,6 @@ class BackbonePrefixEncoder(nn.Module):
         """Copy the classifier head of a train.py checkpoint over the same classes (same order) into the finding rows
         of this head, so the report model starts with the image model's findings, not a fresh head. Returns the
         names of the tensors copied ([] when the file is not such a checkpoint or its classes differ)."""
-        import model as model_lib
         if not os.path.isfile(path):
             return []
         ck = torch.load(path, map_location="cpu", weights_only=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import phantom
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 
 # knobs that change what a reader produces (they go into the input hash and meta.json)
@@ -47,7 +49,7 @@ class Source:
     extra_columns: list = field(default_factory=list)  # record keys written to the index csv after data.INDEX_COLUMNS
 
 
-def _record(path, patient_id, study_id="", view="", age="", sex="", text="", indication="", split=""):
+def index_record(path, patient_id, study_id="", view="", age="", sex="", text="", indication="", split=""):
     """split is the dataset's own split hint: "" (pool: train, or carved into val/test), "val" or "test"."""
     return dict(path=str(path), patient_id=str(patient_id), study_id=str(study_id), view=str(view),
                 age=str(age), sex=str(sex), text=text, indication=indication, split=split)
@@ -295,7 +297,7 @@ def read_nih(root, views="all", official_split=True):
                 y[cls_index[finding]] = 1.0
             name, pid = row[ii], row[ipid]
             hint = "test" if test_names is not None and name in test_names else ""
-            records.append(_record(files.get(name, folder / "images" / name), pid, f"{pid}_{row[ifu]}", row[iview],
+            records.append(index_record(files.get(name, folder / "images" / name), pid, f"{pid}_{row[ifu]}", row[iview],
                                    _age(row[iage]), row[isex], split=hint))
             rows.append(y)
     labels = np.stack(rows) if rows else np.zeros((0, len(NIH_CLASSES)), np.float32)
@@ -341,7 +343,7 @@ def read_vinbigdata(root, binary=False):
                 labels[i, col[c]] = 1.0
         if no_finding is not None:
             labels[i, col[no_finding]] = float(cids == {no_finding})
-        records.append(_record(files.get(image_id, img_dir / f"{image_id}.dicom"), image_id, image_id))
+        records.append(index_record(files.get(image_id, img_dir / f"{image_id}.dicom"), image_id, image_id))
     policy = dict(aggregation="positive if any radiologist marked it; No finding only if all did", binary=binary)
     if binary:
         nf = labels[:, col[no_finding]] if no_finding is not None else np.zeros(len(labels), np.float32)
@@ -419,7 +421,7 @@ def read_folder(root, patient_pattern="", official_split=True):
     ids, id_source, warns = _folder_patient_ids([(p, p.stem) for p, _ in found], patient_pattern, root)
     for w in warns:
         warnings.warn(w, stacklevel=2)
-    records = [_record(p, pid, pid, split=hint) for (p, hint), pid in zip(found, ids)]
+    records = [index_record(p, pid, pid, split=hint) for (p, hint), pid in zip(found, ids)]
     policy = dict(layout="root/<split>/<class>" if split_layout else "root/<class>", patient_pattern=patient_pattern)
     return Source(records, np.array(labels, np.int64), classes, "multiclass", policy, [], f"folder:{root}",
                   patient_id_source=id_source, root=str(root), warnings=warns)
@@ -445,7 +447,7 @@ def read_covidx(root, official_split=True):
     if not rows:
         raise FileNotFoundError(f"no train.txt/test.txt under {root}: pass --root=<the COVIDx folder>")
     classes = sorted({r[2] for r in rows})
-    records = [_record(path, pid, pid, split=hint) for pid, path, _, hint, _ in rows]
+    records = [index_record(path, pid, pid, split=hint) for pid, path, _, hint, _ in rows]
     labels = np.array([classes.index(r[2]) for r in rows], np.int64)
     return Source(records, labels, classes, "multiclass", dict(labels=classes), sorted({r[4] for r in rows}),
                   f"covidx:{root}", patient_id_source="list column patient_id", root=str(root))
@@ -467,7 +469,7 @@ def read_roco(root, official_split=True):
                     raise ValueError(f"{txt} line {line_no}: expected 'ROCO_xxxxx<TAB>caption', got {line[:80]!r}")
                 roco_id, caption = line.rstrip("\n").split("\t", 1)
                 path = root / name / "radiology" / "images" / f"{roco_id.strip()}.jpg"
-                records.append(_record(path, roco_id.strip(), roco_id.strip(), text=caption.strip(),
+                records.append(index_record(path, roco_id.strip(), roco_id.strip(), text=caption.strip(),
                                        split=hint if official_split else ""))
     if not records:
         raise FileNotFoundError(f"no {{train,validation,test}}/radiology/captions.txt under {root}")
@@ -598,7 +600,7 @@ def read_mimic_cxr(root, uncertain_policy="ignore", blank_policy="zeros", views=
         if subject_split.setdefault(subject, hint) != hint:
             raise ValueError(f"{names['split']}: subject {subject} is in two official splits "
                              f"({subject_split[subject] or 'train'}, {hint or 'train'}); rerun with --official_split=False")
-        rec = _record(folder / f"s{study}" / f"{dicom_id}.jpg", subject, f"s{study}", vp, age, gender,
+        rec = index_record(folder / f"s{study}" / f"{dicom_id}.jpg", subject, f"s{study}", vp, age, gender,
                       text=" ".join(x for x in (f"FINDINGS: {findings}" if findings else "",
                                                 f"IMPRESSION: {impression}" if impression else "") if x),
                       indication=indication, split=hint)
@@ -629,13 +631,9 @@ def read_mimic_cxr(root, uncertain_policy="ignore", blank_policy="zeros", views=
 
 
 def read_phantom(n_images=12000, image_size=64, seed=0):
-    try:
-        import phantom
-    except ImportError as e:
-        raise ImportError(f"--dataset=phantom needs phantom.py next to data.py ({e})") from e
     g = phantom.generate(n_images, image_size, seed)
     keys = ("patient_id", "study_id", "view", "age", "sex", "text", "indication")
-    records = [_record(f"phantom/{i:06d}", **{k: r.get(k, "") for k in keys}) for i, r in enumerate(g["records"])]
+    records = [index_record(f"phantom/{i:06d}", **{k: r.get(k, "") for k in keys}) for i, r in enumerate(g["records"])]
     return Source(records, np.asarray(g["labels"], np.float32), list(g["classes"]), "multilabel",
                   dict(generator="phantom.generate", seed=seed), [phantom.__file__],
                   f"phantom.generate(n_images={n_images}, image_size={image_size}, seed={seed})",

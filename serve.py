@@ -43,9 +43,15 @@ import time
 import numpy as np
 import torch
 
+import common
 import configurator
+import data
 import metrics
+import model_clip
 import runs
+import tokenizer as tok_lib
+from cam import find_cam_target, heatmaps, load_image, overlay
+from model_gpt import GPT, gpt_config_from_dict
 
 # -----------------------------------------------------------------------------
 # config: python serve.py --key=value (or a config file), see configurator.py
@@ -167,7 +173,6 @@ def decode_upload(raw, size, max_pixels):
 
 
 def _decode_file(path, size, dicom_ts):
-    from cam import load_image  # = data.decode_image, what evaluate.py --image calls
     # PIL raises OSError/SyntaxError/ValueError/EOFError on damaged files; pydicom raises almost anything on damaged
     # or compressed pixel data (no handler, a handler that fails): both are the upload's fault, answered with a 4xx
     failures = Exception if dicom_ts is not None else (OSError, SyntaxError, ValueError, EOFError)
@@ -187,7 +192,6 @@ def _decode_file(path, size, dicom_ts):
 
 
 def load_classifier(path, rule, target_sensitivity, dev):
-    from cam import find_cam_target
     net, meta, config = runs.load_run(path, dev, reader="serve.py")
     ck = {"model_args": net.model_args, "meta": meta, "config": config, "iter": net.run_info.get("iter")}
     size = net.model_args.get("image_size", 224)
@@ -200,7 +204,6 @@ def load_classifier(path, rule, target_sensitivity, dev):
 
 def classifier_thresholds(net, meta, rule, target_sensitivity, dev):
     """The operating point per class, chosen on the checkpoint's own validation split as evaluate.py does."""
-    import data
     C = len(meta["classes"])
     if meta["task"] == "multiclass":
         return None, "argmax (multiclass)"
@@ -219,7 +222,6 @@ def classifier_thresholds(net, meta, rule, target_sensitivity, dev):
 
 def classify_batch(m, u8s, n_top):
     """uint8 (B, S, S) -> per image: probabilities (C,), the top classes, their heatmaps (n_top, S, S)."""
-    from cam import heatmaps
     meta = m["ck"]["meta"]
     with torch.inference_mode():
         probs = runs.predict(m["net"], u8s, meta, len(u8s), device=m["dev"])
@@ -232,9 +234,6 @@ def classify_batch(m, u8s, n_top):
 
 
 def load_clip(path, dev):
-    import common
-    import model_clip
-    import tokenizer as tok_lib
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--clip={path} not found: train one (python train_clip.py config/clip_phantom.py) and "
                                 f"point --clip at out/<run>/ckpt.pt or best.pt")
@@ -261,7 +260,6 @@ def clip_texts(m, texts):
 
 def build_index(m, data_dir, split_name, n):
     """Image and report features of the first n rows of a prepared split, once at start-up."""
-    import data
     s = data.PreparedSplit(data_dir, split_name)
     if s.meta["image_size"] != m["size"]:
         raise ValueError(f"--index={data_dir} holds {s.meta['image_size']} px images but the CLIP in {m['path']} takes "
@@ -280,9 +278,6 @@ def build_index(m, data_dir, split_name, n):
 
 
 def load_gpt(path, dev):
-    import common
-    import tokenizer as tok_lib
-    from model_gpt import GPT, gpt_config_from_dict
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--gpt={path} not found: train one (python train_gpt.py config/gpt_report_from_image.py) "
                                 f"and point --gpt at out/<run>/ckpt.pt")
@@ -424,7 +419,6 @@ class Service:
         return out
 
     def _classify_json(self, m, probs, top, maps, u8):
-        from cam import overlay
         classes, thr = m["classes"], m["thresholds"]
         rows = [{"finding": c, "probability": float(probs[k]), "threshold": None if thr is None else thr[k],
                  "positive": bool(k == int(np.argmax(probs))) if thr is None else bool(probs[k] >= thr[k])}

@@ -53,6 +53,7 @@ import configurator
 import data
 import model as models
 import model_clip
+import phantom
 import runs
 import tokenizer as tok_lib
 
@@ -319,7 +320,6 @@ def class_prompts(classes, templates, negative, prompts=""):
         return ([[t.format(FINDING_PHRASES.get(c, c.lower())) for t in templates] for c in classes],
                 [[negative.format(FINDING_PHRASES.get(c, c.lower()))] for c in classes])
     if prompts == "phantom":
-        import phantom
         table = {c: {"pos": p, "neg": n} for c, (p, n) in phantom.PROMPTS.items()}
     else:
         with open(prompts) as f:

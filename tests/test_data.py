@@ -284,7 +284,7 @@ def test_split_patient_disjoint_and_stratified():
     records, labels = [], []
     for p in range(600):
         for _ in range(rng.integers(1, 5)):
-            records.append(data._record("x", f"p{p}"))
+            records.append(data.index_record("x", f"p{p}"))
             labels.append((rng.random(4) < [0.5, 0.2, 0.05, 0.01]).astype(np.float32))
     labels = np.array(labels)
     labels[rng.random(labels.shape) < 0.1] = np.nan
@@ -433,7 +433,7 @@ def _tiny_prepared(tmp_path, n=50, S=8):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, S, S), dtype=np.uint8)
     labels = (rng.random((n, 3)) < 0.3).astype(np.float32)
-    recs = [data._record(f"r{i}", f"p{i}") for i in range(n)]
+    recs = [data.index_record(f"r{i}", f"p{i}") for i in range(n)]
     data.write_prepared(tmp_path / "tiny", {"train": (images, labels, recs)}, dict(task="multilabel", classes=list("abc")))
     return data.PreparedSplit(tmp_path / "tiny", "train"), images, labels
 

@@ -239,7 +239,7 @@ def _clip_vit_hidden(v, x):
     import model_clip
     h = v.patch_embed(x).flatten(2).transpose(1, 2)
     h = torch.cat([v.cls_token.expand(x.shape[0], 1, -1), h], 1) + v.pos_embed
-    return model_clip._run_blocks(v.blocks, v.ln_pre(h), False)
+    return model_clip.run_blocks(v.blocks, v.ln_pre(h), False)
 
 
 @pytest.mark.slow  # importing open_clip / transformers alone takes 10-40 s on 2 busy cores

@@ -156,7 +156,7 @@ def test_data_hash_same_data_same_hash_one_pixel_differs(tmp_path):
     assert sum(c["split_hashes"][s] != a["split_hashes"][s] for s in data.SPLITS) == 1
     # the phantom / write_prepared path hashes the same way
     images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4)
-    recs = [data._record(f"x{i}", i) for i in range(2)]
+    recs = [data.index_record(f"x{i}", i) for i in range(2)]
     m1 = data.write_prepared(tmp_path / "w1", {"train": (images, np.zeros((2, 1), np.float32), recs)},
                              dict(task="multilabel", classes=["x"]))
     images[1, 3, 3] += 1
