@@ -29,7 +29,6 @@ exactly where a killed run stopped; with no checkpoint yet it starts from scratc
 """
 
 import math
-import os
 import sys
 
 import numpy as np
@@ -366,7 +365,6 @@ def build_classifier(cfg, ckpt, classes, train_split, val_split, log):
         if fused:  # the vision encoder: a train.py / train_clip.py checkpoint (head dropped) or any load_pretrained file
             log.line(fusion.load_vision_init(raw, cfg["pretrained_path"]))
         else:
-            _check_family(cfg["pretrained_path"], cfg["model"])
             models.load_pretrained(raw, cfg["pretrained_path"])
     if fused and ckpt is None and cfg["vision_init"] and "vision" in raw.modalities:
         log.line(fusion.load_vision_init(raw, cfg["vision_init"]))
@@ -439,15 +437,6 @@ def evaluate_and_log(raw, ema, split, cfg, meta, dist, loss_fn, inputs, log, it,
     if per_class:
         log.line(f"  per-class AUC: {per_class}")
     return record, probs
-
-
-def _check_family(path, model_name):
-    """A nanorad checkpoint from another model family is refused with both names."""
-    if path.endswith((".pt", ".pth")) and os.path.exists(path):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "model_args" in obj and obj["model_args"]["model"] != model_name:
-            raise ValueError(f"{path} holds a {obj['model_args']['model']} model but model={model_name!r}: "
-                             f"use --model={obj['model_args']['model']} or another checkpoint")
 
 
 def _tensorboard_eval(log, record, probs, split, meta, it):
