@@ -672,7 +672,7 @@ def _check_checkpoint_kind(path, args, name):
                          f"pretrained_path / image_init take a train.py checkpoint or torchvision / timm weights")
     if "vocab_size" in args and "n_layer" in args:
         raise ValueError(f"{path} is a train_gpt.py checkpoint (a report GPT, {args['n_layer']} layers), not weights of "
-                         f"an image classifier {name}: train_gpt.py reads it (--init_from=finetune --init_path={path}) "
+                         f"an image classifier {name}: train_gpt.py reads it (--init_from=pretrained --pretrained_path={path}) "
                          f"and sample.py generates from it (--ckpt_path={path}); pretrained_path / image_init take a "
                          f"train.py checkpoint or torchvision / timm weights")
     if args.get("model") == "fusion":
