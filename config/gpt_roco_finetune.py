@@ -1,7 +1,7 @@
 # Stage 2 of 2: finetune the PubMed-pretrained GPT (config/gpt_pubmed_pretrain.py) on ROCO captions.
 # Data:     python text_data.py --dataset=roco_text --root=/data/roco --tokenizer=data/pubmed/tokenizer.json \
 #               --out_dir=data/roco_pubmedtok        (same tokenizer as the pretraining, or the load is refused)
-# Run:      python train_gpt.py config/gpt_roco_finetune.py --init_path=out/gpt_pubmed/ckpt.pt
+# Run:      python train_gpt.py config/gpt_roco_finetune.py --pretrained_path=out/gpt_pubmed/ckpt.pt
 # Hardware: one GPU.
 # Time:     ~10 min on one A100 (2000 steps).
 # Expected: not yet measured in this repository; the pretrained start should beat config/gpt_roco.py's val
