@@ -471,7 +471,10 @@ def _train(cfg, dist, device, dtype, logger):
 
     logger.line(f"done in {common.format_eta(time.time() - t_start)}; val loss {last_eval.get('val_loss', float('nan')):.4f} "
                 f"vs unigram entropy {meta['unigram_entropy']:.4f} nats/token")
-    return {"unigram_entropy": meta["unigram_entropy"], "train_loss": running_loss, **last_eval}
+    xz = None if image_cond else text_data.xz_bpb(train_bin, val_bin, tok)  # classical baseline on the same bytes
+    if xz:
+        logger.line(f"val bpb {last_eval.get('val_bpb', float('nan')):.4f} vs xz -9 given the train text {xz:.4f}")
+    return {"unigram_entropy": meta["unigram_entropy"], "train_loss": running_loss, "xz_bpb": xz, **last_eval}
 
 
 if __name__ == "__main__":

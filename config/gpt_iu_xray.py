@@ -1,0 +1,27 @@
+# GPT on real radiology reports: the Indiana University chest X-ray collection (Open-i), findings + impression.
+# Purpose:  a report language model on real text, scored in bits per byte against a classical compressor computed
+#           in the same run (xz -9 of the val reports given the train reports; train_gpt.py prints both at the end).
+# Data:     python text_data.py --dataset=iu_xray --root=/data/iu_xray --tokenizer=bpe --vocab_size=1024
+#           (--root holds ecgen-radiology/ or NLMCXR_reports.tgz; 'XXXX', the anonymisation mark, stays one token)
+# Hardware: CPU (2 cores); a GPU finishes in seconds.
+# Time:     see the header's measured line below.
+# Expected: see the header's measured line below.
+# Then:     python sample.py --out_dir=out/gpt_iu_xray --start="The heart"
+out_dir = "out/gpt_iu_xray"
+dataset = "iu_xray"
+device = "cpu"
+eval_interval = 200
+log_interval = 20
+eval_max_windows = 0  # the whole val split: the xz baseline reads all of it too
+batch_size = 32
+block_size = 128  # tokens; a report is ~60
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.1  # small data (~0.2M bytes of train text in the 994-report sample)
+pos = "learned"
+learning_rate = 2e-3
+max_iters = 1000
+warmup_iters = 50
+min_lr = 2e-4
+beta2 = 0.99
