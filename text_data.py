@@ -1,6 +1,6 @@
 """
 Text data for the GPT: captions, reports and (image, report) pairs -> token files; the samplers;
-the report metrics (BLEU-4, ROUGE-L, a negation-aware finding labeler).
+the report metrics (BLEU-4, ROUGE-L) and the report labeler (label_reports: CheXpert's 14 observations).
 
     python text_data.py --dataset=phantom_reports --tokenizer=bpe --vocab_size=1024  # data/phantom_reports, seconds
     python text_data.py --dataset=phantom_reports --tokenizer=char --out_dir=data/phantom_reports_char
@@ -9,6 +9,8 @@ the report metrics (BLEU-4, ROUGE-L, a negation-aware finding labeler).
     python text_data.py --dataset=text --files='/data/pubmed/*.txt' --tokenizer=bpe --vocab_size=16384 --out_dir=data/pubmed
     python text_data.py --dataset=roco_text --root=/data/roco --tokenizer=data/pubmed/tokenizer.json  # reuse a tokenizer
     python text_data.py --dataset=roco_text --root=/data/roco --tokenizer=gpt2 --gpt2_dir=/models/gpt2  # GPT-2's ids
+    python text_data.py --dataset=iu_xray --root=/data/iu_xray --vocab_size=1024   # IU X-ray reports (+ NLMCXR_png/: pairs)
+    python text_data.py --dataset=iu_xray --root=/data/iu_xray --label_eval        # the labeler vs the manual MeSH tags
 
 Text layout (language modelling), data/<name>/:
   train.bin, val.bin   uint16 token ids; every document is followed by the end-of-text token (and the
@@ -23,7 +25,8 @@ Pairs layout (image-conditioned), data/<name>/:
   {split}_tokens.npy   N x T int32: eot, report tokens, eot, then eot padding
   {split}_lengths.npy  N int32: real tokens per row (both eots included); targets past it are ignored
 Sources: ROCO `{train,validation,test}/radiology/captions.txt` (`ROCO_xxxxx<TAB>caption`), any text
-files (one document per line), the phantom's reports (phantom.generate; split by patient).
+files (one document per line), the phantom's reports (phantom.generate; split by patient), the IU X-ray
+collection's Open-i XML reports (findings + impression; split by report).
 """
 
 import argparse
@@ -783,6 +786,11 @@ def label_eval(records, min_positives=20):
     target = [c for c in LABEL_EVAL_TARGET if c in shown]
     macro = float(np.mean([scores[c]["f1"] for c in target]))
     print(f"macro F1 over {', '.join(target)}: {macro:.3f}")
+    nf = pred[:, obs.index("No Finding")] > 0
+    normal = np.array([any(t.strip().lower() == "normal" for t in r["mesh_major"]) for r in records])
+    tp = int((nf & normal).sum())
+    print(f"(No Finding vs the stricter MeSH 'normal' tag, which any abnormality removes, granulomas and spine changes "
+          f"included: precision {tp / max(nf.sum(), 1):.3f}, recall {tp / max(normal.sum(), 1):.3f})")
     return dict(scores, target_macro_f1=macro, shown=shown)
 
 

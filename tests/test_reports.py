@@ -151,6 +151,19 @@ def test_label_eval_on_the_real_sample(real_dir, capsys):
     assert all(res[c]["support"] >= 20 for c in text_data.LABEL_EVAL_TARGET)
 
 
+def test_report_metrics_on_real_references(real_dir):
+    """BLEU-4, ROUGE-L and the clinical F1 (label_reports) with IU X-ray reports as references."""
+    recs, _ = text_data.read_iu_xray(str(real_dir / SAMPLE))
+    refs = [r["text"] for r in recs[:200]]
+    y = text_data.iu_pair_labels(refs)
+    same = text_data.report_metrics(refs, refs, y, text_data.OBSERVATIONS)
+    assert same["bleu4"] == pytest.approx(1.0) and same["rouge_l"] == pytest.approx(1.0) and same["macro_f1"] == 1.0
+    normal = ["The heart is normal in size. The lungs are clear. No acute disease."] * len(refs)
+    m = text_data.report_metrics(normal, refs, y, text_data.OBSERVATIONS)
+    assert 0 < m["bleu4"] < 0.5 and 0 < m["rouge_l"] < 0.6 and m["per_class"]["Cardiomegaly"]["recall"] == 0.0
+    assert m["per_class"]["No Finding"]["recall"] == 1.0 and m["macro_f1"] < 0.3
+
+
 def test_xz_baseline_formula(tmp_path):
     import lzma
     tok = text_data.tok_lib.CharTokenizer.from_texts(["abc heart normal", "lungs clear"])
