@@ -632,14 +632,15 @@ NOT_MENTIONS = r"(?:bone|osseous|soft tissue|breast|nipple|mineral) densit(?:y|i
 PSEUDO = r"\bno (?:\w+ )?change|\bwithout (?:\w+ )?change|\bnot only\b|\bno longer\b(?= (?:seen|present|visible|evident))"
 NEGATION = r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|removal of|" \
            r"removed|rather than|nor|neither|never)\b"
-NEGATION_AFTER = r"^\W*(?:\w+\W+){0,3}?(?:(?:is|are|has|have|was|were|appears?)\W+)?(?:been\W+)?(?:resolved|removed|" \
-                 r"absent|not (?:seen|identified|present|visuali[sz]ed|evident|demonstrated|appreciated)|no longer|" \
-                 r"within (?:the )?(?:normal limits|limits of normal)|normal\b|unremarkable)"
+NEGATION_AFTER = r"^\W*(?:\w+\W+){0,3}?(?:(?:is|are|has|have|was|were)\W+)?(?:been\W+)?(?:resolved|removed|absent|" \
+                 r"not (?:seen|identified|present|visuali[sz]ed|evident|demonstrated|appreciated)|no longer)|" \
+                 r"^\W*(?:\w+\W+){0,2}?(?:is|are|appears?|remains?)\W+(?:\w+\W+)?(?:within (?:the )?(?:normal limits|" \
+                 r"limits of normal)|normal\b|unremarkable)"
 UNCERTAIN_FIRST = r"\b(?:cannot|can ?not|could not|not)\W+(?:be\W+)?(?:exclude|excluded|rule[ds]? out|ruled out)\b|" \
                   r"\b(?:rule[ds]? out|r/o|to exclude|exclude|differential)\b"
 UNCERTAIN = r"\b(?:possible|possibly|probable|probably|likely|may|might|could|questionable|question of|suspicious|" \
             r"suspected|suspect|suggest\w*|concern\w*|worrisome|versus|vs|equivocal|indeterminate|borderline|" \
-            r"presumed|presumably|represent\w*|atypical|cannot|or|\?)\b"
+            r"presumed|presumably|represent\w*|atypical|cannot|or)\b"
 UNCERTAIN_AFTER = r"^\W*(?:\w+\W+){0,3}?(?:is|are)?\W*(?:cannot be (?:excluded|ruled out)|not (?:be )?excluded|" \
                   r"(?:is|are) (?:possible|suspected|questioned)|versus|vs)\b"
 SENTENCE = r"(?<!\d)[.;!?](?!\d)|\n"

@@ -30,6 +30,8 @@ def test_negation_uncertainty_and_synonyms():
     assert lab("Previously seen right pneumothorax has resolved.")["Pneumothorax"] == 0
     assert lab("Interval removal of the right IJ catheter.")["Support Devices"] == 0
     assert lab("Stable cardiomegaly. No change in the left basilar atelectasis.")["Atelectasis"] == 1  # not a negation
+    assert lab("Pulmonary vascular engorgement appears within normal limits.")["Edema"] == 0
+    assert lab("Mild interstitial edema, heart size normal.")["Edema"] == 1  # "normal" belongs to the heart
     # uncertainty
     assert lab("Pneumonia cannot be excluded.")["Pneumonia"] == -1
     assert lab("Possible right lower lobe pneumonia.")["Pneumonia"] == -1
