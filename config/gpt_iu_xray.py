@@ -4,13 +4,15 @@
 # Data:     python text_data.py --dataset=iu_xray --root=/data/iu_xray --tokenizer=bpe --vocab_size=1024
 #           (--root holds ecgen-radiology/ or NLMCXR_reports.tgz; 'XXXX', the anonymisation mark, stays one token)
 # Hardware: CPU (2 cores); a GPU finishes in seconds.
-# Time:     see the header's measured line below.
-# Expected: see the header's measured line below.
+# Time:     140 CPU-seconds with OMP_NUM_THREADS=1 (800 steps, ~0.17 s each, + 9 evals + xz), i.e. ~2.5 min on one
+#           free core; measured on a machine loaded ~15x (wall 33 min there: the CPU time is the honest figure).
+# Expected: measured on the 994-report sample (984 reports, 740 train / 98 val): val bpb 0.719 vs xz -9 0.876 in the
+#           same run (val loss 2.31 nats/token vs unigram entropy 5.41); bpb 1.02 at step 100, 0.88 at 200, 0.79 at 400.
 # Then:     python sample.py --out_dir=out/gpt_iu_xray --start="The heart"
 out_dir = "out/gpt_iu_xray"
 dataset = "iu_xray"
 device = "cpu"
-eval_interval = 200
+eval_interval = 100
 log_interval = 20
 eval_max_windows = 0  # the whole val split: the xz baseline reads all of it too
 batch_size = 16
