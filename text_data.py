@@ -129,14 +129,14 @@ def _iu_xml_sources(root):
                     yield os.path.basename(m.name), tar.extractfile(m).read()
 
 
-def _iu_view(image_id, caption, k, n):
-    """'frontal' / 'lateral' from the figure caption when it names one view only, else from the image's order in
-    the report (the collection files the frontal view first: ids ...-1001 then ...-2001); '' when neither tells."""
-    words = set(re.findall(r"[a-z]+", caption.lower()))
-    named = {v for w, v in IU_VIEWS if w in words}
-    if len(named) == 1:
-        return named.pop()
-    return ("frontal", "lateral")[k] if n <= 2 else ""
+def _iu_view(caption, k, n):
+    """'frontal' / 'lateral' of image k of n. Two images: the collection files the frontal view first (ids ...-1001,
+    then ...-2001). One image: the view its caption names, if exactly one. Otherwise '' (unknown): the caption
+    describes the whole study ("PA and lateral"), so it cannot tell three or more images apart."""
+    if n == 2:
+        return ("frontal", "lateral")[k]
+    named = {v for w, v in IU_VIEWS if w in set(re.findall(r"[a-z]+", caption.lower()))}
+    return named.pop() if n == 1 and len(named) == 1 else ""
 
 
 def parse_iu_report(xml_bytes, name=""):
@@ -152,7 +152,7 @@ def parse_iu_report(xml_bytes, name=""):
         raise ValueError(f"{name}: no <uId> element; is this an ecgen-radiology report?")
     sec = {(a.get("Label") or "").upper(): " ".join((a.text or "").split()) for a in root.iter("AbstractText")}
     imgs = root.findall("parentImage")
-    images = [(p.get("id"), _iu_view(p.get("id"), p.findtext("caption") or "", k, len(imgs))) for k, p in enumerate(imgs)]
+    images = [(p.get("id"), _iu_view(p.findtext("caption") or "", k, len(imgs))) for k, p in enumerate(imgs)]
     rec = dict(report_id=uid.get("id"), findings=sec.get("FINDINGS", ""), impression=sec.get("IMPRESSION", ""),
                indication=sec.get("INDICATION", ""), comparison=sec.get("COMPARISON", ""),
                mesh_major=[m.text.strip() for m in root.iter("major") if m.text],
