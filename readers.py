@@ -662,8 +662,7 @@ def read_dataset(cfg):
     if name == "phantom":
         return read_phantom(cfg["n_images"], cfg["image_size"], cfg["seed"])
     readers = dict(chexpert=read_chexpert, nih=read_nih, vinbigdata=read_vinbigdata, folder=read_folder,
-                   covidx=read_covidx, roco=read_roco)
-    readers["mimic_cxr"] = read_mimic_cxr
+                   covidx=read_covidx, roco=read_roco, rocov2=read_rocov2, mimic_cxr=read_mimic_cxr)
     if name not in readers:
         raise ValueError(f"--dataset={name}: unknown; choose one of phantom, {', '.join(readers)}")
     if not root:
@@ -746,3 +745,59 @@ def resize_square(a, image_size, resize_mode="pad"):
 
 def decode_image(path, image_size, resize_mode="pad"):
     return resize_square(load_gray(path, draft_size=image_size), image_size, resize_mode)
+
+
+# -----------------------------------------------------------------------------
+# reader: ROCOv2 (Rückert et al. 2024): {train,valid,test}_captions.csv (ID,Caption), {split}_concepts.csv
+# (ID,CUIs with ';' between UMLS CUIs; *_concepts_manual.csv holds the manually checked ones), images
+# {split}/<ID>.jpg, cui_mapping.csv (CUI,Canonical name) when present. Labels: the image modality CUIs (always
+# classes) + the ROCOV2_TOP_K most frequent other CUIs of the train split, 1/0 (the concept lists are complete).
+
+ROCOV2_TOP_K = 20
+ROCOV2_MODALITIES = {"C0040405": "Computed Tomography", "C1306645": "Plain X-Ray", "C0024485": "Magnetic Resonance Imaging",
+                     "C0041618": "Ultrasonography", "C0002978": "Angiogram", "C0032743": "Positron-Emission Tomography"}
+
+
+def _rocov2_csv(path, value, key="ID"):
+    """{key: value column} of one ROCOv2 csv (header <key>,<value>)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and (key not in rows[0] or value not in rows[0]):
+        raise ValueError(f"{path}: expected the header '{key},{value}', got {list(rows[0])}")
+    return {r[key].strip(): (r[value] or "").strip() for r in rows}
+
+
+def read_rocov2(root, top_k=ROCOV2_TOP_K, concepts="concepts"):
+    """concepts: 'concepts' (all CUIs) or 'concepts_manual' (the manually validated ones) as the label source."""
+    root = Path(root)
+    records, cuis, files = [], [], []
+    for name, hint in (("train", ""), ("valid", "val"), ("test", "test")):
+        cap_path = root / f"{name}_captions.csv"
+        if not cap_path.is_file():
+            continue
+        captions = _rocov2_csv(cap_path, "Caption")
+        con_path = root / f"{name}_{concepts}.csv"
+        con = _rocov2_csv(con_path, "CUIs") if con_path.is_file() else {}
+        files += [cap_path] + ([con_path] if con else [])
+        for roco_id, caption in captions.items():
+            records.append(index_record(root / name / f"{roco_id}.jpg", roco_id, roco_id, text=caption, split=hint))
+            cuis.append({c.strip() for c in con.get(roco_id, "").split(";") if c.strip()})
+    if not records:
+        raise FileNotFoundError(f"no {{train,valid,test}}_captions.csv under {root} (the ROCOv2 release layout)")
+    train_counts = {}
+    for r, cs in zip(records, cuis):
+        for c in cs:
+            if r["split"] == "" and c not in ROCOV2_MODALITIES:
+                train_counts[c] = train_counts.get(c, 0) + 1
+    top = sorted(train_counts, key=lambda c: (-train_counts[c], c))[:top_k]
+    classes = [c for c in ROCOV2_MODALITIES if any(c in cs for cs in cuis)] + top
+    names = dict(ROCOV2_MODALITIES)
+    if (root / "cui_mapping.csv").is_file():
+        names.update(_rocov2_csv(root / "cui_mapping.csv", "Canonical name", key="CUI"))
+    labels = np.array([[float(c in cs) for c in classes] for cs in cuis], np.float32).reshape(len(records), len(classes))
+    return Source(records, labels, [names.get(c, c) for c in classes], "multilabel",
+                  dict(labels=f"UMLS concepts ({concepts}.csv): modality CUIs + the {top_k} most frequent train CUIs",
+                       cuis=classes), files, f"rocov2:{root}")
+
+
+READER_KNOBS["rocov2"] = []  # fixed reader defaults (ROCOV2_TOP_K, all concepts)

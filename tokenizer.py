@@ -213,9 +213,24 @@ class BPETokenizer:
 # updating pair counts only in the words that contain the merged pair (a heap with lazy deletion)
 
 
-def train_bpe(texts, vocab_size, min_frequency=2, verbose=False):
+def _keep_merges(keep):
+    """Merges (as byte strings) that make each word in `keep`, with and without a leading space, a single token:
+    merge the first two pieces until one is left, re-running the merges so far (BPE order) after each."""
+    merges = []
+    for word in keep:
+        for w in (word, " " + word):
+            ranks = {m: i for i, m in enumerate(merges)}
+            parts = bpe_merge([bytes([b]) for b in w.encode("utf-8")], ranks)
+            while len(parts) > 1:
+                merges.append((parts[0], parts[1]))
+                parts = bpe_merge(parts, {m: i for i, m in enumerate(merges)})
+    return merges
+
+
+def train_bpe(texts, vocab_size, min_frequency=2, verbose=False, keep=()):
     """texts: iterable of documents. vocab_size includes the 256 bytes and <|endoftext|>.
-    Ties between equally frequent pairs go to the pair of smaller ids, so training is deterministic."""
+    Ties between equally frequent pairs go to the pair of smaller ids, so training is deterministic.
+    keep: words that must stay one token (e.g. 'XXXX', the IU X-ray anonymisation mark): their merges come first."""
     if vocab_size < 257:
         raise ValueError(f"vocab_size={vocab_size} must be >= 257 (256 bytes + end-of-text)")
     counts = Counter()
@@ -224,6 +239,14 @@ def train_bpe(texts, vocab_size, min_frequency=2, verbose=False):
     symbols = [BYTE_ENCODER[b] for b in range(256)]  # id -> token string
     sym_id = {s: i for i, s in enumerate(symbols)}
     words = [list(piece.encode("utf-8")) for piece in counts]  # each word as a list of ids
+    merges = []
+    for a, b in _keep_merges(keep):
+        ia, ib = sym_id["".join(BYTE_ENCODER[x] for x in a)], sym_id["".join(BYTE_ENCODER[x] for x in b)]
+        merges.append((symbols[ia], symbols[ib]))
+        if symbols[ia] + symbols[ib] not in sym_id:
+            sym_id[symbols[ia] + symbols[ib]] = len(symbols)
+            symbols.append(symbols[ia] + symbols[ib])
+        words = [_merge_ids(w, (ia, ib), sym_id[symbols[ia] + symbols[ib]]) for w in words]
     freqs = list(counts.values())
     pair_counts, where = Counter(), {}
     for wi, (w, c) in enumerate(zip(words, freqs)):
@@ -232,7 +255,6 @@ def train_bpe(texts, vocab_size, min_frequency=2, verbose=False):
             where.setdefault(pair, set()).add(wi)
     heap = [(-c, p) for p, c in pair_counts.items()]
     heapq.heapify(heap)
-    merges = []
     while len(symbols) + 1 < vocab_size and heap:
         neg, pair = heapq.heappop(heap)
         if pair_counts.get(pair, 0) != -neg:
@@ -253,14 +275,7 @@ def train_bpe(texts, vocab_size, min_frequency=2, verbose=False):
             old_pairs = list(zip(w, w[1:]))
             if pair not in old_pairs:
                 continue  # stale index entry
-            merged, i = [], 0
-            while i < len(w):
-                if i < len(w) - 1 and w[i] == pair[0] and w[i + 1] == pair[1]:
-                    merged.append(new_id)
-                    i += 2
-                else:
-                    merged.append(w[i])
-                    i += 1
+            merged = _merge_ids(w, pair, new_id)
             for p in old_pairs:
                 pair_counts[p] -= c
                 changed.add(p)
@@ -278,6 +293,19 @@ def train_bpe(texts, vocab_size, min_frequency=2, verbose=False):
     encoder = {s: i for i, s in enumerate(symbols)}
     encoder[EOT] = len(symbols)
     return BPETokenizer(encoder, merges, kind="bpe")
+
+
+def _merge_ids(w, pair, new_id):
+    """One word (list of ids) with every non-overlapping occurrence of pair, left to right, replaced by new_id."""
+    merged, i = [], 0
+    while i < len(w):
+        if i < len(w) - 1 and w[i] == pair[0] and w[i + 1] == pair[1]:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(w[i])
+            i += 1
+    return merged
 
 
 # -----------------------------------------------------------------------------

@@ -465,7 +465,11 @@ def _train(cfg, dist, log):
     final = common.finish(log, prog, cfg, step, timer)
     log.line(f"val loss {last_eval.get('val_loss', float('nan')):.4f} vs unigram entropy "
              f"{d.meta['unigram_entropy']:.4f} nats/token")
-    return {**final, "unigram_entropy": d.meta["unigram_entropy"], "train_loss": train_loss, **last_eval, "step": step}
+    xz = None if d.image_cond else text_data.xz_bpb(d.train, d.val, d.tok)  # classical baseline on the same bytes
+    if xz:
+        log.line(f"val bpb {last_eval.get('val_bpb', float('nan')):.4f} vs xz -9 given the train text {xz:.4f}")
+    return {**final, "unigram_entropy": d.meta["unigram_entropy"], "train_loss": train_loss, "xz_bpb": xz, **last_eval,
+            "step": step}
 
 
 if __name__ == "__main__":
