@@ -61,6 +61,8 @@ import time
 
 import numpy as np
 
+import labeler
+
 CLASSES = ["Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Consolidation", "Lung Opacity",
            "Nodule", "Edema", "Atelectasis", "Support Devices", "No Finding"]
 PATHOLOGIES = CLASSES[:8]  # the findings that make "No Finding" 0 (Support Devices do not)
@@ -586,10 +588,9 @@ def _indication(i, c, p, tr):
 
 
 def label_report(text):
-    """The phantom's labels recovered from its report: float32 (len(CLASSES),), 1 where text_data.label_reports (the
+    """The phantom's labels recovered from its report: float32 (len(CLASSES),), 1 where labeler.label_reports (the
     labeler for real reports) finds the class positive. Every phantom class is one of its observations."""
-    import text_data  # the labeler lives with the report tools; imported here so the generator needs nothing else
-    return (text_data.label_reports([text], CLASSES)[0] == 1).astype(np.float32)
+    return (labeler.label_reports([text], CLASSES)[0] == 1).astype(np.float32)
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """
 Text data for the GPT: captions, reports and (image, report) pairs -> token files; the samplers;
-the report metrics (BLEU-4, ROUGE-L) and the report labeler (label_reports: CheXpert's 14 observations).
+the report metrics (BLEU-4, ROUGE-L); the report labeler itself (label_reports) is labeler.py.
 
     python text_data.py --dataset=phantom_reports --tokenizer=bpe --vocab_size=1024  # data/phantom_reports, seconds
     python text_data.py --dataset=phantom_reports --tokenizer=char --out_dir=data/phantom_reports_char
@@ -43,6 +43,7 @@ from collections import Counter
 import numpy as np
 
 import tokenizer as tok_lib
+from labeler import OBSERVATIONS, PATHOLOGIES, RULES, label_reports
 
 # -----------------------------------------------------------------------------
 # sources: lists of documents per split
@@ -564,132 +565,6 @@ def rouge_l(hypotheses, references, beta=1.2):
         p, rc = lcs / len(h), lcs / len(r)
         scores.append((1 + beta**2) * p * rc / (rc + beta**2 * p))
     return float(np.mean(scores)) if scores else 0.0
-
-
-# -----------------------------------------------------------------------------
-# the report labeler: CheXpert's 14 observations from free text, in the spirit of the CheXpert labeler
-# (Irvin et al. 2019) and NegBio (Peng et al. 2018), written here as regular expressions:
-#   1. mention: a phrase of RULES (what a radiologist writes for the observation) inside a sentence clause
-#      (sentences end at '.', ';', '?', '!'; clauses at 'but', 'however', 'although', 'except', 'which', 'with',
-#      ', there is', ':');
-#   2. uncertain (-1) when an UNCERTAIN_FIRST cue ("cannot be excluded", "rule out") is near it, else negated (0)
-#      when a NEGATION cue precedes it in the clause ("no", "without", "free of"), sits inside it ("heart is not
-#      enlarged") or follows it ("has resolved", "within normal limits"), else uncertain (-1) on an UNCERTAIN cue
-#      ("possible", "may", "suspicious for", "versus"), else positive (1);
-#   3. per report: positive if any mention is positive, else uncertain if any is, else negated if any is, else NaN;
-#      "No Finding" = 1 when no pathology (the 12 between it and Support Devices) is positive or uncertain, else 0.
-# Phrases before a cue that only look like one ("no change in", "without interval change", "not only") are blanked.
-
-OBSERVATIONS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-                "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-                "Fracture", "Support Devices"]  # CheXpert's order (its train.csv columns)
-PATHOLOGIES = OBSERVATIONS[1:13]  # what makes "No Finding" 0 (Support Devices do not, as in CheXpert)
-
-_HEART = r"(?:heart|cardiac (?:silhouette|shadow|size|contour|diameter)|cardiac)"
-_BIG = r"(?:enlarge(?:d|ment)|increased in size|large|prominent|globular)"
-_CP = r"(?:costophrenic|cp) (?:angles?|sulc[iu]s|recess(?:es)?|xxxx)"  # XXXX: the collection's anonymiser ate a word
-# observation -> the phrases that mention it (lower-case regular expressions; \b word boundaries are added)
-RULES = {
-    "Enlarged Cardiomediastinum": [r"(?:widen\w*|enlarge\w*|prominent) (?:of )?(?:the )?(?:superior )?(?:cardio)?mediastin\w*",
-                                   r"(?:cardio)?mediastin\w*(?: silhouette| contour)? (?:\w+ ){0,3}?(?:widen\w*|enlarged|prominent)"],
-    "Cardiomegaly": [r"cardiomegaly", rf"{_BIG} (?:\w+ ){{0,3}}?{_HEART}", rf"{_HEART} (?:\w+ ){{0,4}}?{_BIG}"],
-    "Lung Opacity": [r"opacit(?:y|ies)", r"opacifi\w*", r"infiltrat(?:e|es|ion|ions)", r"air ?space (?:disease|process)",
-                     r"densit(?:y|ies)"],
-    "Lung Lesion": [r"nodul(?:e|es|ar)", r"mass(?:es)?", r"lesions?", r"tumou?rs?", r"neoplasms?", r"carcinoma",
-                    r"malignan\w*", r"metasta\w*", r"cavitary", r"cavitation"],
-    "Edema": [r"o?edema", r"(?:vascular|pulmonary|venous|interstitial) (?:\w+ )?congestion", r"congestive",
-              r"heart failure", r"chf", r"fluid overload", r"kerley", r"cephalization",
-              r"(?:vascular|venous) (?:engorgement|redistribution|prominence|indistinct\w*)",
-              r"(?:prominen\w*|engorge\w*|increased|indistinct\w*) (?:of )?(?:the )?(?:\w+ )?(?:pulmonary |lung )?vascula\w*",
-              r"(?:pulmonary|lung) vascula\w* (?:\w+ ){0,2}?(?:prominen\w*|engorge\w*|congest\w*|indistinct\w*|increased)"],
-    "Consolidation": [r"consolidat\w*"],
-    "Pneumonia": [r"(?:broncho)?pneumonias?", r"pneumonitis", r"infection", r"infectious"],
-    "Atelectasis": [r"atelecta\w*", r"(?:lobar|lobe|lung) collapse", r"collapse of the (?:\w+ ){0,2}?(?:lobe|lung)"],
-    "Pneumothorax": [r"(?:hydro)?pneumothora(?:x|ces)"],
-    "Pleural Effusion": [r"(?<!pericardial )effusions?", r"pleural fluid", r"hydrothorax",
-                         rf"(?:blunt\w*|obliterat\w*) (?:of )?(?:the |both )?(?:\w+ )?{_CP}",
-                         rf"{_CP} (?:\w+ ){{0,3}}?(?:blunt\w*|obliterat\w*)", rf"blunted (?:\w+ )?{_CP}"],
-    "Pleural Other": [r"pleural (?:thickening|plaques?|scar\w*|calcification)", r"pleur(?:o|al)-?(?:parenchymal|peripheral) (?:scar\w*|thickening)",
-                      r"fibrothorax", r"apical (?:pleural )?(?:cap|capping|thickening)"],
-    "Fracture": [r"fractur\w*"],
-    "Support Devices": [r"tubes?", r"catheters?", r"picc", r"(?:central|venous|jugular|subclavian|arterial|dialysis|ij) lines?",
-                        r"pacemaker", r"pacer", r"defibrillator", r"aicd", r"pacing (?:leads?|wires?)",
-                        r"(?:cardiac|transvenous|pacemaker) leads?", r"port-?a-?cath", r"drains?", r"stents?",
-                        r"(?:prosthetic|artificial|mechanical) (?:\w+ )?valve", r"valve (?:replacement|prosthesis)",
-                        r"(?:monitor|monitoring|ekg|ecg) leads?", r"icd", r"generator", r"stimulators?", r"tip",
-                        r"surgical clips?", r"hardware", r"anchors?", r"(?:medical )?devices?", r"(?:loop|event) recorder"],
-    # beyond CheXpert's 14 (label_reports(texts, ["Nodule", ...])); they never change "No Finding":
-    "Nodule": [r"nodul(?:e|es|ar)"],  # a granuloma is not a nodule unless the report calls it one
-    "Emphysema": [r"emphysema\w*", r"hyperinfla\w*", r"hyperexpan\w*", r"hyperaera\w*", r"over-?inflat\w*",
-                  r"copd", r"chronic obstructive", r"flatten\w* (?:of )?(?:the )?(?:\w+ )?(?:hemi)?diaphragms?"],
-    "Granuloma": [r"granuloma\w*"],
-}
-# mentions that are something else: blanked before matching
-NOT_MENTIONS = r"(?:bone|osseous|soft tissue|breast|nipple|mineral) densit(?:y|ies)|(?:lytic|sclerotic|blastic|bon[ey]|" \
-               r"osseous|skin|cutaneous) lesions?|mass effect|(?:thyroid|breast|neck|abdominal|soft tissue) mass(?:es)?|" \
-               r"(?:paratracheal|mediastinal|retrosternal|soft tissue) (?:opacit\w*|densit\w*)|(?:soft tissue|subcutaneous) (?:o?edema|emphysema)|" \
-               r"(?:nasogastric|ng|enteric) tube \w+ (?:is )?not|air ?space disease (?:is )?not"
-PSEUDO = r"\bno (?:\w+ )?change|\bwithout (?:\w+ )?change|\bnot only\b|\bno longer\b(?= (?:seen|present|visible|evident))"
-NEGATION = r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|removal of|" \
-           r"removed|rather than|nor|neither|never)\b"
-NEGATION_AFTER = r"^\W*(?:\w+\W+){0,3}?(?:(?:is|are|has|have|was|were)\W+)?(?:been\W+)?(?:resolved|removed|absent|" \
-                 r"not (?:seen|identified|present|visuali[sz]ed|evident|demonstrated|appreciated)|no longer)|" \
-                 r"^\W*(?:\w+\W+){0,2}?(?:is|are|appears?|remains?)\W+(?:\w+\W+)?(?:within (?:the )?(?:normal limits|" \
-                 r"limits of normal)|normal\b|unremarkable)"
-UNCERTAIN_FIRST = r"\b(?:cannot|can ?not|could not|not)\W+(?:be\W+)?(?:exclude|excluded|rule[ds]? out|ruled out)\b|" \
-                  r"\b(?:rule[ds]? out|r/o|to exclude|exclude|differential)\b"
-UNCERTAIN = r"\b(?:possible|possibly|probable|probably|likely|may|might|could|questionable|question of|suspicious|" \
-            r"suspected|suspect|suggest\w*|concern\w*|worrisome|versus|vs|equivocal|indeterminate|borderline|" \
-            r"presumed|presumably|represent\w*|atypical|cannot|or)\b"
-UNCERTAIN_AFTER = r"^\W*(?:\w+\W+){0,3}?(?:is|are)?\W*(?:cannot be (?:excluded|ruled out)|not (?:be )?excluded|" \
-                  r"(?:is|are) (?:possible|suspected|questioned)|versus|vs)\b"
-SENTENCE = r"(?<!\d)[.;!?](?!\d)|\n"
-CLAUSE = r"\b(?:but|however|although|though|except|otherwise|which|whereas|with)\b|,\s*(?=there (?:is|are)\b)|:"
-
-_RX = {c: re.compile(r"\b(?:" + "|".join(p) + r")\b") for c, p in RULES.items()}
-_NOT_MENTION, _PSEUDO = re.compile(NOT_MENTIONS), re.compile(PSEUDO)
-_NEG, _NEG_AFTER = re.compile(NEGATION), re.compile(NEGATION_AFTER)
-_UNC_FIRST, _UNC, _UNC_AFTER = re.compile(UNCERTAIN_FIRST), re.compile(UNCERTAIN), re.compile(UNCERTAIN_AFTER)
-_SENTENCE, _CLAUSE = re.compile(SENTENCE), re.compile(CLAUSE)
-
-
-def _blank(rx, s):
-    return rx.sub(lambda m: " " * len(m.group()), s)
-
-
-def mention_status(clause, m):
-    """1 / 0 / -1 for the mention m (a match in clause), from the cues around it."""
-    pre, span, post = clause[:m.start()], m.group(), clause[m.end():]
-    if _UNC_FIRST.search(pre) or _UNC_FIRST.search(post[:40]):
-        return -1
-    if _NEG.search(pre) or re.search(r"\b(?:not|no)\b", span) or _NEG_AFTER.search(post):
-        return 0
-    if _UNC.search(pre) or _UNC_AFTER.search(post):
-        return -1
-    return 1
-
-
-def label_reports(texts, observations=OBSERVATIONS):
-    """Report texts -> float32 (N, len(observations)): 1 positive, 0 negated, -1 uncertain, NaN not mentioned.
-    observations: names from OBSERVATIONS or RULES (default CheXpert's 14, in its order)."""
-    unknown = [c for c in observations if c not in RULES and c != "No Finding"]
-    if unknown:
-        raise ValueError(f"label_reports: unknown observation(s) {unknown}; known: No Finding, {', '.join(RULES)}")
-    wanted = [c for c in RULES if c in observations or c in PATHOLOGIES]
-    out = np.full((len(texts), len(observations)), np.nan, np.float32)
-    for i, text in enumerate(texts):
-        found = {}
-        for sentence in _SENTENCE.split(text.lower()):
-            sentence = _blank(_PSEUDO, _blank(_NOT_MENTION, sentence))
-            for clause in _CLAUSE.split(sentence):
-                for c in wanted:
-                    for m in _RX[c].finditer(clause):
-                        found.setdefault(c, set()).add(mention_status(clause, m))
-        status = {c: 1.0 if 1 in s else -1.0 if -1 in s else 0.0 for c, s in found.items()}
-        status["No Finding"] = 0.0 if any(status.get(c, 0.0) != 0.0 for c in PATHOLOGIES) else 1.0
-        for j, c in enumerate(observations):
-            out[i, j] = status.get(c, np.nan)
-    return out
 
 
 # the report-generation metrics name findings of the phantom's classes (a subset of RULES)

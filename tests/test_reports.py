@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import labeler
 import readers
 import text_data
 
@@ -17,7 +18,7 @@ SAMPLE = "iu_xray_reports_sample.tgz"
 def lab(text, observations=("Cardiomegaly", "Pleural Effusion", "Lung Opacity", "Atelectasis", "Nodule", "Edema",
                             "Pneumothorax", "Pneumonia", "Support Devices", "Emphysema", "Lung Lesion", "No Finding")):
     """{observation: 1 / 0 / -1} of the mentioned ones."""
-    y = text_data.label_reports([text], list(observations))[0]
+    y = labeler.label_reports([text], list(observations))[0]
     return {c: int(v) for c, v in zip(observations, y) if not np.isnan(v)}
 
 
@@ -59,14 +60,14 @@ def test_negation_uncertainty_and_synonyms():
 
 
 def test_label_reports_shape_order_and_phantom_subset():
-    y = text_data.label_reports(["Cardiomegaly.", "Normal chest.", ""])
+    y = labeler.label_reports(["Cardiomegaly.", "Normal chest.", ""])
     assert y.shape == (3, 14) and y.dtype == np.float32
-    assert text_data.OBSERVATIONS == readers.CHEXPERT_CLASSES, "CheXpert's order"
+    assert labeler.OBSERVATIONS == readers.CHEXPERT_CLASSES, "CheXpert's order"
     assert y[0, 2] == 1 and y[0, 0] == 0 and np.isnan(y[1, 1:]).all() and y[1, 0] == 1
     phantom = pytest.importorskip("phantom")
-    assert set(phantom.CLASSES) <= set(text_data.RULES) | {"No Finding"}
+    assert set(phantom.CLASSES) <= set(labeler.RULES) | {"No Finding"}
     with pytest.raises(ValueError, match="Hernia"):
-        text_data.label_reports(["x"], ["Hernia"])
+        labeler.label_reports(["x"], ["Hernia"])
 
 
 def _xml(uid, findings, impression, indication="Cough.", mesh=("normal",), images=("1001", "2001")):
@@ -118,14 +119,14 @@ def test_iu_pairs_fixture_with_pngs(iu_folder, tmp_path):
     meta = text_data.main(["--dataset=iu_xray", f"--root={iu_folder}", "--vocab_size=300", "--image_size=32",
                            f"--out_dir={tmp_path / 'pairs'}"])
     assert meta["kind"] == "pairs" and sum(meta["splits"].values()) == 2 * 39 - 1 and "1 images missing" in meta["source"]
-    assert meta["classes"] == text_data.OBSERVATIONS
+    assert meta["classes"] == labeler.OBSERVATIONS
     for split in meta["splits"]:
         p = text_data.Pairs(str(tmp_path / "pairs"), split)
         assert {r["view"] for r in p.index} <= {"frontal", "lateral"}
         for row, y in zip(p.index, p.labels):
             cm = "cardiomegaly" in row["text"].lower()
-            assert y[text_data.OBSERVATIONS.index("Cardiomegaly")] == float(cm)
-            assert y[text_data.OBSERVATIONS.index("Support Devices")] == float("PICC" in row["text"])
+            assert y[labeler.OBSERVATIONS.index("Cardiomegaly")] == float(cm)
+            assert y[labeler.OBSERVATIONS.index("Support Devices")] == float("PICC" in row["text"])
     tr = text_data.Pairs(str(tmp_path / "pairs"), "train")
     assert tr.images.shape[1:] == (32, 32) and len({r["patient_id"] for r in tr.index}) < len(tr)  # 2 images a report
 
@@ -158,10 +159,10 @@ def test_report_metrics_on_real_references(real_dir):
     recs, _ = text_data.read_iu_xray(str(real_dir / SAMPLE))
     refs = [r["text"] for r in recs[:200]]
     y = text_data.iu_pair_labels(refs)
-    same = text_data.report_metrics(refs, refs, y, text_data.OBSERVATIONS)
+    same = text_data.report_metrics(refs, refs, y, labeler.OBSERVATIONS)
     assert same["bleu4"] == pytest.approx(1.0) and same["rouge_l"] == pytest.approx(1.0) and same["macro_f1"] == 1.0
     normal = ["The heart is normal in size. The lungs are clear. No acute disease."] * len(refs)
-    m = text_data.report_metrics(normal, refs, y, text_data.OBSERVATIONS)
+    m = text_data.report_metrics(normal, refs, y, labeler.OBSERVATIONS)
     assert 0 < m["bleu4"] < 0.5 and 0 < m["rouge_l"] < 0.6 and m["per_class"]["Cardiomegaly"]["recall"] == 0.0
     assert m["per_class"]["No Finding"]["recall"] == 1.0 and m["macro_f1"] < 0.3
 
