@@ -119,6 +119,8 @@ distill_temperature = 2.0  # softens teacher and student outputs; the distillati
 # selection
 select_metric = "auc_macro"  # auc_macro | loss | any key of the eval record (acc, f1_macro, ap_macro, ...)
 early_stop_patience = 0  # stop after this many evals without improvement; 0 = off
+eval_uncertain = "mask"  # data with raw labels (CheXpert): mask (val scored on the raw labels, uncertain unknown, blank per
+#                          the prepare's blank_policy: what papers report) | as_policy (the labels training used)
 # multimodal fusion (fusion.py): image + a text column + clinical variables; "" keeps the image-only classifier
 modalities = ""  # "" (image-only, build_model) | vision | text | clinical | vision,text | vision,clinical | text,clinical | all
 fusion_mode = "concat"  # concat (project each modality, concatenate, MLP) | cross_attention (+ image tokens attend to text tokens)
@@ -194,8 +196,12 @@ def run_eval(net, split, cfg, meta, dist, loss_fn, inputs=None):
     labels = torch.as_tensor(np.asarray(split.labels))
     task = meta["task"]
     probs = torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
-    record = metrics.classification_metrics(probs.numpy(), labels.numpy(), meta["classes"], task)
-    record["loss"] = float(loss_fn(logits, labels))
+    scored = labels.numpy()
+    if task == "multilabel":  # the uncertain policy is a training choice: metrics use the raw labels (issue 15)
+        blank = (split.meta.get("label_policy") or {}).get("blank", "ignore")
+        scored = metrics.eval_labels(scored, split.labels_raw, cfg["eval_uncertain"], blank)
+    record = metrics.classification_metrics(probs.numpy(), scored, meta["classes"], task)
+    record["loss"] = float(loss_fn(logits, labels))  # the training objective, on the labels training uses
     return record, probs
 
 
@@ -223,6 +229,9 @@ def _train(cfg, dist, log):
     log.line(f"data: {cfg['data_dir']} | {task} | {len(classes)} classes | train {len(train_split)} | val {len(val_split)} | "
              f"global batch {global_batch} = {cfg['batch_size']} x {accum} accum x {dist.world_size} ranks | "
              f"{len(train_split) / global_batch:.1f} iters/epoch | {cfg['max_iters'] * global_batch / len(train_split):.1f} epochs")
+    scored_on = "raw labels, uncertain masked" if cfg["eval_uncertain"] == "mask" else "the training policy labels"
+    if val_split.labels_raw is not None:
+        log.line(f"val metrics on {scored_on} (eval_uncertain={cfg['eval_uncertain']}); the loss on the policy labels")
     pos_w = pos_weights(cfg, task, np.asarray(train_split.labels), dist.device)
     loss_fn = models.make_loss_fn(cfg, task, pos_w)
     eval_loss_fn = models.make_loss_fn(cfg, task, None if pos_w is None else pos_w.cpu())
@@ -250,7 +259,8 @@ def _train(cfg, dist, log):
     scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")
     ema = common.make_ema(raw, cfg["ema_decay"])
     ckpt_meta = common.checkpoint_meta(meta, cfg["data_dir"], ("classes", "task", "mean", "std"),
-                                       imagenet_norm=cfg["norm"] == "imagenet")
+                                       imagenet_norm=cfg["norm"] == "imagenet",
+                                       eval_labels=scored_on if val_split.labels_raw is not None else "labels")
     prog = common.new_progress()
     if ckpt is not None:
         prog = common.restore(ckpt, cfg, ckpt_meta, optimizer, scaler, dist, log, ema)

@@ -189,3 +189,36 @@ def test_real_train_csv_raw_labels_and_valid_test_split(real_dir, tmp_path):
         share = (src.labels[split["val"], j] == 1).sum() / (src.labels[pool, j] == 1).sum()
         assert abs(share - 0.15) < 0.02, (c, share)
     assert seconds < 30, f"reading + splitting the real CSV took {seconds:.1f}s of CPU"
+
+
+def test_train_eval_scores_raw_labels_with_uncertain_masked(tmp_path):
+    """train.py's val evals (checkpoint selection) use the raw labels with uncertain cells unknown, whatever policy
+    training used (U-Ones here); eval_uncertain=as_policy scores the policy labels (issue 15)."""
+    import torch
+
+    import common
+    import metrics
+    import train
+    root, _ = chexpert_fixture(tmp_path, n_train=60)
+    out = tmp_path / "out"
+    _prepare(root, out, uncertain_policy="ones", test_source="carve")  # val = valid.csv: no uncertain cells there
+    val = data.PreparedSplit(out, "train")  # the train split has uncertain cells: score it as a val split would be
+    assert (val.labels_raw == -1).any()
+
+    class Net(torch.nn.Module):  # fixed, input-dependent scores: a different mean pixel gives a different logit
+        def forward(self, x):
+            return torch.stack([x.mean((1, 2, 3)) * (k + 1) - k * 0.1 for k in range(14)], 1)
+
+    dist = common.Dist(False, 0, 0, 1, "cpu", True)
+    meta = dict(val.meta, task="multilabel")
+    cfg = dict(eval_batch_size=16, in_chans=1, norm="dataset", channels_last=False, dtype="float32")
+    loss_fn = lambda logits, y: torch.zeros(())  # noqa: E731
+    masked, probs = train.run_eval(Net(), val, dict(cfg, eval_uncertain="mask"), meta, dist, loss_fn)
+    policy, _ = train.run_eval(Net(), val, dict(cfg, eval_uncertain="as_policy"), meta, dist, loss_fn)
+    y = metrics.eval_labels(val.labels, val.labels_raw, "mask", meta["label_policy"]["blank"])
+    assert np.isnan(y[val.labels_raw == -1]).all() and (val.labels[val.labels_raw == -1] == 1).all()
+    want = metrics.classification_metrics(probs.numpy(), y, meta["classes"], "multilabel")
+    assert masked["auc_macro"] == pytest.approx(want["auc_macro"])
+    want_policy = metrics.classification_metrics(probs.numpy(), val.labels, meta["classes"], "multilabel")
+    assert policy["auc_macro"] == pytest.approx(want_policy["auc_macro"])
+    assert abs(policy["auc_macro"] - masked["auc_macro"]) > 1e-4  # the uncertain cells change the number
