@@ -91,7 +91,7 @@ def _metric_name(name):
 def flatten_record(record):
     """A metrics.jsonl record -> (step, {'<split>/<key>': number}); nested dicts (per-class AUC) add '/<key>'."""
     step = record.get("iter", record.get("step", record.get("iters")))
-    prefix = record.get("split") or ("final" if record.get("final") else "metrics")
+    prefix = "final" if record.get("final") else (record.get("split") or "metrics")  # the run's summary: final/...
     out = {}
 
     def walk(d, path):
@@ -205,11 +205,9 @@ class Logger:
             self.wandb_run.log(values, step=int(step))
 
     def _params(self):
-        path = os.path.join(self.out_dir, "config.json")  # the resolved config + provenance, as start_run wrote it
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-        return dict(self.cfg)
+        """This run's resolved config + provenance: what config.json holds for a fresh run (a resumed run keeps its
+        first config.json, so the knobs it changed are compared against the tracker's params, not that file)."""
+        return {**self.cfg, **{k: v for k, v in self.tags.items() if k != "script"}}
 
     def _start(self):
         if self.started:

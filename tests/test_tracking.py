@@ -133,7 +133,7 @@ def test_mlflow_server_gets_params_metrics_artifacts_and_resume(tmp_path, tiny_p
     assert r.info.run_name == "mlrun" and r.info.status == "FINISHED"
     assert r.data.tags["script"] == "train.py" and r.data.tags["git_commit"] == str(cfg["git_commit"])
     assert r.data.tags["world_size"] == "1" and r.data.tags["data_hash"] == str(cfg["data_hash"])
-    evals = [e for e in records(out) if e.get("split") == "val"]
+    evals = [e for e in records(out) if e.get("split") == "val" and not e.get("final")]  # the eval records
     hist = client.get_metric_history(run_id, "val/auc_macro")  # one point per eval, the metrics.jsonl value
     assert [(m.step, m.value) for m in hist] == [(e["iter"], pytest.approx(e["auc_macro"])) for e in evals]
     assert [m.step for m in hist] == [0, 3, 6]
@@ -197,7 +197,7 @@ def test_wandb_offline_run_has_config_and_metrics(tmp_path, tiny_phantom, monkey
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert {k: config[k] for k in cfg} == cfg
-    evals = [e for e in records(out) if e.get("split") == "val"]
+    evals = [e for e in records(out) if e.get("split") == "val" and not e.get("final")]  # the eval records
     points = [(h["_step"], h["val/auc_macro"]) for h in history if "val/auc_macro" in h]
     assert points == [(e["iter"], pytest.approx(e["auc_macro"])) for e in evals] and [p[0] for p in points] == [0, 3, 6]
     assert any("train/loss" in h for h in history)
