@@ -47,6 +47,7 @@ import torch.nn as nn
 import common
 import configurator
 import data
+import losses as classifier_losses
 import metrics
 import model as models
 import runs
@@ -374,8 +375,8 @@ def train_batches(split, cfg, n, start=0):
 
 def finetune(net, ck, cfg, train_split, meta):
     """finetune_iters AdamW steps with train.py's loss (and its augmentation), constant LR, grad clip 1."""
-    tcfg = {**models.LOSS_DEFAULTS, **FINETUNE_DEFAULTS, **ck.get("config", {})}
-    loss_fn = models.make_loss_fn(tcfg, meta["task"], None)
+    tcfg = {**classifier_losses.LOSS_DEFAULTS, **FINETUNE_DEFAULTS, **ck.get("config", {})}
+    loss_fn = classifier_losses.make_loss_fn(tcfg, meta["task"], None)
     in_chans = ck["model_args"]["in_chans"]
     groups = models.param_groups(net, tcfg["weight_decay"])
     opt = common.make_optimizer(groups, cfg["finetune_lr"], (tcfg["beta1"], tcfg["beta2"]), "cpu")
@@ -516,9 +517,9 @@ def main(argv=None):
         if cfg["prune_importance"] == "taylor" or cfg["finetune_iters"] > 0:
             train_split = data.PreparedSplit(data_dir, "train")
         if cfg["prune_importance"] == "taylor":
-            tcfg = {**models.LOSS_DEFAULTS, **ck.get("config", {})}
+            tcfg = {**classifier_losses.LOSS_DEFAULTS, **ck.get("config", {})}
             batches = list(train_batches(train_split, cfg, cfg["importance_batches"]))
-            scores = taylor_scores(pnet, batches, models.make_loss_fn(tcfg, meta["task"], None), meta, in_chans)
+            scores = taylor_scores(pnet, batches, classifier_losses.make_loss_fn(tcfg, meta["task"], None), meta, in_chans)
         elif cfg["prune_importance"] != "l1":
             raise ValueError(f"prune_importance must be l1 or taylor, got {cfg['prune_importance']!r}")
         shapes = merge_shapes(ck.get("pruned_shapes"), prune_model(pnet, cfg["prune_amount"], scores, cfg["prune_heads"]))

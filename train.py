@@ -39,6 +39,7 @@ import common
 import configurator
 import data
 import fusion
+import losses
 import metrics
 import model as models
 
@@ -233,8 +234,8 @@ def _train(cfg, dist, log):
     if val_split.labels_raw is not None:
         log.line(f"val metrics on {scored_on} (eval_uncertain={cfg['eval_uncertain']}); the loss on the policy labels")
     pos_w = pos_weights(cfg, task, np.asarray(train_split.labels), dist.device)
-    loss_fn = models.make_loss_fn(cfg, task, pos_w)
-    eval_loss_fn = models.make_loss_fn(cfg, task, None if pos_w is None else pos_w.cpu())
+    loss_fn = losses.make_loss_fn(cfg, task, pos_w)
+    eval_loss_fn = losses.make_loss_fn(cfg, task, None if pos_w is None else pos_w.cpu())
 
     # --- model, teacher, optimizer (over every parameter; the fine-tune mode then freezes some: AdamW skips them)
     raw, inputs = build_classifier(cfg, ckpt, classes, train_split, val_split, log)
@@ -424,7 +425,7 @@ def micro_loss(net, teacher, x, y, idx, k, it, cfg, meta, dist, loss_fn, inputs)
     with torch.no_grad(), common.autocast(dist.device, cfg["dtype"]):
         t_logits = t_net(xt)
     a = cfg["distill_alpha"]
-    return (1 - a) * loss + a * models.distill_loss(logits.float(), t_logits.float(), meta["task"], cfg["distill_temperature"])
+    return (1 - a) * loss + a * losses.distill_loss(logits.float(), t_logits.float(), meta["task"], cfg["distill_temperature"])
 
 
 def evaluate_and_log(raw, ema, split, cfg, meta, dist, loss_fn, inputs, log, it, prog):

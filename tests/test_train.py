@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import configurator
-import model as models
+import losses
 import train
 from conftest import ROOT
 
@@ -84,10 +84,10 @@ def test_losses_mask_unknown_labels():
     y = torch.tensor([[1.0, 0.0, float("nan")], [0.0, float("nan"), 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     known = ~torch.isnan(y)
     ref = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], y[known])
-    assert torch.allclose(models.masked_bce(logits, y), ref)
+    assert torch.allclose(losses.masked_bce(logits, y), ref)
     # focal with gamma=0 and alpha=0.5 is half the BCE
-    assert torch.allclose(models.masked_focal(logits, y, 0.5, 0.0), 0.5 * ref)
-    assert torch.isfinite(models.masked_focal(logits, y, 0.25, 2.0))
+    assert torch.allclose(losses.masked_focal(logits, y, 0.5, 0.0), 0.5 * ref)
+    assert torch.isfinite(losses.masked_focal(logits, y, 0.25, 2.0))
 
 
 def test_multiclass_ce(tmp_path):
@@ -176,4 +176,4 @@ def test_focal_is_torchvisions_under_the_nan_mask():
         p = torch.sigmoid(logits)
         p_t = p * t + (1 - p) * (1 - t)
         old = ((alpha * t + (1 - alpha) * (1 - t)) * (1 - p_t) ** gamma * ce * mask).sum() / mask.sum()
-        torch.testing.assert_close(models.masked_focal(logits, y, alpha, gamma), old, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(losses.masked_focal(logits, y, alpha, gamma), old, rtol=1e-6, atol=1e-7)
