@@ -18,6 +18,7 @@ unfreeze (linear probe), estimate_flops (for MFU).
 import functools
 import hashlib
 import math
+import json
 import os
 import pickle
 import re
@@ -582,6 +583,19 @@ def build_model(model, num_classes, in_chans=1, image_size=224, drop_path=0.0, d
 # pretrained weights: torchvision / timm / nanorad files, or a torchvision weights name to download
 
 MIN_BACKBONE_LOADED = 0.9  # load_pretrained refuses a file that fills less of the backbone (issue 13: 0/128 trained on)
+
+
+def read_hf_config(folder, model_type, fix):
+    """config.json of a Hugging Face model folder as a dict (model_bert.py and model_gpt.py read theirs with it); a
+    missing file is one sentence ending in `fix`, another model_type is refused."""
+    f = os.path.join(folder, "config.json")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{f} not found: {fix}")
+    with open(f) as fh:
+        cfg = json.load(fh)
+    if cfg.get("model_type", model_type) != model_type:
+        raise ValueError(f"{f}: model_type is {cfg['model_type']!r}, only {model_type!r} is read here")
+    return cfg
 
 
 def read_weights(path):

@@ -14,12 +14,13 @@ reference's packed variable-length path) is not implemented: padding keys are ma
 same hidden states at every real token.
 """
 
-import json
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import model as model_lib
 
 # what a config.json may leave out: the values of transformers' ModernBertConfig (answerdotai/ModernBERT-base)
 BERT_DEFAULTS = dict(
@@ -198,14 +199,9 @@ class ModernBert(nn.Module):
 
 def read_config(path):
     """config.json of a Hugging Face ModernBERT folder -> plain args."""
-    f = os.path.join(path, "config.json")
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"{f} not found: text_init for text_encoder='modernbert' is a Hugging Face ModernBERT "
-                                f"folder (config.json + model.safetensors), e.g. a download of answerdotai/ModernBERT-base")
-    with open(f) as fh:
-        cfg = json.load(fh)
-    if cfg.get("model_type", "modernbert") != "modernbert":
-        raise ValueError(f"{f}: model_type is {cfg['model_type']!r}, not 'modernbert'")
+    cfg = model_lib.read_hf_config(path, "modernbert", "text_init for text_encoder='modernbert' is a Hugging Face "
+                                   "ModernBERT folder (config.json + model.safetensors), e.g. a download of "
+                                   "answerdotai/ModernBERT-base")
     return bert_args_from_config(cfg)
 
 

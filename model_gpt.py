@@ -17,7 +17,6 @@ Attention kernels (torch.nn.functional.scaled_dot_product_attention):
 - generation with a KV cache: one query against the whole cache needs no causal mask.
 """
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -193,7 +192,6 @@ class BackbonePrefixEncoder(nn.Module):
 
     def __init__(self, name, in_chans, image_size, width, n_prefix, n_classes=0):
         super().__init__()
-        import model as model_lib  # model.py's build_model; after the merge into model.py this is a local call
         self.net = model_lib.build_model(name, num_classes=n_prefix * width + n_classes, in_chans=in_chans,
                                          image_size=image_size)
         self.n_prefix, self.width, self.n_classes = n_prefix, width, n_classes
@@ -468,13 +466,8 @@ class GPT(nn.Module):
         """A GPT-2 checkpoint saved by transformers (config.json + model.safetensors or pytorch_model.bin).
         overrides: dropout, block_size (crop), grad_checkpoint, n_prefix, ... Returns a GPT with identical logits."""
         cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{cfg_file} not found: init_from='gpt2' needs a Hugging Face GPT-2 directory "
-                                    f"(e.g. from huggingface-cli download gpt2 --local-dir {path})")
-        with open(cfg_file) as f:
-            hf = json.load(f)
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{cfg_file}: model_type={hf.get('model_type')!r}, only gpt2 is supported")
+        hf = model_lib.read_hf_config(path, "gpt2", f"a Hugging Face GPT-2 folder is needed (pretrained_path=<folder>, "
+                                                    f"e.g. from huggingface-cli download gpt2 --local-dir {path})")
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{cfg_file}: activation_function={hf['activation_function']!r}, GPT here uses tanh-GELU")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights", True) is False:
