@@ -61,6 +61,18 @@ def provenance(cfg, world_size):
 # TensorBoard (out_dir/tb), MLflow, Weights & Biases; ray_train.py adds 'ray' (metrics reported to Ray Train)
 
 TRACKERS = ("tensorboard", "mlflow", "wandb", "ray")
+
+# The tracker knobs of every train script (train.py, train_clip.py and train_gpt.py add them to their config with
+# globals().update(tracking.KNOBS)); set them like any knob: --trackers=tensorboard,mlflow --mlflow_uri=http://...
+KNOBS = dict(
+    tensorboard=True,  # out_dir/tb; view with: tensorboard --logdir out
+    trackers="tensorboard",  # comma-separated: tensorboard | mlflow | wandb (pip install mlflow / wandb); e.g. tensorboard,mlflow
+    mlflow_uri="",  # MLflow tracking server, e.g. http://mlflow.lab:5000; "" = $MLFLOW_TRACKING_URI or MLflow's local default
+    mlflow_experiment="nanorad",  # MLflow experiment (created when missing); the run is named after out_dir
+    wandb_project="nanorad",  # W&B project; the run is named after out_dir
+    wandb_mode="online",  # online | offline (files in out_dir/wandb; upload later with: wandb sync out_dir/wandb/offline-run-*)
+    track_checkpoints=False,  # also upload best.pt to the trackers at the end (large files)
+)
 _ARTIFACTS = ("config.json", "metrics.jsonl", "train.log", "eval_*.json", "predictions_*.csv", "*.png")
 
 

@@ -42,6 +42,7 @@ import fusion
 import losses
 import metrics
 import model as models
+import tracking
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the quick start (phantom, small ConvNeXt, CPU)
@@ -56,13 +57,8 @@ dtype = "auto"  # auto (bfloat16 on a CUDA GPU that supports it, else float32) |
 compile = False  # torch.compile the model (GPU; minutes of warm-up)
 channels_last = False  # NHWC memory format for conv nets on GPU
 backend = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-tensorboard = True  # out_dir/tb; view with: tensorboard --logdir out
-trackers = "tensorboard"  # comma-separated: tensorboard | mlflow | wandb (pip install mlflow / wandb); e.g. tensorboard,mlflow
-mlflow_uri = ""  # MLflow tracking server, e.g. http://mlflow.lab:5000; "" = $MLFLOW_TRACKING_URI or MLflow's local default
-mlflow_experiment = "nanorad"  # MLflow experiment (created when missing); the run is named after out_dir
-wandb_project = "nanorad"  # W&B project; the run is named after out_dir
-wandb_mode = "online"  # online | offline (files in out_dir/wandb; upload later with: wandb sync out_dir/wandb/offline-run-*)
-track_checkpoints = False  # also upload best.pt to the trackers at the end (large files)
+globals().update(tracking.KNOBS)  # tensorboard, trackers, mlflow_uri, mlflow_experiment, wandb_project, wandb_mode,
+# track_checkpoints: the tracker knobs, the same for every train script (defaults and meaning in tracking.py)
 log_interval = 20  # iterations between log lines
 eval_interval = 200  # iterations between evaluations + checkpoints
 eval_only = False  # evaluate the initial/resumed model once and exit

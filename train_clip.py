@@ -56,6 +56,7 @@ import model_clip
 import phantom
 import runs
 import tokenizer as tok_lib
+import tracking
 
 # -----------------------------------------------------------------------------
 # config: the defaults are the phantom quick start on a CPU (config/clip_phantom.py sets the same)
@@ -69,13 +70,8 @@ device = "auto"  # auto | cpu | cuda | cuda:1
 dtype = "auto"  # auto (bfloat16 on a CUDA GPU that supports it, else float32) | float32 | bfloat16 | float16
 compile = False  # torch.compile the towers (GPU)
 backend = "auto"  # DDP backend: auto | nccl | gloo
-tensorboard = True  # out_dir/tb; view with: tensorboard --logdir out
-trackers = "tensorboard"  # comma-separated: tensorboard | mlflow | wandb (pip install mlflow / wandb); e.g. tensorboard,mlflow
-mlflow_uri = ""  # MLflow tracking server, e.g. http://mlflow.lab:5000; "" = $MLFLOW_TRACKING_URI or MLflow's local default
-mlflow_experiment = "nanorad"  # MLflow experiment (created when missing); the run is named after out_dir
-wandb_project = "nanorad"  # W&B project; the run is named after out_dir
-wandb_mode = "online"  # online | offline (files in out_dir/wandb; upload later with: wandb sync out_dir/wandb/offline-run-*)
-track_checkpoints = False  # also upload best.pt to the trackers at the end (large files)
+globals().update(tracking.KNOBS)  # tensorboard, trackers, mlflow_uri, mlflow_experiment, wandb_project, wandb_mode,
+# track_checkpoints: the tracker knobs, the same for every train script (defaults and meaning in tracking.py)
 log_interval = 20  # iterations between log lines
 eval_interval = 200  # iterations between evaluations + checkpoints
 eval_only = False  # evaluate (and answer --query / --image) once and exit

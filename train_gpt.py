@@ -46,6 +46,7 @@ import metrics
 import model as models
 import text_data
 import tokenizer as tok_lib
+import tracking
 from model_gpt import GPT, GPTConfig, gpt_config_from_dict, gpt_config_to_dict
 
 # -----------------------------------------------------------------------------
@@ -65,13 +66,8 @@ early_stop_patience = 0  # stop after this many evals without improvement; 0 = o
 keep_last = 0  # also keep the last k periodic checkpoints ckpt_<iter>.pt
 init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | pretrained (pretrained_path's weights, fresh optimizer, step 0)
 pretrained_path = ""  # pretrained: a train_gpt.py ckpt.pt (or its folder), or a Hugging Face GPT-2 folder (config.json)
-tensorboard = True  # out_dir/tb; view with: tensorboard --logdir out
-trackers = "tensorboard"  # comma-separated: tensorboard | mlflow | wandb (pip install mlflow / wandb); e.g. tensorboard,mlflow
-mlflow_uri = ""  # MLflow tracking server, e.g. http://mlflow.lab:5000; "" = $MLFLOW_TRACKING_URI or MLflow's local default
-mlflow_experiment = "nanorad"  # MLflow experiment (created when missing); the run is named after out_dir
-wandb_project = "nanorad"  # W&B project; the run is named after out_dir
-wandb_mode = "online"  # online | offline (files in out_dir/wandb; upload later with: wandb sync out_dir/wandb/offline-run-*)
-track_checkpoints = False  # also upload best.pt to the trackers at the end (large files)
+globals().update(tracking.KNOBS)  # tensorboard, trackers, mlflow_uri, mlflow_experiment, wandb_project, wandb_mode,
+# track_checkpoints: the tracker knobs, the same for every train script (defaults and meaning in tracking.py)
 overwrite = False  # True: a fresh run may replace the run already in out_dir (its checkpoints and metrics are removed)
 allow_data_change = False  # True: init_from=resume may continue on data other than the checkpoint's (the best so far is reset)
 # data
