@@ -295,3 +295,28 @@ def encode_texts(raw, tok, texts, cfg, device, batch=256):
         with common.autocast(device, cfg["dtype"]):
             out.append(raw.encode_text(t).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, cfg["embed_dim"])
+
+
+def negative_query(query, negative="auto"):
+    """The negative sentence --query is ranked against: "auto" -> "No <query>." (the wording reports use to rule a
+    finding out), a sentence with "{}" -> the sentence with the query in it, "" -> none (plain cosine)."""
+    if not negative:
+        return ""
+    if negative == "auto":
+        q = query.strip().rstrip(".")
+        return f"No {q[:1].lower()}{q[1:]}."
+    return negative.format(query) if "{}" in negative else negative
+
+
+@torch.no_grad()
+def rank_by_query(raw, tok, img, query, cfg, device, negative="auto"):
+    """Scores of image embeddings img (N, D) for a text query, with the sentence ranked against. With a negative
+    sentence the score is CheXzero's negation-aware probability softmax(s * cos(img, query), s * cos(img, negative))[0]
+    (s = the model's logit scale): a text tower that mostly encodes which words occur puts "left pleural effusion"
+    next to "No left pleural effusion." and plain cosine then ranks by the words; the difference ranks by the finding."""
+    neg = negative_query(query, negative)
+    e = encode_texts(raw, tok, [query] + ([neg] if neg else []), cfg, device)
+    score = img @ e[0]
+    if neg:
+        score = torch.sigmoid(float(raw.logit_scale.detach().exp()) * (score - img @ e[1]))  # the 2-way softmax
+    return score, neg

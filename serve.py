@@ -435,14 +435,15 @@ class Service:
         m, ix = self.models["clip"], self.index
         k = req["top_k"]
         with torch.inference_mode():
-            if req.get("query") is not None:
-                q = clip_texts(m, [req["query"]])[0]
+            if req.get("query") is not None:  # ranked against "No <query>." (runs.rank_by_query), like train_clip.py --query
+                score, neg = runs.rank_by_query(m["net"], m["tok"], ix["img"], req["query"], m["cfg"], m["dev"])
                 kind = "text"
             else:
                 q = clip_images(m, req["u8"][None])[0]
-                kind = "image"
-        out = {"query": req.get("query"), "kind": kind, "index": f"{ix['data_dir']} {ix['name']} ({ix['n']} rows)"}
-        scores, order = (ix["img"] @ q).topk(min(k, ix["n"]))
+                score, neg, kind = ix["img"] @ q, "", "image"
+        out = {"query": req.get("query"), "negative": neg, "kind": kind,
+               "index": f"{ix['data_dir']} {ix['name']} ({ix['n']} rows)"}
+        scores, order = score.topk(min(k, ix["n"]))
         out["images"] = [self._hit(int(i), float(s)) for s, i in zip(scores, order)]
         if kind == "image" and ix["txt"] is not None:
             cand = ix["distinct"]

@@ -34,7 +34,7 @@ KL(teacher || student) over the batch's similarity distributions (distill_alpha,
 term to the teacher's embeddings (distill_feature); config/distill_clip_phantom.py, config/distill_clip_roco.py.
 
 Retrieval from a trained run (validation pool):
-    python train_clip.py --eval_only=True --out_dir=out/clip_phantom --query="left pleural effusion"
+    python train_clip.py --eval_only=True --out_dir=out/clip_phantom --query="Small left pleural effusion."
     python train_clip.py --eval_only=True --out_dir=out/clip_phantom --image=xray.png
 """
 
@@ -85,6 +85,7 @@ dist_timeout = 600  # seconds a collective waits for a peer before failing
 query = ""  # a caption: print the top_k validation images
 image = ""  # an image file: print the top_k validation captions
 top_k = 5
+query_negative = "auto"  # --query scores p(query) = softmax over cos(query), cos(this sentence): "auto" = "No <query>.", "" = plain cosine
 # model: image tower
 image_model = "clip_vit"  # clip_vit (ViT with CLIP's switches) | any model.py name (its head = the projection)
 embed_dim = 128  # shared embedding width (512 for ViT-B/16 CLIP)
@@ -724,10 +725,11 @@ def _retrieve(raw, split, tokens, captions, cfg, meta, dist, tok):
     img, txt = encode_split(raw, split, *tokens, n, cfg, meta, dist)
     out = {}
     if cfg["query"]:
-        q = runs.encode_texts(raw, tok, [cfg["query"]], cfg, dist.device)[0]
-        scores, order = (img @ q).topk(min(cfg["top_k"], n))
+        score, neg = runs.rank_by_query(raw, tok, img, cfg["query"], cfg, dist.device, cfg["query_negative"])
+        scores, order = score.topk(min(cfg["top_k"], n))
         out["images"] = [(int(i), float(s), captions[i]) for s, i in zip(scores, order)]
-        common.print0(f"query: {cfg['query']!r} -> top {len(order)} of {n} validation images")
+        how = f"p(query) against {neg!r}" if neg else "cosine"
+        common.print0(f"query: {cfg['query']!r} -> top {len(order)} of {n} validation images by {how}")
         for r, (i, s, c) in enumerate(out["images"], 1):
             common.print0(f"{r:3d} | val #{i:5d} | {s:.3f} | {c}")
     if cfg["image"]:

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL = ROOT.parent / "shared" / "data" / "real"
 
+import data  # noqa: E402
 import model_clip  # noqa: E402
+import phantom  # noqa: E402
 import tokenizer as tok_lib  # noqa: E402
 
 
@@ -449,9 +451,17 @@ def test_clip_phantom_learns(clip_phantom_run):
     assert rec["pool"] == 1000
     assert rec["zs_neg_auc_macro"] >= 0.8, rec["zs_auc"]
     assert rec["lab_i2t_r5"] >= 0.5 and rec["lab_i2t_r5"] >= rec["lab_chance_r5"] + 0.1
-    res = train_clip.main([f"--data_dir={clip_phantom_run['data_dir']}", f"--out_dir={clip_phantom_run['out_dir']}",
-                           "--eval_only=True", "--query=Moderate left pleural effusion.", "--top_k=5"])
-    assert sum("effusion" in c.lower() for _, _, c in res["images"]) >= 3
+    # --query in a finding's own wording, ranked against "No <query>." (CheXzero's negation-aware score): the top 20
+    # validation images hold effusions (by their labels, not by the word: "No pleural effusion." has it too) at >= 3x
+    # the base rate (measured: P@20 0.90 and 0.80, base 0.16; plain cosine 0.10 and 0.25, issue 21)
+    labels = np.asarray(data.PreparedSplit(clip_phantom_run["data_dir"], "val").labels)[:1000]
+    eff = labels[:, phantom.CLASSES.index("Pleural Effusion")] == 1
+    for query in ("Small left pleural effusion.", "Moderate left pleural effusion."):
+        res = train_clip.main([f"--data_dir={clip_phantom_run['data_dir']}", f"--out_dir={clip_phantom_run['out_dir']}",
+                               "--eval_only=True", f"--query={query}", "--top_k=20"])
+        precision = float(np.mean([eff[i] for i, _, _ in res["images"]]))
+        print(f"{query!r}: effusions in the top 20 {precision:.2f} (base rate {eff.mean():.3f})")
+        assert precision >= 3 * eff.mean(), (query, precision, eff.mean())
 
 
 @pytest.mark.slow
