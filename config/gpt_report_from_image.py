@@ -12,8 +12,8 @@
 # Hardware: CPU works (2 cores, ~0.3-0.4 s/step); one GPU: well under a minute.
 # Expected: prints finding macro-F1 of the greedy reports (rule-based, negation-aware labeler vs the true labels, 10
 #           classes incl. No Finding), the finding head's own macro-F1 on the same images, and BLEU-4 / ROUGE-L.
-#           Measured (2 cores, 400 steps, 300 test reports, ~3 min): macro-F1 0.758 (head 0.831), BLEU-4 0.29,
-#           ROUGE-L 0.50. With the quick start's classifier instead (image_init=out/quickstart/best.pt, val macro AUC
+#           Measured (2 cores, 400 steps, 300 test reports, ~2 min): macro-F1 0.744 (head 0.827), BLEU-4 0.30,
+#           ROUGE-L 0.51. With the quick start's classifier instead (image_init=out/quickstart/best.pt, val macro AUC
 #           0.92) and the earlier soft tokens from a fresh head: 0.43; "always the normal report": 0.062.
 out_dir = "out/gpt_report_from_image"
 dataset = "phantom_pairs"
