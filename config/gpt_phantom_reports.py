@@ -4,7 +4,7 @@
 #           for a char-level model: python text_data.py --dataset=phantom_reports --tokenizer=char
 #           --out_dir=data/phantom_reports_char, then --dataset=phantom_reports_char --block_size=256).
 # Hardware: CPU (2+ cores); a GPU finishes in well under a minute.
-# Time:     ~1 min on 2 quiet CPU cores (600 steps: 54 s measured for issue 21); several times that on busy cores.
+# Time:     ~1-1.5 min on 2 quiet CPU cores (600 steps: 54 s for issue 21, 82 s + 8 s data on 2026-11-30); more on busy cores.
 # Expected: val loss ~0.65 nats/token (measured 0.647) vs the unigram entropy 4.116 nats/token printed at start
 #           (BPE tokens: the run prints nats per token, and bpb, bits per byte of text, beside it);
 #           samples read like phantom reports ("Small right pleural effusion. No pneumothorax.").

@@ -56,7 +56,7 @@ def clip_phantom_run(tmp_path_factory, quickstart_run):
 
 @pytest.fixture(scope="session")
 def phantom_long_run(tmp_path_factory, quickstart_run):
-    """python train.py config/convnext_phantom_long.py on the quick start's data (2,400 steps with augmentation, ~14
+    """python train.py config/convnext_phantom_long.py on the quick start's data (2,400 steps with augmentation, ~12
     min on 2 cores): the stronger phantom classifier the report GPT starts its image encoder from."""
     import train
     out = tmp_path_factory.mktemp("phantom_long") / "run"

@@ -429,7 +429,7 @@ def test_report_from_image_names_the_findings(tmp_path, phantom_long_run):
     finding head started from the session's longer-trained phantom classifier (config/convnext_phantom_long.py):
     the greedy reports name the findings in the image. Finding tags at per-class F1 thresholds chosen on val; the
     reports are scored on 300 test images. The issue's target: finding macro-F1 >= 0.7. Measured with this run:
-    0.758 (the finding head itself 0.831), BLEU-4 0.29, ROUGE-L 0.50 (~3 min on 2 cores). Writing the normal report
+    0.744 (the finding head itself 0.827), BLEU-4 0.30, ROUGE-L 0.51 (~2 min on 2 cores). Writing the normal report
     for every image scores macro-F1 0.062."""
     import train_gpt
     data = tmp_path / "pairs"
