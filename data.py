@@ -731,14 +731,20 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def to_float(x, mean, std, in_chans, imagenet_norm=False):
-    """uint8 (B,1,H,W) (or float in [0,1]) -> normalized float (B,in_chans,H,W). Dataset mean/std by default;
-    imagenet_norm uses ImageNet's per-channel stats (their average for in_chans=1), for ImageNet-pretrained stems."""
+    """The one function from stored pixels to a model input: uint8 (B,1,H,W) (or float in [0,1]) -> normalized
+    float (B,in_chans,H,W). mean / std in [0, 1] pixel units: the data set's scalars (meta.json), or per-channel
+    lists (a CLIP's statistics, runs.norm_stats); imagenet_norm uses ImageNet's per-channel stats (their average for
+    in_chans=1), for ImageNet-pretrained stems. Callers pick the statistics: runs.model_input (a loaded classifier),
+    runs.images_to_float (a CLIP tower), train.py, train_gpt.py, export.py (the ONNX graph), bench.py."""
     assert x.ndim == 4 and x.shape[1] == 1, f"expected (B,1,H,W), got {tuple(x.shape)}"
     if imagenet_norm:
+        mean = IMAGENET_MEAN if in_chans == 3 else [sum(IMAGENET_MEAN) / 3] * in_chans
+        std = IMAGENET_STD if in_chans == 3 else [sum(IMAGENET_STD) / 3] * in_chans
+    if isinstance(mean, (list, tuple)):  # per-channel statistics
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        m = torch.tensor(IMAGENET_MEAN if in_chans == 3 else [sum(IMAGENET_MEAN) / 3] * in_chans, device=x.device)
-        s = torch.tensor(IMAGENET_STD if in_chans == 3 else [sum(IMAGENET_STD) / 3] * in_chans, device=x.device)
-        return (x - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1)
+        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+        return (x.expand(-1, m.shape[1], -1, -1) - m) / s
     x = x.sub(mean).mul_(1.0 / std) if x.dtype != torch.uint8 else x.float().sub_(mean * 255.0).mul_(1.0 / (std * 255.0))
     return x if in_chans == 1 else x.repeat(1, in_chans, 1, 1)
 

@@ -269,9 +269,8 @@ def norm_stats(meta, cfg):
 
 def images_to_float(x, meta, cfg):
     """uint8 (B,1,H,W) or float in [0, 1] -> the normalized (B,in_chans,H,W) input of the image tower."""
-    m, s = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in norm_stats(meta, cfg))
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    return (x.expand(-1, m.shape[1], -1, -1) - m) / s
+    mean, std = norm_stats(meta, cfg)
+    return data.to_float(x, mean, std, len(mean))
 
 
 def images_to_unit(x, meta, cfg):

@@ -42,6 +42,7 @@ import torch.distributed as tdist
 
 import common
 import configurator
+import data
 import metrics
 import model as models
 import text_data
@@ -138,11 +139,8 @@ def ensure_data(cfg, data_dir, dist):
 
 
 def images_to_float(x_u8, mean, std, device):
-    """uint8 (B, 1, H, W) -> normalized float on device (pinned + non_blocking on CUDA)."""
-    x = torch.from_numpy(np.ascontiguousarray(x_u8))
-    if device.startswith("cuda"):
-        x = x.pin_memory().to(device, non_blocking=True)
-    return (x.to(device).float() / 255.0 - mean) / std
+    """uint8 (B, 1, H, W) numpy -> normalized float on device (data.to_float; pinned + non_blocking on CUDA)."""
+    return data.to_float(to_device(x_u8, device).to(device), mean, std, 1)
 
 
 def to_device(a, device):
