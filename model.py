@@ -78,26 +78,44 @@ class SelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def quick_gelu(x):
+    """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x); its weights were trained with it."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
+def activation(name):
+    if name not in ACTS:
+        raise ValueError(f"unknown activation {name!r}: choose one of {sorted(ACTS)}")
+    return ACTS[name]
+
+
 class MLP(nn.Module):
-    def __init__(self, n_embd, hidden, dropout=0.0, bias=True):
+    def __init__(self, n_embd, hidden, dropout=0.0, bias=True, act="gelu"):
         super().__init__()
         self.c_fc = nn.Linear(n_embd, hidden, bias=bias)
         self.c_proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.act = activation(act)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), x + mlp(ln(x)), each branch with drop path."""
+    """Pre-LN transformer block: x + attn(ln(x)), x + mlp(ln(x)), each branch with drop path. The one block of the
+    image ViTs, the CLIP towers (act="quick_gelu" for OpenAI's weights, is_causal for the text tower) and fusion;
+    model_gpt.py keeps its own (KV cache, ALiBi, RoPE)."""
 
-    def __init__(self, n_embd, n_head, mlp_ratio=4.0, dropout=0.0, drop_path=0.0, bias=True, is_causal=False, eps=1e-6):
+    def __init__(self, n_embd, n_head, mlp_ratio=4.0, dropout=0.0, drop_path=0.0, bias=True, is_causal=False, eps=1e-6,
+                 act="gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, eps=eps, bias=bias)
         self.attn = SelfAttention(n_embd, n_head, dropout, bias, is_causal)
         self.ln_2 = nn.LayerNorm(n_embd, eps=eps, bias=bias)
-        self.mlp = MLP(n_embd, int(n_embd * mlp_ratio), dropout, bias)
+        self.mlp = MLP(n_embd, int(n_embd * mlp_ratio), dropout, bias, act)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, attn_mask=None):

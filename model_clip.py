@@ -60,61 +60,15 @@ PRESETS = {
 }
 
 # -----------------------------------------------------------------------------
-# the transformer pieces CLIP towers share (pre-LN, fused qkv, F.scaled_dot_product_attention)
+# the CLIP towers' transformer: model.Block (pre-LN, fused qkv, F.scaled_dot_product_attention), with OpenAI's init
 
 
-def quick_gelu(x):
-    """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x); its weights were trained with it."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
-
-
-def _act(name):
-    if name not in ACTS:
-        raise ValueError(f"unknown activation {name!r}: choose one of {sorted(ACTS)}")
-    return ACTS[name]
-
-
-class Attention(nn.Module):
-    def __init__(self, width, heads, dropout=0.0):
-        super().__init__()
-        assert width % heads == 0, f"width={width} must be divisible by heads={heads}"
-        self.heads, self.dropout = heads, dropout
-        self.c_attn = nn.Linear(width, 3 * width)  # q, k, v stacked: open_clip in_proj / timm qkv order
-        self.c_proj = nn.Linear(width, width)
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class ResidualBlock(nn.Module):
-    """x + attn(ln_1(x)), then x + mlp(ln_2(x)); drop path per sample on each branch."""
-
-    def __init__(self, width, heads, mlp_ratio=4.0, act="gelu", eps=1e-5, drop_path=0.0, dropout=0.0):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width, eps=eps)
-        self.attn = Attention(width, heads, dropout)
-        self.ln_2 = nn.LayerNorm(width, eps=eps)
-        self.c_fc = nn.Linear(width, int(width * mlp_ratio))
-        self.c_proj = nn.Linear(int(width * mlp_ratio), width)
-        self.act, self.drop_path, self.dropout = _act(act), drop_path, dropout
-
-    def _branch(self, y):
-        if self.training and self.drop_path > 0:
-            keep = 1.0 - self.drop_path
-            y = y * y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1)).bernoulli_(keep).div_(keep)
-        return y
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        x = x + self._branch(self.attn(self.ln_1(x), attn_mask, is_causal))
-        h = F.dropout(self.c_proj(self.act(self.c_fc(self.ln_2(x)))), self.dropout, self.training)
-        return x + self._branch(h)
+def _upgrade_block_keys(module, state_dict, prefix, *args):
+    """Checkpoints written before the towers used model.Block kept the MLP at blocks.<i>.c_fc / c_proj; model.Block
+    keeps it at blocks.<i>.mlp.c_fc / c_proj (a load_state_dict pre-hook: old nanorad CLIP files still load)."""
+    old = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.(c_fc|c_proj)\.")
+    for k in [k for k in state_dict if old.match(k)]:
+        state_dict[old.sub(lambda m: f"{prefix}blocks.{m.group(1)}.mlp.{m.group(2)}.", k)] = state_dict.pop(k)
 
 
 def _init_clip_blocks(blocks, width):
@@ -126,8 +80,8 @@ def _init_clip_blocks(blocks, width):
     for b in blocks:
         nn.init.normal_(b.attn.c_attn.weight, std=attn_std)
         nn.init.normal_(b.attn.c_proj.weight, std=proj_std)
-        nn.init.normal_(b.c_fc.weight, std=fc_std)
-        nn.init.normal_(b.c_proj.weight, std=proj_std)
+        nn.init.normal_(b.mlp.c_fc.weight, std=fc_std)
+        nn.init.normal_(b.mlp.c_proj.weight, std=proj_std)
 
 
 def run_blocks(blocks, x, grad_checkpoint, **kw):
@@ -157,12 +111,14 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(self.grid ** 2 + 1, width) * width ** -0.5)
         self.ln_pre = nn.LayerNorm(width, eps=eps) if ln_pre else nn.Identity()
         dpr = [drop_path * i / max(1, layers - 1) for i in range(layers)]  # linearly increasing stochastic depth
-        self.blocks = nn.ModuleList([ResidualBlock(width, heads, mlp_ratio, act, eps, dpr[i]) for i in range(layers)])
+        self.blocks = nn.ModuleList([models.Block(width, heads, mlp_ratio, drop_path=dpr[i], eps=eps, act=act)
+                                     for i in range(layers)])
         self.ln_post = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.grad_checkpoint = grad_checkpoint
         self.apply(init_weights)
         _init_clip_blocks(self.blocks, width)
+        self.register_load_state_dict_pre_hook(_upgrade_block_keys)
         nn.init.normal_(self.proj.weight, std=width ** -0.5)
 
     def forward(self, x):
@@ -217,19 +173,21 @@ class TextTransformer(nn.Module):
         self.context_length, self.eot_id = context_length, eot_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.blocks = nn.ModuleList([ResidualBlock(width, heads, mlp_ratio, act, eps, 0.0, dropout) for _ in range(layers)])
+        self.blocks = nn.ModuleList([models.Block(width, heads, mlp_ratio, dropout, is_causal=True, eps=eps, act=act)
+                                     for _ in range(layers)])
         self.ln_final = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.grad_checkpoint = grad_checkpoint
         self.apply(init_weights)
         _init_clip_blocks(self.blocks, width)
+        self.register_load_state_dict_pre_hook(_upgrade_block_keys)
         nn.init.normal_(self.proj.weight, std=width ** -0.5)
 
     def forward(self, tokens):
         B, T = tokens.shape
         assert T <= self.context_length, f"{T} tokens > context_length {self.context_length}"
         x = self.token_embedding(tokens) + self.pos_embed[:T]
-        x = run_blocks(self.blocks, x, self.grad_checkpoint, is_causal=True)
+        x = run_blocks(self.blocks, x, self.grad_checkpoint)
         # the causal mask makes the end-of-text position a summary of the whole caption (padding comes after it);
         # the first eot (CLIP pools at argmax(ids), the same place since eot is the largest id)
         eot = (tokens == self.eot_id).int().argmax(dim=1)
@@ -496,17 +454,17 @@ def _block_map(prefix_in, prefix_out, style):
         b = re.escape(prefix_in) + r"(\d+)\."
         return [(b + r"attn\.in_proj_(weight|bias)$", prefix_out + r"\1.attn.c_attn.\2"),
                 (b + r"attn\.out_proj\.", prefix_out + r"\1.attn.c_proj."),
-                (b + r"mlp\.c_fc\.", prefix_out + r"\1.c_fc."), (b + r"mlp\.c_proj\.", prefix_out + r"\1.c_proj."),
+                (b + r"mlp\.c_fc\.", prefix_out + r"\1.mlp.c_fc."), (b + r"mlp\.c_proj\.", prefix_out + r"\1.mlp.c_proj."),
                 (b + r"(ln_[12])\.", prefix_out + r"\1.\2.")]
     if style == "timm":
         b = re.escape(prefix_in) + r"(\d+)\."
         return [(b + r"attn\.qkv\.", prefix_out + r"\1.attn.c_attn."), (b + r"attn\.proj\.", prefix_out + r"\1.attn.c_proj."),
-                (b + r"mlp\.fc1\.", prefix_out + r"\1.c_fc."), (b + r"mlp\.fc2\.", prefix_out + r"\1.c_proj."),
+                (b + r"mlp\.fc1\.", prefix_out + r"\1.mlp.c_fc."), (b + r"mlp\.fc2\.", prefix_out + r"\1.mlp.c_proj."),
                 (b + r"norm1\.", prefix_out + r"\1.ln_1."), (b + r"norm2\.", prefix_out + r"\1.ln_2.")]
     assert style == "hf"
     b = re.escape(prefix_in) + r"(\d+)\."
     return [(b + r"self_attn\.out_proj\.", prefix_out + r"\1.attn.c_proj."),
-            (b + r"mlp\.fc1\.", prefix_out + r"\1.c_fc."), (b + r"mlp\.fc2\.", prefix_out + r"\1.c_proj."),
+            (b + r"mlp\.fc1\.", prefix_out + r"\1.mlp.c_fc."), (b + r"mlp\.fc2\.", prefix_out + r"\1.mlp.c_proj."),
             (b + r"layer_norm1\.", prefix_out + r"\1.ln_1."), (b + r"layer_norm2\.", prefix_out + r"\1.ln_2.")]
 
 
@@ -656,7 +614,7 @@ def clip_args_from_weights(path, layout="auto"):
     a = dict(image_model="clip_vit", vision_width=w.shape[0], patch_size=w.shape[-1], in_chans=w.shape[1],
              image_size=w.shape[-1] * int(round(math.sqrt(sd["visual.pos_embed"].shape[0] - 1))),
              vision_layers=count("visual.blocks."), vision_heads=w.shape[0] // 64,
-             vision_mlp_ratio=sd["visual.blocks.0.c_fc.weight"].shape[0] / w.shape[0],
+             vision_mlp_ratio=sd["visual.blocks.0.mlp.c_fc.weight"].shape[0] / w.shape[0],
              ln_pre="visual.ln_pre.weight" in sd, patch_bias="visual.patch_embed.bias" in sd)
     if layout == "biomedclip":
         a.update(PRESETS["biomedclip"], **{k: v for k, v in a.items()})
@@ -670,7 +628,7 @@ def clip_args_from_weights(path, layout="auto"):
     tw = sd["text.token_embedding.weight"]
     a.update(embed_dim=sd["visual.proj.weight"].shape[0], text_model="causal", vocab_size=tw.shape[0],
              text_width=tw.shape[1], context_length=sd["text.pos_embed"].shape[0], text_layers=count("text.blocks."),
-             text_heads=tw.shape[1] // 64, text_mlp_ratio=sd["text.blocks.0.c_fc.weight"].shape[0] / tw.shape[1],
+             text_heads=tw.shape[1] // 64, text_mlp_ratio=sd["text.blocks.0.mlp.c_fc.weight"].shape[0] / tw.shape[1],
              eot_id=tw.shape[0] - 1, text_proj="linear")
     cfg_file = os.path.join(os.path.dirname(file), "config.json")
     if layout == "hf" and os.path.isfile(cfg_file):
