@@ -170,7 +170,7 @@ def assert_patients_disjoint(records, split_rows):
 # the prepared layout: writing, meta.json, reading
 
 
-def _atomic_json(path, obj):
+def atomic_json(path, obj):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
@@ -223,7 +223,7 @@ def _mean_std(s, ss, n):
     return mean / 255.0, math.sqrt(max(ss / n - mean * mean, 0.0)) / 255.0
 
 
-def _save_npy(path, a):
+def save_npy(path, a):
     tmp = Path(f"{path}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, a)
@@ -233,10 +233,10 @@ def _save_npy(path, a):
 def _write_tables(out, split, labels, records, labels_raw=None, columns=INDEX_COLUMNS):
     """{split}_labels.npy, {split}_labels_raw.npy (readers that keep raw codes: CheXpert 1/0/-1/NaN) and
     {split}_index.csv; returns the label hashes for data_hash."""
-    _save_npy(out / f"{split}_labels.npy", labels)
+    save_npy(out / f"{split}_labels.npy", labels)
     hashes = dict(labels=_array_sha256(labels))
     if labels_raw is not None:
-        _save_npy(out / f"{split}_labels_raw.npy", labels_raw)
+        save_npy(out / f"{split}_labels_raw.npy", labels_raw)
         hashes["labels_raw"] = _array_sha256(labels_raw)
     tmp = out / f"{split}_index.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -260,7 +260,7 @@ def _finish_meta(out, meta, split_labels, pixel_sums, split_parts):
     meta.setdefault("warnings", [])
     meta.setdefault("index_columns", INDEX_COLUMNS)
     meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _atomic_json(Path(out) / "meta.json", meta)
+    atomic_json(Path(out) / "meta.json", meta)
     return meta
 
 
@@ -288,12 +288,13 @@ def write_prepared(out_dir, splits, meta):
     return _finish_meta(out, meta, {s: v[1] for s, v in splits.items()}, sums[train], parts)
 
 
-def load_meta(data_dir):
+def load_meta(data_dir, prepare=None):
+    """<data_dir>/meta.json of a finished prepare (data.py's or text_data.py's: prepare = the command that makes it)."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         name = Path(data_dir).name
-        cmd = f"python data.py --dataset={name} --out_dir={data_dir}" if name == "phantom" else \
-            f"python data.py --dataset=<chexpert|nih|...> --root=<raw data> --out_dir={data_dir}"
+        cmd = prepare or (f"python data.py --dataset={name} --out_dir={data_dir}" if name == "phantom" else
+                          f"python data.py --dataset=<chexpert|nih|...> --root=<raw data> --out_dir={data_dir}")
         raise FileNotFoundError(f"{path} not found: prepare the data first with `{cmd}` (a folder without "
                                 f"meta.json is an unfinished prepare; rerunning the same command resumes it)")
     with open(path) as f:
@@ -303,9 +304,9 @@ def load_meta(data_dir):
 class PreparedSplit:
     """One split of a prepared folder: .images (N,H,W) uint8 memmap, .labels, .index (list of dicts), .meta."""
 
-    def __init__(self, data_dir, split):
+    def __init__(self, data_dir, split, prepare=None):
         self.data_dir, self.split = Path(data_dir), split
-        self.meta = meta = load_meta(data_dir)
+        self.meta = meta = load_meta(data_dir, prepare)
         if split not in meta["splits"]:
             raise KeyError(f"split {split!r} not in {self.data_dir}/meta.json; splits: {list(meta['splits'])}")
         n, S = meta["splits"][split], meta["image_size"]
@@ -411,7 +412,7 @@ def _decode_all(out, src, split_rows, cfg, digest):
         if not partial.is_file() or os.path.getsize(partial) != size:
             with open(partial, "wb") as f:
                 f.truncate(size)  # sparse zeros; every row gets written exactly once per chunk
-    _atomic_json(state_path, state)
+    atomic_json(state_path, state)
     todo = [c for c in range(len(chunks)) if str(c) not in state["done"]]
     n_todo = sum(chunks[c][2] - chunks[c][1] for c in todo)
     if len(todo) < len(chunks):
@@ -435,7 +436,7 @@ def _decode_all(out, src, split_rows, cfg, digest):
                 raise ValueError(f"cannot decode {path}: {reason}. Fix or remove the file, or rerun with "
                                  f"--on_bad_image=skip to drop it (finished chunks are kept; the rerun resumes)")
             state["done"][str(cid)] = res
-            _atomic_json(state_path, state)
+            atomic_json(state_path, state)
             done += chunks[cid][2] - chunks[cid][1]
             now = time.time()
             if now - last > 0.5 or done == n_todo:
@@ -469,7 +470,7 @@ def _finalize(out, src, split_rows, chunks, state, meta):
         partial, final = out / f"{s}_images.u8.partial", out / f"{s}_images.u8"
         if s not in state.setdefault("finalizing", []):
             state["finalizing"].append(s)
-            _atomic_json(state_path, state)
+            atomic_json(state_path, state)
         if partial.is_file() and not bad:
             os.replace(partial, final)
         elif partial.is_file():  # drop the bad rows: copy the good ones into a fresh file

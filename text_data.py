@@ -1,6 +1,6 @@
 """
-Text data for the GPT: captions, reports and (image, report) pairs -> token files; the samplers;
-the report metrics (BLEU-4, ROUGE-L); the report labeler itself (label_reports) is labeler.py.
+Text data for the GPT: captions, reports and (image, report) pairs -> token files; the text-window sampler (pairs
+use data.py's epoch sampler, writer and meta.json reader); the report metrics (BLEU-4, ROUGE-L); the report labeler itself (label_reports) is labeler.py.
 
     python text_data.py --dataset=phantom_reports --tokenizer=bpe --vocab_size=1024  # data/phantom_reports, seconds
     python text_data.py --dataset=phantom_reports --tokenizer=char --out_dir=data/phantom_reports_char
@@ -19,9 +19,10 @@ Text layout (language modelling), data/<name>/:
   meta.json            vocab_size, tokenizer kind + source, eot_id, per-split documents/tokens/bytes,
                        unigram entropy of the train tokens (nats/token): the loss of a model that
                        ignores context, the number a language model must beat
-Pairs layout (image-conditioned), data/<name>/:
-  {split}_images.u8    N x H x W uint8 (as data.py's layout), {split}_labels.npy N x C float32,
-  {split}_index.csv    row, patient_id, study_id, view, age, sex, text, indication
+Pairs layout (image-conditioned), data/<name>/: a prepared folder of data.py's (data.write_prepared, read by
+data.PreparedSplit: each file through a temporary name, meta.json last, with data_hash) plus the report tokens:
+  {split}_images.u8    N x H x W uint8, {split}_labels.npy N x C float32,
+  {split}_index.csv    data.py's index columns (row, path, patient_id, study_id, view, age, sex, text, indication)
   {split}_tokens.npy   N x T int32: eot, report tokens, eot, then eot padding
   {split}_lengths.npy  N int32: real tokens per row (both eots included); targets past it are ignored
 Sources: ROCO `{train,validation,test}/radiology/captions.txt` (`ROCO_xxxxx<TAB>caption`), any text
@@ -30,7 +31,6 @@ collection's Open-i XML reports (findings + impression; split by report).
 """
 
 import argparse
-import csv
 import glob
 import json
 import math
@@ -39,9 +39,11 @@ import re
 import time
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
+import data
 import tokenizer as tok_lib
 from labeler import OBSERVATIONS, PATHOLOGIES, RULES, label_reports
 
@@ -254,18 +256,12 @@ def unigram_entropy(ids, vocab_size):
 # writing: text bins and (image, report) pairs
 
 
-def _write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def write_text_bins(out_dir, docs, tok, meta):
     """docs: {split: [str]} -> {split}.bin (uint16) + tokenizer.json + meta.json. Returns meta."""
     if tok.vocab_size > 65536:
         raise ValueError(f"vocab_size={tok.vocab_size} does not fit uint16 token files")
     os.makedirs(out_dir, exist_ok=True)
+    Path(out_dir, "meta.json").unlink(missing_ok=True)  # a rewrite interrupted below must not look finished
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     splits = {}
     for split, texts in docs.items():
@@ -282,50 +278,39 @@ def write_text_bins(out_dir, docs, tok, meta):
             meta["unigram_entropy"] = unigram_entropy(arr, tok.vocab_size)
     meta.update(kind="text", vocab_size=tok.vocab_size, eot_id=tok.eot_id, dtype="uint16", splits=splits,
                 created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    _write_json(os.path.join(out_dir, "meta.json"), meta)
+    data.atomic_json(os.path.join(out_dir, "meta.json"), meta)
     return meta
 
 
 def write_pairs(out_dir, parts, tok, classes, meta, max_tokens=0):
-    """parts: {split: (images uint8 N x H x W, labels N x C, records)}; the report is records[i]['text'].
+    """parts: {split: (images uint8 N x H x W, labels N x C, records)}; the report is records[i]['text']. The folder
+    is one of data.py's (data.write_prepared: images, labels, index CSV, data_hash, meta.json last) plus each split's
+    report tokens, {split}_tokens.npy (N, T) and {split}_lengths.npy, and tokenizer.json, written before it.
     max_tokens: row length T (0 = the longest report + 2); longer reports are cut and counted."""
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # a rewrite interrupted below must not look finished
+    tok.save(str(out / "tokenizer.json"))
     encoded = {s: [tok.encode(r["text"]) for r in recs] for s, (_, _, recs) in parts.items()}
     T = max_tokens or max(len(e) for es in encoded.values() for e in es) + 2
-    truncated, splits = 0, {}
-    for split, (images, labels, records) in parts.items():
-        N = len(records)
-        toks = np.full((N, T), tok.eot_id, dtype=np.int32)
-        lengths = np.zeros(N, dtype=np.int32)
+    truncated = 0
+    for split, (_, _, records) in parts.items():
+        toks = np.full((len(records), T), tok.eot_id, dtype=np.int32)
+        lengths = np.zeros(len(records), dtype=np.int32)
         for i, ids in enumerate(encoded[split]):
+            truncated += len(ids) > T - 2
             ids = [tok.eot_id] + ids[: T - 2] + [tok.eot_id]
-            truncated += len(encoded[split][i]) > T - 2
             toks[i, : len(ids)] = ids
             lengths[i] = len(ids)
-        np.save(os.path.join(out_dir, f"{split}_tokens.npy"), toks)
-        np.save(os.path.join(out_dir, f"{split}_lengths.npy"), lengths)
-        np.save(os.path.join(out_dir, f"{split}_labels.npy"), np.asarray(labels, dtype=np.float32))
-        mm = np.memmap(os.path.join(out_dir, f"{split}_images.u8"), dtype=np.uint8, mode="w+", shape=images.shape)
-        mm[:] = images
-        mm.flush()
-        with open(os.path.join(out_dir, f"{split}_index.csv"), "w", newline="") as f:
-            cols = ["row", "patient_id", "study_id", "view", "age", "sex", "text", "indication"]
-            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            for i, r in enumerate(records):
-                w.writerow({**{c: r.get(c, "") for c in cols}, "row": i})
-        splits[split] = int(N)
+        data.save_npy(out / f"{split}_tokens.npy", toks)
+        data.save_npy(out / f"{split}_lengths.npy", lengths)
         if split == "train":
-            x = np.asarray(images, dtype=np.float32) / 255.0
-            meta.update(mean=float(x.mean()), std=float(x.std()))
             meta["unigram_entropy"] = unigram_entropy(
-                np.concatenate([toks[i, 1:lengths[i]] for i in range(N)]), tok.vocab_size)
-    meta.update(kind="pairs", vocab_size=tok.vocab_size, eot_id=tok.eot_id, classes=list(classes),
-                image_size=int(next(iter(parts.values()))[0].shape[-1]), max_tokens=T, truncated=int(truncated),
-                splits=splits, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    _write_json(os.path.join(out_dir, "meta.json"), meta)
-    return meta
+                np.concatenate([toks[i, 1:lengths[i]] for i in range(len(records))]), tok.vocab_size)
+    meta.update(kind="pairs", task="multilabel", vocab_size=tok.vocab_size, eot_id=tok.eot_id, classes=list(classes),
+                max_tokens=T, truncated=int(truncated))
+    return data.write_prepared(out, {s: (np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, np.float32),
+                                         records) for s, (images, labels, records) in parts.items()}, meta)
 
 
 def prepare(args):
@@ -429,25 +414,8 @@ def xz_bpb(train_data, val_data, tok, max_bytes=64 << 20):
 # reading + samplers: batches are a pure function of (seed, step); rank r takes its slice
 
 
-def load_meta(data_dir):
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        name = os.path.basename(data_dir.rstrip("/"))
-        raise FileNotFoundError(f"{path} not found; prepare it with: python text_data.py --dataset={name} --out_dir={data_dir}")
-    with open(path) as f:
-        return json.load(f)
-
-
 def load_bin(data_dir, split):
     return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-
-
-def rank_slice(global_batch, rank, world, accum):
-    """Micro-batch k of rank r covers rows [(r*accum + k)*B, +B) of the global batch: the union over ranks and
-    micro-steps is the global batch, so N ranks x accumulation k == 1 rank x accumulation N*k."""
-    assert global_batch % (world * accum) == 0, f"global batch {global_batch} not divisible by world*accum={world * accum}"
-    B = global_batch // (world * accum)
-    return [slice((rank * accum + k) * B, (rank * accum + k + 1) * B) for k in range(accum)]
 
 
 def text_windows(n_tokens, block_size, global_batch, seed, step):
@@ -473,36 +441,20 @@ def eval_windows(n_tokens, block_size, max_windows):
     return starts
 
 
-def epoch_batch_indices(n, global_batch, seed, step):
-    """Rows of the global batch at this step: epoch-wise permutations (np.random.default_rng([seed, epoch]))
-    concatenated, so every row is seen once per epoch, and the batch depends only on (seed, step)."""
-    pos = np.arange(step * global_batch, (step + 1) * global_batch, dtype=np.int64)
-    out = np.empty(global_batch, dtype=np.int64)
-    for epoch in np.unique(pos // n):
-        sel = pos // n == epoch
-        out[sel] = np.random.default_rng([seed, int(epoch)]).permutation(n)[pos[sel] % n]
-    return out
-
-
-class Pairs:
-    """One split of a pairs directory: images (memmap), tokens, lengths, labels, index rows."""
+class Pairs(data.PreparedSplit):
+    """One split of a pairs folder: data.py's prepared split (.images memmap, .labels, .index, .meta) and the report
+    tokens (.tokens (N, T) int32, .lengths)."""
 
     def __init__(self, data_dir, split):
-        meta = load_meta(data_dir)
-        if meta.get("kind") != "pairs":
-            raise ValueError(f"{data_dir} holds {meta.get('kind')!r} data; cond='image' needs (image, report) pairs "
+        prepare = f"python text_data.py --dataset=phantom_pairs --out_dir={data_dir}"
+        kind = data.load_meta(data_dir, prepare).get("kind")
+        if kind != "pairs":
+            raise ValueError(f"{data_dir} holds {kind!r} data; cond='image' needs (image, report) pairs "
                              f"(python text_data.py --dataset=phantom_pairs)")
-        self.meta = meta
-        n, S = meta["splits"][split], meta["image_size"]
-        self.images = np.memmap(os.path.join(data_dir, f"{split}_images.u8"), dtype=np.uint8, mode="r", shape=(n, S, S))
-        self.tokens = np.load(os.path.join(data_dir, f"{split}_tokens.npy"))
-        self.lengths = np.load(os.path.join(data_dir, f"{split}_lengths.npy"))
-        self.labels = np.load(os.path.join(data_dir, f"{split}_labels.npy"))
-        with open(os.path.join(data_dir, f"{split}_index.csv"), newline="") as f:
-            self.index = list(csv.DictReader(f))
-
-    def __len__(self):
-        return len(self.lengths)
+        super().__init__(data_dir, split, prepare)
+        self.tokens = np.load(self.data_dir / f"{split}_tokens.npy")
+        self.lengths = np.load(self.data_dir / f"{split}_lengths.npy")
+        assert len(self.tokens) == len(self.lengths) == len(self.labels), f"{data_dir} {split}: tokens / labels differ"
 
     def batch(self, rows):
         """rows -> (images uint8 (B, 1, H, W), x (B, T-1), y (B, T-1) with -1 past each report's end)."""

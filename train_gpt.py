@@ -135,7 +135,7 @@ def ensure_data(cfg, data_dir, dist):
             text_data.main(args)
         if dist.ddp:
             tdist.barrier()
-    return text_data.load_meta(data_dir)
+    return data.load_meta(data_dir, f"python text_data.py --dataset={cfg['dataset']} --out_dir={data_dir}")
 
 
 def images_to_float(x_u8, mean, std, device):
@@ -308,21 +308,22 @@ def build_gpt(cfg, ckpt, d, log):
 def get_batch(d, cfg, step, dist, accum, global_batch):
     """This rank's micro-batches at this step, (x, y, images | None, labels | None) each: a pure function of (seed, step)."""
     device = dist.device
-    slices = text_data.rank_slice(global_batch, dist.rank, dist.world_size, accum)
+    def micro(a):  # data.py's split of the global batch into this rank's micro-batches
+        return data.rank_micro_indices(a, dist.rank, dist.world_size, accum)
     if not d.image_cond:
         starts = text_data.text_windows(len(d.train), d.T, global_batch, cfg["seed"], step)
-        return [tuple(to_device(a, device) for a in text_data.text_batch(d.train, starts[s], d.T)) + (None, None)
-                for s in slices]
-    rows = text_data.epoch_batch_indices(len(d.train), global_batch, cfg["seed"], step)
+        return [tuple(to_device(a, device) for a in text_data.text_batch(d.train, s, d.T)) + (None, None)
+                for s in micro(starts)]
+    B = global_batch // (dist.world_size * accum)
     out = []
-    for s in slices:
-        images_u8, x, y = d.train.batch(rows[s])
+    for k, rows in enumerate(micro(data.global_batch_indices(len(d.train), global_batch, cfg["seed"], step))):
+        images_u8, x, y = d.train.batch(rows)
         if cfg["token_dropout"] > 0:  # word dropout on inputs after the start token; targets stay intact
-            rng = np.random.default_rng((cfg["seed"], step, s.start))
+            rng = np.random.default_rng((cfg["seed"], step, (dist.rank * accum + k) * B))  # the micro-batch's offset
             drop = rng.random(x.shape) < cfg["token_dropout"]
             drop[:, 0] = False
             x = np.where(drop, rng.integers(0, d.tok.vocab_size, size=x.shape), x)
-        labels = torch.from_numpy(d.train.labels[rows[s]]).to(device) if cfg["aux_cls_weight"] > 0 else None
+        labels = torch.from_numpy(d.train.labels[rows]).to(device) if cfg["aux_cls_weight"] > 0 else None
         out.append((to_device(x, device), to_device(y, device),
                     images_to_float(images_u8, d.meta["mean"], d.meta["std"], device), labels))
     return out

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import text_data
 import tokenizer as tok_lib
 from model_gpt import GPT, POS_SCHEMES, GPTConfig, sample_logits
@@ -188,14 +189,14 @@ def _eval_loss(model, data, T):
 def test_alibi_extrapolates_to_twice_the_context(reports_dir):
     """Trained at T=32, evaluated at 64: ALiBi stays finite and close; learned positions cannot even run."""
     train, val = text_data.load_bin(reports_dir, "train"), text_data.load_bin(reports_dir, "val")
-    vocab = text_data.load_meta(reports_dir)["vocab_size"]
+    vocab = data.load_meta(reports_dir)["vocab_size"]
     torch.manual_seed(0)
     model = _train_tiny(GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=2, n_head=4, n_embd=64, pos="alibi")),
                         train, 32, 150)
     at_t, at_2t = _eval_loss(model, val, 32), _eval_loss(model, val, 64)
     print(f"alibi: val loss {at_t:.3f} at T=32, {at_2t:.3f} at 2T=64")
     assert np.isfinite(at_2t) and at_2t <= 1.5 * at_t
-    assert at_t < 0.8 * text_data.load_meta(reports_dir)["unigram_entropy"], "the model must have learned something"
+    assert at_t < 0.8 * data.load_meta(reports_dir)["unigram_entropy"], "the model must have learned something"
     learned = GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=1, n_head=2, n_embd=32))
     with pytest.raises(AssertionError, match="cannot extrapolate"):
         learned(torch.zeros(1, 64, dtype=torch.long))
@@ -210,9 +211,10 @@ def test_samplers_are_pure_and_cover_the_batch():
     assert np.array_equal(a, text_data.text_windows(10_000, 64, 24, seed=3, step=7))
     assert not np.array_equal(a, text_data.text_windows(10_000, 64, 24, seed=3, step=8))
     for world, accum in ((1, 4), (2, 2), (4, 1)):
-        rows = np.concatenate([a[s] for r in range(world) for s in text_data.rank_slice(24, r, world, accum)])
+        rows = np.concatenate([m for r in range(world) for m in data.rank_micro_indices(a, r, world, accum)])
         assert np.array_equal(rows, a)
-    seen = np.concatenate([text_data.epoch_batch_indices(50, 10, 0, s) for s in range(5)])
+    # (image, report) pairs use data.py's epoch sampler, as train.py does
+    seen = np.concatenate([data.global_batch_indices(50, 10, 0, s) for s in range(5)])
     assert np.array_equal(np.sort(seen), np.arange(50)), "one epoch = every row once"
 
 
@@ -451,7 +453,6 @@ def test_phantom_pairs_split_like_data_py(tmp_path):
     data/phantom (train_gpt.py --image_init) never saw the val/test images it is judged on."""
     import csv
 
-    import data
     data.prepare_phantom(tmp_path / "ph", n_images=400, image_size=16, seed=0)
     _, idx = text_data.phantom_records(400, 16, 0, 0.15, 0.15)
     for split in ("train", "val", "test"):
