@@ -247,6 +247,25 @@ def test_bleu_rouge_and_f1():
     assert s["macro_f1"] == pytest.approx(0.75)
 
 
+def test_interrupted_pairs_rewrite_is_not_taken_as_finished(tmp_path, monkeypatch):
+    """Preparing a pairs folder again removes its meta.json first and writes it last (data.write_prepared): a rewrite
+    that dies half-way leaves no meta.json, so reading it says what to run instead of mixing new tokens with old
+    images."""
+    args = ["--dataset=phantom_pairs", "--tokenizer=bpe", "--vocab_size=300", "--n_images=60", "--image_size=16",
+            f"--out_dir={tmp_path / 'pairs'}"]
+    text_data.main(args)
+    assert len(text_data.Pairs(str(tmp_path / "pairs"), "train")) > 0
+
+    def dies(*a, **k):
+        raise OSError("the machine went down")
+    monkeypatch.setattr(data, "write_prepared", dies)
+    with pytest.raises(OSError, match="went down"):
+        text_data.main(args)
+    assert (tmp_path / "pairs" / "train_tokens.npy").exists() and not (tmp_path / "pairs" / "meta.json").exists()
+    with pytest.raises(FileNotFoundError, match="python text_data.py --dataset=phantom_pairs"):
+        text_data.Pairs(str(tmp_path / "pairs"), "train")
+
+
 def test_prepare_pairs_and_text_files(tmp_path):
     """phantom_pairs: rows decode to the reports, targets stop after the closing eot; text files: one doc a line."""
     meta = text_data.main(["--dataset=phantom_pairs", "--tokenizer=bpe", "--vocab_size=400", "--n_images=200",
