@@ -307,15 +307,21 @@ def negative_query(query, negative="auto"):
     return negative.format(query) if "{}" in negative else negative
 
 
+def negation_aware(s_pos, s_neg, scale):
+    """CheXzero's negation-aware probability of the positive prompt: softmax(scale * [s_pos, s_neg])[0], elementwise
+    over similarities to a positive and a negative prompt (scale = the CLIP's logit scale)."""
+    return torch.softmax(scale * torch.stack([s_pos, s_neg]), 0)[0]
+
+
 @torch.no_grad()
 def rank_by_query(raw, tok, img, query, cfg, device, negative="auto"):
     """Scores of image embeddings img (N, D) for a text query, with the sentence ranked against. With a negative
-    sentence the score is CheXzero's negation-aware probability softmax(s * cos(img, query), s * cos(img, negative))[0]
-    (s = the model's logit scale): a text tower that mostly encodes which words occur puts "left pleural effusion"
-    next to "No left pleural effusion." and plain cosine then ranks by the words; the difference ranks by the finding."""
+    sentence the score is negation_aware(cos(img, query), cos(img, negative), the model's logit scale): a text tower
+    that mostly encodes which words occur puts "left pleural effusion" next to "No left pleural effusion." and plain
+    cosine then ranks by the words; the difference ranks by the finding."""
     neg = negative_query(query, negative)
     e = encode_texts(raw, tok, [query] + ([neg] if neg else []), cfg, device)
     score = img @ e[0]
     if neg:
-        score = torch.sigmoid(float(raw.logit_scale.detach().exp()) * (score - img @ e[1]))  # the 2-way softmax
+        score = negation_aware(score, img @ e[1], float(raw.logit_scale.detach().exp()))
     return score, neg

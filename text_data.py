@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+import phantom
 import tokenizer as tok_lib
 from labeler import OBSERVATIONS, PATHOLOGIES, RULES, label_reports
 
@@ -86,8 +87,6 @@ def phantom_records(n_images, image_size, seed, val_frac, test_frac):
     """phantom.generate, split by patient exactly as `python data.py --dataset=phantom` splits the same phantom
     (same n_images, seed and fractions), so an image model trained with train.py on data/phantom never saw the
     val/test images of these pairs (train_gpt.py --image_init relies on it)."""
-    import data  # late: phantom.label_report imports this file, and data.py imports phantom (no import cycle)
-    import phantom  # late, for the same reason
     d = phantom.generate(n_images, image_size=image_size, seed=seed)
     recs = [dict(patient_id=str(r["patient_id"]), split="") for r in d["records"]]
     rows = data.split_patients(recs, np.asarray(d["labels"], np.float32), "multilabel", val_frac, test_frac, seed)
@@ -183,8 +182,9 @@ def iu_pair_labels(texts):
     """Image-report pair targets from the report: label_reports' 14 observations with uncertain -> NaN (ignored) and
     not mentioned -> 0 (a report names what it sees; CheXpert's blank = zeros policy)."""
     y = label_reports(texts)
+    unmentioned = np.isnan(y)
     y[y == -1] = np.nan
-    y[np.isnan(label_reports(texts))] = 0.0
+    y[unmentioned] = 0.0
     return y
 
 
@@ -192,7 +192,6 @@ def prepare_iu_pairs(args, out_dir, recs, skipped, tok_meta):
     """IU X-ray with root/NLMCXR_png/<image id>.png: one row per image (frontal and lateral both; the index says
     which), the report as its text, the indication beside it, labels from iu_pair_labels. Images that are missing
     are counted and skipped; the split stays the report's."""
-    import readers  # image decoding, shared with data.py
     png_dir = os.path.join(args.root, "NLMCXR_png")
     rows, missing = [], 0
     for r in recs:
@@ -209,7 +208,7 @@ def prepare_iu_pairs(args, out_dir, recs, skipped, tok_meta):
     for split in ("train", "val", "test"):
         ix = [i for i, r in enumerate(rows) if r["split"] == split]
         if ix:
-            images = np.stack([readers.decode_image(rows[i]["path"], args.image_size) for i in ix])
+            images = np.stack([data.decode_image(rows[i]["path"], args.image_size) for i in ix])
             parts[split] = (images, labels[ix], [rows[i] for i in ix])
     tok = make_tokenizer(args.tokenizer, [r["text"] for r in parts["train"][2]], [r["text"] for r in rows],
                          args.vocab_size, args.gpt2_dir, keep=(IU_ANON,))

@@ -344,7 +344,7 @@ def zero_shot(raw, img, labels, classes, tok, cfg, device):
     scale = float(raw.logit_scale.detach().exp())
     s_pos = (img @ emb.t()).numpy()
     s_neg = (img @ neg_emb.t()).numpy()
-    p_neg = torch.softmax(scale * torch.stack([torch.as_tensor(s_pos), torch.as_tensor(s_neg)]), 0)[0].numpy()
+    p_neg = runs.negation_aware(torch.as_tensor(s_pos), torch.as_tensor(s_neg), scale).numpy()
     labels = np.asarray(labels, np.float64)
     out, aucs, aucs_neg = {}, {}, {}
     for j, c in enumerate(classes):
