@@ -297,7 +297,7 @@ class ClipTextEncoder(nn.Module):
             h = t.hidden_states(tokens)
             return h, t.proj(h[:, 0]), tokens != t.pad_id
         x = t.token_embedding(tokens) + t.pos_embed[:T]
-        x = t.ln_final(model_clip.run_blocks(t.blocks, x, t.grad_checkpoint, is_causal=True))
+        x = t.ln_final(model_clip.run_blocks(t.blocks, x, t.grad_checkpoint))
         eot = (tokens == t.eot_id).int().argmax(dim=1)
         mask = torch.arange(T, device=tokens.device)[None] <= eot[:, None]  # tokens up to end-of-text (CLIP pad id 0 is '!')
         return x, t.proj(x[torch.arange(B, device=x.device), eot]), mask

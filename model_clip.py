@@ -84,12 +84,9 @@ def _init_clip_blocks(blocks, width):
         nn.init.normal_(b.mlp.c_proj.weight, std=proj_std)
 
 
-def run_blocks(blocks, x, grad_checkpoint, **kw):
+def run_blocks(blocks, x, grad_checkpoint):
     for block in blocks:
-        if grad_checkpoint and x.requires_grad:
-            x = checkpoint(block, x, use_reentrant=False, **kw)
-        else:
-            x = block(x, **kw)
+        x = checkpoint(block, x, use_reentrant=False) if grad_checkpoint and x.requires_grad else block(x)
     return x
 
 

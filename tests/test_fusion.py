@@ -235,6 +235,25 @@ def test_clip_vision_tower_from_a_train_clip_checkpoint(split, tmp_path):
     assert "vision.tower.proj.weight" not in cross.state_dict()
 
 
+def test_clip_causal_text_tower_equals_encode_text():
+    """text_encoder='clip' with a causal CLIP text tower: the pooled + projected embedding == model_clip's encode_text
+    (the tower's causal blocks, run through fusion's own forward), and a hidden state does not see later tokens."""
+    import model_clip
+    torch.manual_seed(0)
+    clip = model_clip.build_clip(**TINY_CLIP).eval()
+    enc = fusion.ClipTextEncoder(clip.model_args).eval()
+    enc.tower.load_state_dict(clip.text.state_dict())
+    tokens = torch.randint(1, 99, (3, 16))
+    tokens[:, 9] = 99  # end of text
+    with torch.no_grad():
+        hidden, pooled, mask = enc(tokens)
+        torch.testing.assert_close(pooled, clip.encode_text(tokens, normalize=False), atol=1e-5, rtol=1e-5)
+        later = tokens.clone()
+        later[:, 12:] = 1
+        torch.testing.assert_close(enc(later)[0][:, :12], hidden[:, :12], atol=1e-6, rtol=1e-6)
+    assert mask[:, :10].all() and not mask[:, 10:].any()
+
+
 def _clip_vit_hidden(v, x):
     import model_clip
     h = v.patch_embed(x).flatten(2).transpose(1, 2)
