@@ -719,12 +719,17 @@ def _check_checkpoint_kind(path, args, name):
 def load_image_init(net, path):
     """load_pretrained for a tower/encoder started from an image model's weights (train_clip.py and train_gpt.py
     image_init): a missing file gets the fix in its message (train the image model first)."""
+    require_weights(path, "image_init", "--image_init='' to start it from scratch")
+    return load_pretrained(net, path)
+
+
+def require_weights(path, knob, otherwise):
+    """Raise FileNotFoundError naming the knob, the recipe that writes `path` and the other way (`otherwise`) when a
+    weights file to start from does not exist; 'torchvision:<Weights.NAME>' is always there."""
     if not path.startswith("torchvision:") and not os.path.exists(path):
         recipe = _recipe_writing(path)
         how = f"{recipe} writes it" if recipe else "python train.py --out_dir=<run> writes <run>/best.pt"
-        raise FileNotFoundError(f"image_init={path!r} does not exist: train the image model first ({how}) or pass "
-                                f"--image_init='' to start it from scratch")
-    return load_pretrained(net, path)
+        raise FileNotFoundError(f"{knob}={path!r} does not exist: train the image model first ({how}) or pass {otherwise}")
 
 
 def _recipe_writing(path):

@@ -251,8 +251,10 @@ class ImagePrefix(nn.Module):
             self.finding_emb = nn.Parameter(0.02 * torch.randn(2, config.n_classes, config.n_embd))
             self.register_buffer("thresholds", torch.full((config.n_classes,), 0.5))
 
-    def forward(self, images):
-        """images (B, C, H, W) -> prefix tokens (B, n_prefix [+ n_classes], n_embd), finding logits (B, n_classes) | None."""
+    def forward(self, images, tags=None):
+        """images (B, C, H, W) -> prefix tokens (B, n_prefix [+ n_classes], n_embd), finding logits (B, n_classes) | None.
+        tags: (B, n_classes) floats in [0, 1], NaN = the head decides: the finding tokens' values where given (training
+        with the true labels here is teacher forcing of the tags; train_gpt.py's tag_forcing)."""
         feats, logits = self.encoder(images)  # (B, n_prefix, width), the backbone's finding logits or None
         tokens = self.mapping(feats) + self.prefix_pos
         if self.cls_head is not None:
@@ -262,6 +264,8 @@ class ImagePrefix(nn.Module):
         p = torch.sigmoid(logits.float())
         if self.hard:
             p = (p >= self.thresholds).float()
+        if tags is not None:
+            p = torch.where(torch.isnan(tags), p, tags.to(p.dtype))
         p = p.to(tokens.dtype).unsqueeze(-1)  # (B, n_classes, 1)
         absent, present = self.finding_emb[0], self.finding_emb[1]
         return torch.cat([tokens, absent + p * (present - absent)], dim=1), logits
@@ -375,14 +379,14 @@ class GPT(nn.Module):
             ctx["mask"] = torch.ones(T, Tk, dtype=torch.bool, device=device).tril(diagonal=pos0)
         return ctx
 
-    def _embed(self, idx, images, pos0):
+    def _embed(self, idx, images, pos0, tags=None):
         """Token embeddings (after an image prefix when images is given) + learned positions; also returns the
         finding logits of the image prefix (None without images or a finding head)."""
         x = self.transformer.wte(idx)  # (B, T, C)
         cls_logits = None
         if images is not None:
             assert self.prefix is not None, "images given but the model has n_prefix=0 (text only)"
-            prefix, cls_logits = self.prefix(images)
+            prefix, cls_logits = self.prefix(images, tags)
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
         if self.config.pos == "learned":
             T = x.size(1)
@@ -404,11 +408,12 @@ class GPT(nn.Module):
             new_cache.append(kv)
         return self.transformer.ln_f(x), new_cache
 
-    def forward(self, idx, targets=None, images=None, loss_reduction="mean", labels=None):
+    def forward(self, idx, targets=None, images=None, loss_reduction="mean", labels=None, tags=None):
         """idx: (B, T) token ids; targets: (B, T) ids with -1 = ignored (padding, prompt); images: (B, C, H, W)
         floats for an image-conditioned model (the prefix goes before idx); labels: (B, n_classes) {0, 1} findings
-        (NaN = unknown) add aux_cls_weight * BCE of the finding head to the loss. Returns (logits (B, T, V), loss)."""
-        x, cls_logits = self._embed(idx, images, 0)
+        (NaN = unknown) add aux_cls_weight * BCE of the finding head to the loss; tags: (B, n_classes) values for the
+        finding tokens (NaN = the head's), see ImagePrefix.forward. Returns (logits (B, T, V), loss)."""
+        x, cls_logits = self._embed(idx, images, 0, tags)
         x, _ = self._blocks(x)
         if images is not None:
             x = x[:, self.prefix_len:]  # logits only for text positions

@@ -87,8 +87,8 @@ def main(argv=None):
         if model.config.n_prefix == 0:
             raise ValueError("--image given but the checkpoint is a text-only model (trained with cond='none')")
         u8 = load_image(cfg["image"], data_info, model.model_args["image_size"])
-        images = (torch.from_numpy(u8).to(device).float() / 255.0 - data_info["mean"]) / data_info["std"]
-        images = images.expand(cfg["num_samples"], -1, -1, -1)
+        images = data_lib.to_float(torch.from_numpy(u8).to(device), data_info["mean"], data_info["std"],
+                                   model.config.in_chans).expand(n_samples, -1, -1, -1)  # one row per sample
         if model.config.n_classes > 0:  # what the finding head sees: the tags the report is conditioned on
             with torch.no_grad():
                 p = model.classify(images[:1])[0].cpu()

@@ -369,6 +369,7 @@ def build_classifier(cfg, ckpt, classes, train_split, val_split, log):
     if cfg["init_from"] == "pretrained":
         if not cfg["pretrained_path"]:
             raise ValueError("init_from='pretrained' needs --pretrained_path=<file> or torchvision:<WeightsEnum.NAME>")
+        models.require_weights(cfg["pretrained_path"], "pretrained_path", "--init_from=scratch")
         if fused:  # the vision encoder: a train.py / train_clip.py checkpoint (head dropped) or any load_pretrained file
             log.line(fusion.load_vision_init(raw, cfg["pretrained_path"]))
         else:

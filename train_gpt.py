@@ -96,6 +96,9 @@ token_dropout = 0.0  # cond='image': fraction of report input tokens replaced by
 image_init = ""  # cond='image' with image_encoder = a model.py name: start the encoder from these weights (a train.py
 #                  best.pt, timm/torchvision files); its classifier head becomes the token projection (+ the finding
 #                  head: a train.py head over the same classes is kept for those rows)
+tag_forcing = 0.0  # cond='image' with a finding head: fraction of training rows whose finding tokens are the true
+#                   labels instead of the head's (teacher forcing of the tags): the language model learns to write what
+#                   the tags say, so the reports follow the head's decisions at generation (eval: always the head's)
 prefix_lr_mult = 1.0  # cond='image': lr multiplier of the image encoder + mapping network (a from-scratch encoder: 1-3)
 finding_tags = "soft"  # cond='image' with a finding head: soft (token = mix by the head's probability) | hard (token =
 #                       the decision p >= threshold, per class the F1-best threshold on the val split, re-chosen at
@@ -236,8 +239,11 @@ def load_data(cfg, dist, log):
         d.T = d.train.tokens.shape[1] - 1  # text positions per row (inputs drop the last token)
         d.n_classes = len(meta["classes"]) if cfg["aux_cls_weight"] > 0 else 0  # the finding head adds a token each
         d.seq_len = cfg["n_prefix"] + d.n_classes + d.T
-        if cfg["finding_tags"] == "hard" and d.n_classes == 0:
-            raise ValueError("finding_tags='hard' needs a finding head: set aux_cls_weight > 0 (e.g. 1.0)")
+        if not 0 <= cfg["tag_forcing"] <= 1:
+            raise ValueError(f"tag_forcing={cfg['tag_forcing']} is a fraction of the rows: 0 <= tag_forcing <= 1")
+        for knob, on in (("finding_tags='hard'", cfg["finding_tags"] == "hard"), ("tag_forcing > 0", cfg["tag_forcing"] > 0)):
+            if on and d.n_classes == 0:
+                raise ValueError(f"{knob} needs a finding head: set aux_cls_weight > 0 (e.g. 1.0)")
         d.report = d.val if cfg["report_split"] == "val" else text_data.Pairs(data_dir, cfg["report_split"])
         if cfg["finding_tags"] == "hard" and cfg["report_split"] == "val":
             log.line("warning: finding_tags='hard' chooses its thresholds on val and report_split='val' scores the "
@@ -306,13 +312,14 @@ def build_gpt(cfg, ckpt, d, log):
 
 
 def get_batch(d, cfg, step, dist, accum, global_batch):
-    """This rank's micro-batches at this step, (x, y, images | None, labels | None) each: a pure function of (seed, step)."""
+    """This rank's micro-batches at this step, (x, y, images | None, labels | None, tags | None) each: a pure function
+    of (seed, step)."""
     device = dist.device
     def micro(a):  # data.py's split of the global batch into this rank's micro-batches
         return data.rank_micro_indices(a, dist.rank, dist.world_size, accum)
     if not d.image_cond:
         starts = text_data.text_windows(len(d.train), d.T, global_batch, cfg["seed"], step)
-        return [tuple(to_device(a, device) for a in text_data.text_batch(d.train, s, d.T)) + (None, None)
+        return [tuple(to_device(a, device) for a in text_data.text_batch(d.train, s, d.T)) + (None, None, None)
                 for s in micro(starts)]
     B = global_batch // (dist.world_size * accum)
     out = []
@@ -324,8 +331,13 @@ def get_batch(d, cfg, step, dist, accum, global_batch):
             drop[:, 0] = False
             x = np.where(drop, rng.integers(0, d.tok.vocab_size, size=x.shape), x)
         labels = torch.from_numpy(d.train.labels[rows]).to(device) if cfg["aux_cls_weight"] > 0 else None
+        tags = None
+        if labels is not None and cfg["tag_forcing"] > 0:  # the true labels on a fraction of the rows, NaN elsewhere
+            rng = np.random.default_rng((cfg["seed"], step, (dist.rank * accum + k) * B, 1))
+            forced = torch.from_numpy(rng.random(len(rows)) < cfg["tag_forcing"]).to(device)
+            tags = torch.where(forced[:, None], labels, torch.full_like(labels, float("nan")))
         out.append((to_device(x, device), to_device(y, device),
-                    images_to_float(images_u8, d.meta["mean"], d.meta["std"], device), labels))
+                    images_to_float(images_u8, d.meta["mean"], d.meta["std"], device), labels, tags))
     return out
 
 
@@ -441,10 +453,10 @@ def _train(cfg, dist, log):
         # TRAINING SECTION: micro-steps (gradient sync only on the last), then the optimizer step
         micro = get_batch(d, cfg, step, dist, accum, global_batch)
         loss_sum = torch.zeros((), device=dist.device)
-        for k, (x, y, images, labels) in enumerate(micro):
+        for k, (x, y, images, labels, tags) in enumerate(micro):
             with common.grad_sync(model, k == len(micro) - 1):
                 with common.autocast(dist.device, cfg["dtype"]):
-                    _, loss = model(x, y, images=images, labels=labels)
+                    _, loss = model(x, y, images=images, labels=labels, tags=tags)
                     loss = loss / len(micro)
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()

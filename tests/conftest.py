@@ -56,12 +56,13 @@ def clip_phantom_run(tmp_path_factory, quickstart_run):
 
 @pytest.fixture(scope="session")
 def phantom_long_run(tmp_path_factory, quickstart_run):
-    """python train.py config/convnext_phantom_long.py on the quick start's data (2,400 steps with augmentation, ~12
-    min on 2 cores): the stronger phantom classifier the report GPT starts its image encoder from."""
+    """python train.py config/convnext_phantom_long.py after the quick start (its model continued 1,200 steps with
+    augmentation, ~5-6 min on 2 cores): the stronger phantom classifier the report GPT starts its image encoder from."""
     import train
     out = tmp_path_factory.mktemp("phantom_long") / "run"
     final = train.main([str(ROOT / "config" / "convnext_phantom_long.py"), f"--data_dir={quickstart_run['data_dir']}",
-                        f"--out_dir={out}", "--tensorboard_log=False", "--log_interval=200"])
+                        f"--pretrained_path={quickstart_run['best']}", f"--out_dir={out}", "--tensorboard_log=False",
+                        "--log_interval=200"])
     return dict(data_dir=quickstart_run["data_dir"], out_dir=str(out), best=str(out / "best.pt"), final=final)
 
 

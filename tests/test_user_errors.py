@@ -81,3 +81,13 @@ def test_report_from_image_recipe_names_its_image_model(tmp_path, monkeypatch):
     net = models.build_model("convnext_atto", 2, in_chans=1, image_size=64)
     with pytest.raises(FileNotFoundError, match=r"python train\.py config/convnext_phantom_long\.py writes it"):
         models.load_image_init(net, "out/phantom_long/best.pt")
+
+
+def test_longer_classifier_recipe_names_the_quick_start(tmp_path, monkeypatch):
+    # config/convnext_phantom_long.py continues the quick start (pretrained_path=out/quickstart/best.pt): without it
+    # the error names the command that writes it and the other way
+    import model as models
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"pretrained_path='out/quickstart/best.pt' does not exist.*"
+                                                r"python train\.py config/quickstart\.py writes it.*--init_from=scratch"):
+        models.require_weights("out/quickstart/best.pt", "pretrained_path", "--init_from=scratch")
