@@ -12,7 +12,7 @@ The vision-only row of an ablation is this model with modalities='vision' (same 
 table measures what text and clinical variables add, not a change of head.
 
 Encoders (what stage 1 of finetune_mode='two_stage' freezes; model.freeze_backbone works on this model
-because head_names = ('clinical', 'fusion', 'head')):
+because head_names = ('clinical', 'fusion', 'head', 'vision_head'), + 'text' with text_with_head):
   vision   'model': any model.py image network (convnext_*, vit_*, vit_cxr, tv:<name>) with its head replaced
            by Identity; optionally initialised from a train.py / train_clip.py checkpoint or any load_pretrained file.
            'clip': model_clip.py's CLIP ViT image tower (BiomedCLIP's, an open_clip / HF CLIP's, or a train_clip.py
@@ -23,7 +23,9 @@ because head_names = ('clinical', 'fusion', 'head')):
            transformer or BERT) from a train_clip.py checkpoint or open_clip / HF / BiomedCLIP weights;
            'modernbert': model_bert.py's ModernBERT from a Hugging Face folder (Clinical ModernBERT), its
            tokenizer.json read with the `tokenizers` package
-The clinical MLP is trained with fusion + head in both stages: there is no pretrained clinical encoder. A small
+The clinical MLP is trained with fusion + head in both stages: there is no pretrained clinical encoder; with
+text_with_head=True a from-scratch text encoder is too (frozen at its random init, it would only give the head
+random features of the indication). vision_logits=True keeps the image model's classifier beside the fused head. A small
 text encoder can start from another fusion run (text_init=<text-only run>/best.pt), as the image encoder starts
 from the quick start; modality_dropout drops whole modalities per training sample (ModDrop).
 
@@ -381,6 +383,7 @@ class VisionEncoder(nn.Module):
         head = self.net.head_names[0]
         parent, _, attr = head.rpartition(".")
         (self.net.get_submodule(parent) if parent else self.net).__setattr__(attr, nn.Identity())
+        self.source_head = head  # where a train.py checkpoint of this network keeps its classifier
         self.net.head_names = ()  # inside the fusion model the whole network is the encoder
         self._tokens, self._layout, self._out = tokens, None, None
         if tokens:
@@ -489,7 +492,7 @@ class Fusion(nn.Module):
 class FusionClassifier(models.Classifier):
     # model.freeze_backbone / param_groups / is_head_param treat these as the head: stage 1 of two_stage trains
     # them at the full LR while the vision and text encoders stay frozen (and in eval mode)
-    head_names = ("clinical", "fusion", "head")
+    head_names = ("clinical", "fusion", "head", "vision_head")
 
     def __init__(self, a):
         super().__init__()
@@ -542,6 +545,19 @@ class FusionClassifier(models.Classifier):
                                   nn.Dropout(a["head_dropout2"]), nn.Linear(a["head_hidden"], a["num_classes"]))
         for m in (self.fusion, self.head) + ((self.clinical,) if "clinical" in mods else ()):
             m.apply(models.init_weights)
+        # vision_logits: the image model's own classifier stays, as a residual path beside the fused head (logits =
+        # fused head + vision_head(pooled image features)); load_vision_init copies the image model's head into it
+        # and the fused head's last layer starts at zero, so training starts from the image model's predictions and
+        # the fused head learns what the other modalities add (instead of relearning the image findings from a
+        # fresh head in a few hundred steps: the vision row of that recipe ends below the image model it started from)
+        if a["text_with_head"] and "text" in mods:  # a from-scratch text encoder: nothing to protect by freezing it
+            self.head_names = type(self).head_names + ("text",)
+        self.vision_head = None
+        if a["vision_logits"] and "vision" in mods:
+            self.vision_head = nn.Linear(dims["vision"], a["num_classes"])
+            self.vision_head.apply(models.init_weights)
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, x=None, text_tokens=None, clinical=None):
         pooled, tokens = {}, {}
@@ -557,7 +573,8 @@ class FusionClassifier(models.Classifier):
             tokens["text"] = (h, mask)
         if "clinical" in self.modalities:
             pooled["clinical"] = self.clinical(clinical)
-        return self.head(self.fusion(pooled, tokens))
+        logits = self.head(self.fusion(pooled, tokens))
+        return logits if self.vision_head is None else logits + self.vision_head(pooled["vision"])
 
     def encoder_names(self):
         return [m for m in ("vision", "text") if m in self.modalities]
@@ -595,7 +612,8 @@ FUSION_DEFAULTS = dict(
     text_encoder="small", text_column="indication", text_tokenizer="byte", text_tokenizer_path="", text_context=64,
     text_vocab_size=258, text_width=128, text_layers=2, text_heads=4, text_dropout=0.1, text_args=None,
     clinical_spec=None, clinical_dim=0, clinical_hidden=64,
-    fusion_dim=256, fusion_heads=4, fusion_dropout=0.3, modality_dropout=0.0, head_hidden=128, head_dropout=0.3, head_dropout2=0.2)
+    fusion_dim=256, fusion_heads=4, fusion_dropout=0.3, modality_dropout=0.0, head_hidden=128, head_dropout=0.3, head_dropout2=0.2,
+    vision_logits=False, text_with_head=False)
 
 
 def build_fusion(**kwargs):
@@ -698,6 +716,20 @@ def load_text_init(net, path):
     return f"text encoder <- {path} ({len(sd)} tensors)"
 
 
+def _source_head(sd, args, fc, vision_head):
+    """The classifier of a train.py / fusion checkpoint as vision_head's state dict (same shape), or None."""
+    if vision_head is None:
+        return None
+    if args.get("model") == "fusion":
+        head = {k[len("vision_head."):]: t for k, t in sd.items() if k.startswith("vision_head.")}
+    elif "image_model" in args:
+        return None  # a CLIP's image tower has no classifier
+    else:
+        head = {k[len(fc) + 1:]: t for k, t in sd.items() if k.startswith(fc + ".")}
+    own = vision_head.state_dict()
+    return head if head.keys() == own.keys() and all(head[k].shape == own[k].shape for k in own) else None
+
+
 def load_vision_init(net, path):
     """Vision encoder weights from a train.py checkpoint, a train_clip.py checkpoint whose image tower is a
     model.py network (visual.net.*), or anything model.load_pretrained reads; the source head is dropped. With
@@ -720,12 +752,19 @@ def load_vision_init(net, path):
             raise ValueError(f"vision_init={path} holds a {name} image network but vision model is "
                              f"{v.model_args['model']!r}: use --model={name}")
         own = v.state_dict()
+        head = _source_head(sd, args, net.vision.source_head, net.vision_head)
         sd = {k: t for k, t in sd.items() if k in own}  # the source's head (num_classes or embed_dim) is not ours
         missing = [k for k in own if k not in sd]
         if missing:
             raise ValueError(f"vision_init={path}: the checkpoint lacks {missing[:5]} of {v.model_args['model']}")
         v.load_state_dict(sd, strict=True)
-        return f"vision encoder <- {path} ({len(sd)} tensors)"
+        if net.vision_head is not None and head is None:
+            raise ValueError(f"vision_logits=True keeps the image model's classifier, but {path} has none over "
+                             f"{net.vision_head.out_features} classes: start from a train.py checkpoint of the same "
+                             f"classes, or set --vision_logits=False")
+        if head is not None:
+            net.vision_head.load_state_dict(head)
+        return f"vision encoder <- {path} ({len(sd)} tensors{'; its classifier -> vision_head' if head else ''})"
     models.load_pretrained(v, path)
     return f"vision encoder <- {path} (load_pretrained)"
 
@@ -745,7 +784,8 @@ def fusion_args_from_cfg(cfg, num_classes, train_split):
              text_tokenizer=cfg["text_tokenizer"], text_tokenizer_path=cfg["text_tokenizer_path"],
              text_context=cfg["text_context"], text_width=cfg["text_width"], text_layers=cfg["text_layers"],
              text_heads=cfg["text_heads"], fusion_dim=cfg["fusion_dim"], fusion_dropout=cfg["fusion_dropout"],
-             modality_dropout=cfg.get("modality_dropout", 0.0),
+             modality_dropout=cfg.get("modality_dropout", 0.0), vision_logits=cfg.get("vision_logits", False),
+             text_with_head=cfg.get("text_with_head", False),
              head_dropout=cfg["head_dropout"], head_dropout2=cfg["head_dropout2"])
     mods = parse_modalities(cfg["modalities"])
     if "clinical" in mods:

@@ -136,6 +136,8 @@ text_heads = 4
 fusion_dim = 256  # width of each projected modality and of the fusion MLP
 fusion_dropout = 0.3  # after the fusion MLP
 modality_dropout = 0.0  # training: each sample drops each modality's fused features with this probability (one always stays)
+text_with_head = False  # the text encoder trains as part of the head: in two_stage's stage 1 too (not frozen at its init) and at the head's LR after; for a from-scratch text encoder
+vision_logits = False  # keep the image model's classifier (from pretrained_path) as a residual path beside the fused head: training starts from the image model's predictions
 head_dropout = 0.3  # before the head's first Linear
 head_dropout2 = 0.2  # before the head's last Linear
 stage2_lr = 0.0  # two_stage: peak LR of fusion + head after freeze_iters (encoders: x lr_backbone_mult); 0 = one schedule
