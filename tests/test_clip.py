@@ -339,6 +339,10 @@ for distill in (False, True):
         loss = common.all_reduce_mean(loss.reshape(1), dist)
         torch.save({{"loss": float(loss), "grads": test_clip._grads(model)}},
                    os.path.join({out!r}, f"rank{{dist.rank}}_accum{{accum}}_distill{{int(distill)}}.pt"))
+# drop the last DDP wrapper before the process group: left as a global, its reducer keeps the group (and rank 0's
+# TCPStore server thread) alive into interpreter shutdown, where one full-suite run aborted with "terminate called
+# without an active exception"
+del net, model
 common.cleanup_distributed()
 """
 
