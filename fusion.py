@@ -545,13 +545,13 @@ class FusionClassifier(models.Classifier):
                                   nn.Dropout(a["head_dropout2"]), nn.Linear(a["head_hidden"], a["num_classes"]))
         for m in (self.fusion, self.head) + ((self.clinical,) if "clinical" in mods else ()):
             m.apply(models.init_weights)
+        if a["text_with_head"] and "text" in mods:  # a from-scratch text encoder: nothing to protect by freezing it
+            self.head_names = type(self).head_names + ("text",)
         # vision_logits: the image model's own classifier stays, as a residual path beside the fused head (logits =
         # fused head + vision_head(pooled image features)); load_vision_init copies the image model's head into it
         # and the fused head's last layer starts at zero, so training starts from the image model's predictions and
         # the fused head learns what the other modalities add (instead of relearning the image findings from a
         # fresh head in a few hundred steps: the vision row of that recipe ends below the image model it started from)
-        if a["text_with_head"] and "text" in mods:  # a from-scratch text encoder: nothing to protect by freezing it
-            self.head_names = type(self).head_names + ("text",)
         self.vision_head = None
         if a["vision_logits"] and "vision" in mods:
             self.vision_head = nn.Linear(dims["vision"], a["num_classes"])
@@ -716,6 +716,14 @@ def load_text_init(net, path):
     return f"text encoder <- {path} ({len(sd)} tensors)"
 
 
+def _is_nanorad_classifier(path):
+    """A train.py (or fusion) checkpoint: a .pt/.pth holding model + model_args of an image classifier, not a CLIP."""
+    if not (os.path.isfile(path) and path.endswith((".pt", ".pth"))):
+        return False
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return isinstance(obj, dict) and isinstance(obj.get("model_args"), dict) and "image_model" not in obj["model_args"]
+
+
 def _source_head(sd, args, fc, vision_head):
     """The classifier of a train.py / fusion checkpoint as vision_head's state dict (same shape), or None."""
     if vision_head is None:
@@ -734,6 +742,10 @@ def load_vision_init(net, path):
     """Vision encoder weights from a train.py checkpoint, a train_clip.py checkpoint whose image tower is a
     model.py network (visual.net.*), or anything model.load_pretrained reads; the source head is dropped. With
     vision_encoder='clip': a CLIP ViT image tower from open_clip / HF / BiomedCLIP weights or a train_clip.py checkpoint."""
+    if net.vision_head is not None and not _is_nanorad_classifier(path):
+        raise ValueError(f"vision_logits=True keeps the image model's classifier, but {path} is not a train.py "
+                         f"checkpoint with one: start from a train.py checkpoint of the same classes, or set "
+                         f"--vision_logits=False")
     if isinstance(net.vision, ClipVisionEncoder):
         return _load_clip_vision(net, path)
     v = net.vision.net

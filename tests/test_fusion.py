@@ -182,6 +182,8 @@ def test_vision_logits_start_from_the_image_model(split, tmp_path):
     common.save_checkpoint({"model": other.state_dict(), "model_args": other.model_args}, str(tmp_path / "three.pt"))
     with pytest.raises(ValueError, match="vision_logits=False"):
         fusion.load_vision_init(net, str(tmp_path / "three.pt"))
+    with pytest.raises(ValueError, match="not a train.py checkpoint"):  # e.g. torchvision / timm ImageNet weights
+        fusion.load_vision_init(net, "torchvision:ConvNeXt_Tiny_Weights.IMAGENET1K_V1")
 
 
 def test_text_with_head_trains_the_text_encoder_in_stage_1(split):
