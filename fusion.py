@@ -716,12 +716,13 @@ def load_text_init(net, path):
     return f"text encoder <- {path} ({len(sd)} tensors)"
 
 
-def _is_nanorad_classifier(path):
-    """A train.py (or fusion) checkpoint: a .pt/.pth holding model + model_args of an image classifier, not a CLIP."""
-    if not (os.path.isfile(path) and path.endswith((".pt", ".pth"))):
-        return False
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    return isinstance(obj, dict) and isinstance(obj.get("model_args"), dict) and "image_model" not in obj["model_args"]
+def _refuse_without_classifier(net, path):
+    """vision_logits needs the image model's classifier: weights read without one (torchvision / timm / CLIP files)
+    are refused rather than leaving vision_head at random."""
+    if net.vision_head is not None:
+        raise ValueError(f"vision_logits=True keeps the image model's classifier, but {path} is not a train.py "
+                         f"checkpoint with one: start from a train.py checkpoint of the same classes, or set "
+                         f"--vision_logits=False")
 
 
 def _source_head(sd, args, fc, vision_head):
@@ -742,11 +743,8 @@ def load_vision_init(net, path):
     """Vision encoder weights from a train.py checkpoint, a train_clip.py checkpoint whose image tower is a
     model.py network (visual.net.*), or anything model.load_pretrained reads; the source head is dropped. With
     vision_encoder='clip': a CLIP ViT image tower from open_clip / HF / BiomedCLIP weights or a train_clip.py checkpoint."""
-    if net.vision_head is not None and not _is_nanorad_classifier(path):
-        raise ValueError(f"vision_logits=True keeps the image model's classifier, but {path} is not a train.py "
-                         f"checkpoint with one: start from a train.py checkpoint of the same classes, or set "
-                         f"--vision_logits=False")
     if isinstance(net.vision, ClipVisionEncoder):
+        _refuse_without_classifier(net, path)
         return _load_clip_vision(net, path)
     v = net.vision.net
     obj = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) and path.endswith((".pt", ".pth")) else None
@@ -777,6 +775,7 @@ def load_vision_init(net, path):
         if head is not None:
             net.vision_head.load_state_dict(head)
         return f"vision encoder <- {path} ({len(sd)} tensors{'; its classifier -> vision_head' if head else ''})"
+    _refuse_without_classifier(net, path)
     models.load_pretrained(v, path)
     return f"vision encoder <- {path} (load_pretrained)"
 
