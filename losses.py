@@ -6,7 +6,6 @@ fine-tunes pruned models with them.
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import sigmoid_focal_loss
 
 # the loss knobs of train.py's config and their defaults there: what a checkpoint without a config is read with
 LOSS_DEFAULTS = dict(loss="auto", bce_weight=0.7, focal_alpha=0.25, focal_gamma=2.0, label_smoothing=0.0)
@@ -21,6 +20,8 @@ def masked_bce(logits, y, pos_weight=None):
 
 def masked_focal(logits, y, alpha, gamma):
     """Sigmoid focal loss (Lin et al. 2017, eq. 5; torchvision's) averaged over known labels."""
+    from torchvision.ops import sigmoid_focal_loss  # here, not at the top: importing torchvision adds ~1.3 s to
+    # every script's start-up (it loads torch._dynamo), and only the focal losses need it
     mask = ~torch.isnan(y)
     target = torch.where(mask, y, torch.zeros_like(y))
     per = sigmoid_focal_loss(logits, target, alpha=alpha, gamma=gamma, reduction="none")
