@@ -549,8 +549,9 @@ def save_run(cfg, dist, log, script, it, prog, improved, raw, model_args, meta, 
 
 
 def eval_due(it, cfg, last_step, resumed_at):
-    """Every eval_interval, at the last step and for eval_only; not again at the step a resumed run starts from."""
-    return (it % cfg["eval_interval"] == 0 or last_step or cfg["eval_only"]) and it != resumed_at
+    """Every eval_interval and at the last step, but not again at the step a resumed run starts from; always for
+    eval_only (the resumed model is what it evaluates)."""
+    return cfg["eval_only"] or ((it % cfg["eval_interval"] == 0 or last_step) and it != resumed_at)
 
 
 def schedule_lr(optimizer, it, cfg):

@@ -342,20 +342,24 @@ def get_batch(d, cfg, step, dist, accum, global_batch):
 
 
 def run_eval(raw_model, d, cfg, dist, step, last):
-    """Val loss / perplexity / bits per byte; cond='image' adds greedy reports scored against the references."""
+    """Val loss / perplexity / bits per byte; cond='image' adds greedy reports scored against the references. With
+    finding_tags='hard' the operating point (per class the finding head's F1-best threshold on val) is chosen first,
+    so the val loss and the reports of one eval use the same tags, whatever evals came before."""
     device, dtype, mean, std = dist.device, cfg["dtype"], d.meta.get("mean"), d.meta.get("std")
     if not d.image_cond:
         return evaluate_loss(raw_model, text_eval_batches(d.val, d.eval_starts, d.T, cfg["batch_size"], device, dist),
                              d.tbytes, dist, device, dtype)
-    res = evaluate_loss(raw_model, pairs_eval_batches(d.val, cfg["batch_size"], mean, std, device, dist),
-                        d.tbytes, dist, device, dtype)
-    if not cfg["eval_reports"] or (step == 0 and not last):
-        return res
-    rows = np.arange(min(cfg["eval_reports"], len(d.report)))
-    if cfg["finding_tags"] == "hard":  # the operating point: per class the F1-best threshold on val
+    reports = cfg["eval_reports"] and not (step == 0 and not last)
+    if reports and cfg["finding_tags"] == "hard":
         p_val = finding_probs(raw_model, d.val, np.arange(len(d.val)), mean, std, device, dtype)
         thr = metrics.choose_thresholds(p_val, d.val.labels.astype(np.float64), "f1")
         raw_model.prefix.thresholds.copy_(torch.as_tensor(thr, dtype=torch.float32))
+    res = evaluate_loss(raw_model, pairs_eval_batches(d.val, cfg["batch_size"], mean, std, device, dist),
+                        d.tbytes, dist, device, dtype)
+    if not reports:
+        return res
+    rows = np.arange(min(cfg["eval_reports"], len(d.report)))
+    if cfg["finding_tags"] == "hard":
         p_rep = finding_probs(raw_model, d.report, rows, mean, std, device, dtype)
         res["thresholds"] = [round(float(t), 4) for t in thr]
         res["head_macro_f1"] = text_data.finding_scores(p_rep >= thr, d.report.labels[rows], d.meta["classes"])["macro_f1"]

@@ -304,15 +304,18 @@ def test_report_model_hard_tags_smoke(tmp_path):
     import train_gpt
     text_data.main(["--dataset=phantom_pairs", "--tokenizer=bpe", "--vocab_size=400", "--n_images=200",
                     "--image_size=32", f"--out_dir={tmp_path / 'pairs'}"])
-    res = train_gpt.main([f"--data_dir={tmp_path / 'pairs'}", f"--out_dir={tmp_path / 'run'}", "--cond=image",
-                          "--n_prefix=4", "--prefix_width=16", "--n_layer=1", "--n_head=2", "--n_embd=32",
-                          "--aux_cls_weight=1.0", "--finding_tags=hard", "--report_split=test", "--max_iters=2",
-                          "--tag_forcing=0.5",
-                          "--eval_interval=2", "--eval_reports=8", "--batch_size=8", "--warmup_iters=1",
-                          "--device=cpu", "--tensorboard=False"])
+    args = [f"--data_dir={tmp_path / 'pairs'}", f"--out_dir={tmp_path / 'run'}", "--cond=image", "--n_prefix=4",
+            "--prefix_width=16", "--n_layer=1", "--n_head=2", "--n_embd=32", "--aux_cls_weight=1.0",
+            "--finding_tags=hard", "--report_split=test", "--max_iters=2", "--tag_forcing=0.5", "--eval_interval=2",
+            "--eval_reports=8", "--batch_size=8", "--warmup_iters=1", "--device=cpu", "--tensorboard=False"]
+    res = train_gpt.main(args)
     assert res["report_split"] == "test" and len(res["thresholds"]) == 10 and 0 <= res["head_macro_f1"] <= 1
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ck["model"]["prefix.thresholds"].tolist() == pytest.approx(res["thresholds"], abs=1e-4)
+    # the val loss is taken at the eval's own operating point: evaluating the saved model again gives the same number
+    # (it used the thresholds of the eval before, here the initial ones, when they were chosen after the loss)
+    again = train_gpt.main(args + ["--init_from=resume", "--eval_only=True"])
+    assert again["val_loss"] == pytest.approx(res["val_loss"], rel=1e-6) and again["thresholds"] == res["thresholds"]
     import sample  # greedy: one report, whatever num_samples says (its default is 3)
     assert len(sample.main([f"--out_dir={tmp_path / 'run'}", "--image=test:0", "--temperature=0",
                             "--max_new_tokens=5"])) == 1
@@ -473,7 +476,8 @@ def test_report_from_image_names_the_findings(tmp_path, phantom_long_run):
     text_data.main(["--dataset=phantom_pairs", "--tokenizer=bpe", "--vocab_size=1024", "--n_images=12000",
                     "--image_size=64", "--max_tokens=64", f"--out_dir={data}"])  # the quick start's phantom and split
     res = train_gpt.main([_cfg("gpt_report_from_image.py"), f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}",
-                          f"--image_init={phantom_long_run['best']}", "--tensorboard=False"])
+                          f"--image_init={phantom_long_run['best']}", "--tensorboard=False",
+                          "--eval_interval=400"])  # the reports of the last step only: the same numbers, one eval less
     print(f"report from image ({res['report_split']} reports): macro-F1 {res['macro_f1']:.3f} (finding head "
           f"{res['head_macro_f1']:.3f}), BLEU-4 {res['bleu4']:.3f}, ROUGE-L {res['rouge_l']:.3f}, per class {res['per_class_f1']}")
     assert res["report_split"] == "test"
