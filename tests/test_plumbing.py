@@ -127,6 +127,22 @@ def test_one_checkpoint_schema_and_slim_best(resumed):
     assert ratio <= 1.2, ratio
 
 
+@pytest.mark.parametrize("script", ["train.py", "train_gpt.py"])
+def test_eval_only_evaluates_a_resumed_run(tmp_path, tiny_phantom, text_dir, script):
+    """--init_from=resume --eval_only=True on a finished run evaluates its last checkpoint once (it was a silent
+    no-op: the step a resumed run starts from is not evaluated again) and saves nothing."""
+    data_dir = text_dir if script == "train_gpt.py" else tiny_phantom
+    out = str(tmp_path / "run")
+    _run(script, data_dir, out, "--max_iters=2", "--eval_interval=2", "--lr_decay_iters=2")
+    ckpt = _ckpt(out)
+    _run(script, data_dir, out, "--max_iters=2", "--eval_interval=2", "--lr_decay_iters=2", "--init_from=resume",
+         "--eval_only=True")
+    key = "val_loss" if script == "train_gpt.py" else "auc_macro"
+    at_2 = [r[key] for r in _records(out) if r.get("split") == "val" and r.get("iter") == 2 and not r.get("final")]
+    assert len(at_2) == 2 and at_2[1] == pytest.approx(at_2[0], rel=1e-6)  # training's eval, then eval_only's
+    _assert_same(_ckpt(out)["model"], ckpt["model"], "model")
+
+
 def test_refusals_name_the_fix(tmp_path, tiny_phantom, text_dir):
     out = str(tmp_path / "run")
     _run("train_clip.py", tiny_phantom, out, "--max_iters=0")
