@@ -1,6 +1,6 @@
 # Quick start: the default run of `python train.py`, spelled out.
 # Purpose: a first end-to-end run on the generated phantom (data/phantom, made on first use).
-# Hardware: any CPU (2 cores is enough). Time: ~4-5 min on 2 cores (measured, see README).
+# Hardware: any CPU (2 cores is enough). Time: ~3 min on 2 cores (measured, see README).
 # Expected: validation macro AUC >= 0.90 over the 10 phantom findings.
 out_dir = "out/quickstart"
 data_dir = "data/phantom"

@@ -33,7 +33,7 @@ def tiny_phantom(tmp_path_factory):
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
     """`python train.py` as the README's quick start runs it (defaults: 12,000 phantom images at 64 px, convnext_atto,
-    800 steps), in a temporary folder; made once per session (~5 min on 2 cores) and shared by the slow tests that
+    800 steps), in a temporary folder; made once per session (~3 min on 2 cores) and shared by the slow tests that
     need a trained image model: the learning check, and the CLIP and report-GPT recipes that start from it."""
     import train
     root = tmp_path_factory.mktemp("quickstart")
