@@ -222,20 +222,6 @@ def _tap_index(H, W, k):
     return torch.where(inside, dy * k + dx, k * k)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity forward; backward hands on a contiguous gradient. After the permute back to (B, C, H, W) the gradient
-    reaching a bmm is strided, and CPU bmm backward then copies it one matrix at a time (~400 small copies per
-    call): the small-map depthwise path spent ~10% of a ConvNeXt-atto step at 64 px there."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
 class ConvNeXtBlock(nn.Module):
     def __init__(self, dim, drop_path=0.0, layer_scale_init=1e-6):
         super().__init__()
@@ -260,7 +246,9 @@ class ConvNeXtBlock(nn.Module):
         taps = _tap_index(H, W, self.dwconv.kernel_size[0])  # (HW_in, HW_out) -> kernel tap, k*k = out of reach
         w = F.pad(self.dwconv.weight.reshape(C, -1), (0, 1))  # (C, k*k + 1): the last tap is a zero
         xc = x.permute(1, 0, 2, 3).contiguous().view(C, B, H * W)
-        y = _ContiguousGrad.apply(torch.bmm(xc, w[:, taps]))  # (C, B, HW_out)
+        y = torch.bmm(xc, w[:, taps])  # (C, B, HW_out)
+        if y.requires_grad:  # its gradient comes back strided (the permute below): CPU bmm backward would copy it
+            y.register_hook(torch.Tensor.contiguous)  # one matrix at a time, ~10% of a 64 px ConvNeXt-atto step
         return y.view(C, B, H, W).permute(1, 0, 2, 3) + self.dwconv.bias.view(1, C, 1, 1)
 
     def forward(self, x):  # (B, C, H, W), channels_last memory
