@@ -716,13 +716,13 @@ def load_text_init(net, path):
     return f"text encoder <- {path} ({len(sd)} tensors)"
 
 
-def _refuse_without_classifier(net, path):
-    """vision_logits needs the image model's classifier: weights read without one (torchvision / timm / CLIP files)
-    are refused rather than leaving vision_head at random."""
-    if net.vision_head is not None:
+def _require_classifier(net, path, head=None):
+    """vision_logits needs the image model's classifier (head: the source's, as vision_head's state dict): weights
+    without one (torchvision / timm / CLIP files, other classes) are refused rather than leaving vision_head at random."""
+    if net.vision_head is not None and head is None:
         raise ValueError(f"vision_logits=True keeps the image model's classifier, but {path} is not a train.py "
-                         f"checkpoint with one: start from a train.py checkpoint of the same classes, or set "
-                         f"--vision_logits=False")
+                         f"checkpoint with one over {net.vision_head.out_features} classes: start from a train.py "
+                         f"checkpoint of the same classes, or set --vision_logits=False")
 
 
 def _source_head(sd, args, fc, vision_head):
@@ -744,7 +744,7 @@ def load_vision_init(net, path):
     model.py network (visual.net.*), or anything model.load_pretrained reads; the source head is dropped. With
     vision_encoder='clip': a CLIP ViT image tower from open_clip / HF / BiomedCLIP weights or a train_clip.py checkpoint."""
     if isinstance(net.vision, ClipVisionEncoder):
-        _refuse_without_classifier(net, path)
+        _require_classifier(net, path)
         return _load_clip_vision(net, path)
     v = net.vision.net
     obj = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) and path.endswith((".pt", ".pth")) else None
@@ -768,14 +768,11 @@ def load_vision_init(net, path):
         if missing:
             raise ValueError(f"vision_init={path}: the checkpoint lacks {missing[:5]} of {v.model_args['model']}")
         v.load_state_dict(sd, strict=True)
-        if net.vision_head is not None and head is None:
-            raise ValueError(f"vision_logits=True keeps the image model's classifier, but {path} has none over "
-                             f"{net.vision_head.out_features} classes: start from a train.py checkpoint of the same "
-                             f"classes, or set --vision_logits=False")
+        _require_classifier(net, path, head)
         if head is not None:
             net.vision_head.load_state_dict(head)
         return f"vision encoder <- {path} ({len(sd)} tensors{'; its classifier -> vision_head' if head else ''})"
-    _refuse_without_classifier(net, path)
+    _require_classifier(net, path)
     models.load_pretrained(v, path)
     return f"vision encoder <- {path} (load_pretrained)"
 
