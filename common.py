@@ -23,8 +23,10 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as tdist
-import torch.distributed.nn.functional  # noqa: F401  before any process group: see the comment below
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+if tdist.is_available():  # before any process group exists: see "distributed setup" below
+    import torch.distributed.nn.functional  # noqa: F401
 
 import configurator
 import tracking
