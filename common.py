@@ -25,7 +25,13 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-if tdist.is_available():  # before any process group exists: see "distributed setup" below
+# torch.distributed.nn.functional is imported here, before any process group exists, on purpose: its functions take
+# `group=group.WORLD` as a default argument, evaluated on import. DDP imports it lazily, after init_process_group, and
+# its defaults then hold the default group for good: destroy_process_group no longer frees it, gloo's threads and
+# sockets outlive it, and a rank whose peer exits first died at exit with SIGABRT ("terminate called without an
+# active exception"; torch 2.14: 2 of 47 two-rank torchrun runs on CPU; 0 of 40 with this import). Test in
+# tests/test_faults.py.
+if tdist.is_available():
     import torch.distributed.nn.functional  # noqa: F401
 
 import configurator
@@ -33,12 +39,6 @@ import tracking
 
 # -----------------------------------------------------------------------------
 # distributed setup (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
-# torch.distributed.nn.functional is imported above, before any process group exists, on purpose: its functions take
-# `group=group.WORLD` as a default argument, evaluated on import. DDP imports it lazily, after init_process_group, and
-# its defaults then hold the default group for good: destroy_process_group no longer frees it, gloo's threads and
-# sockets outlive it, and a rank whose peer exits first died at exit with SIGABRT ("terminate called without an
-# active exception"; torch 2.14: 2 of 47 two-rank torchrun runs on CPU; 0 of 40 with this import). Test in
-# tests/test_faults.py.
 
 
 @dataclass

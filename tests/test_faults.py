@@ -101,7 +101,7 @@ import os, sys
 sys.path.insert(0, {root!r})
 import torch
 import common
-d = common.setup_distributed("cpu", "gloo", timeout_s=30)
+common.setup_distributed("cpu", "gloo", timeout_s=30)
 net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
 net(torch.ones(2, 4)).sum().backward()
 del net
