@@ -233,18 +233,18 @@ class ConvNeXtBlock(nn.Module):
         self.drop_path = drop_path
 
     def depthwise(self, x):
-        """The 7x7 depthwise conv. On a GPU, the conv as it is. On a CPU, PyTorch's depthwise kernels are 2-3x faster
-        forward + backward on channels_last input (whose output the block's permute to (B, H, W, C) then gets for
-        free), and on maps of <= 16 pixels (the last stages at small image sizes) the conv is done as one
-        (HW x HW) matrix per channel gathered from the kernel taps, 10-20x faster still. Same numbers up to float
-        rounding (tests/test_model.py)."""
+        """The 7x7 depthwise conv. On a GPU or under torch.compile, the conv as it is. Eager on a CPU, PyTorch's
+        depthwise kernels are 2-3x faster forward + backward on channels_last input (whose output the block's permute
+        to (B, H, W, C) then gets for free), and on maps of <= 16 pixels (the last stages at small image sizes) the
+        conv is done as one (HW x HW) matrix per channel gathered from the kernel taps, 10-20x faster still. Same
+        numbers up to float rounding (tests/test_model.py)."""
         conv = self.dwconv
         # The weight through a reshape round trip (views: same values, no copy). On channels_last input the conv's
         # weight gradient comes back with channels_last strides, which for a (C, 1, k, k) weight differ from the
         # parameter's only in the size-1 dim; DDP compares strides literally and warned "Grad strides do not match
         # bucket view strides" in every run. Through the views the gradient arrives in the parameter's own strides.
         w = conv.weight.flatten(1).view_as(conv.weight)
-        if x.device.type != "cpu" or _counting_flops:
+        if x.device.type != "cpu" or _counting_flops or torch.compiler.is_compiling():
             return F.conv2d(x, w, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         B, C, H, W = x.shape
         if H * W > 16:

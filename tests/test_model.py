@@ -2,6 +2,7 @@
 and give the same logits; stem / head / position-embedding adaptation; optimizer groups; linear probe; checkpointing."""
 
 import urllib.error
+import warnings
 
 import pytest
 import torch
@@ -275,8 +276,12 @@ def test_grad_checkpoint_same_grads(name):
 def test_no_graph_breaks(name):
     import torch._dynamo
     net = M.build_model(name, num_classes=3, in_chans=1, image_size=32, drop_path=0.1, dropout=0.1)
-    explanation = torch._dynamo.explain(net)(torch.randn(2, 1, 32, 32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explanation = torch._dynamo.explain(net)(torch.randn(2, 1, 32, 32))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+    dynamo = [str(w.message) for w in caught if "Dynamo" in str(w.message)]
+    assert not dynamo, dynamo  # e.g. the CPU small-map depthwise path's lru_cache, traced through under compile
 
 
 def test_unknown_model_names_the_valid_ones():
