@@ -16,6 +16,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -295,7 +296,9 @@ def load_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True): no code runs. A truncated or empty file is one sentence naming it and the
     files next to it that may hold the run (an interrupted save's .tmp, older periodic checkpoints, best.pt)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's own rebuild of int8 (quantized) tensors uses the old TypedStorage
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
             raise ValueError(f"{path} holds Python objects other than tensors and plain types, which nanorad does not "

@@ -69,6 +69,7 @@ def test_onnx_round_trip(exported):
     assert json.loads(props["classes"]) == ck["meta"]["classes"]
 
 
+@pytest.mark.filterwarnings("error:TypedStorage is deprecated:UserWarning")  # loading int8 tensors stays quiet
 def test_int8_vit_is_3x_smaller_with_same_auc(exported):
     out, d, rec = exported
     rec = rec["int8"]
