@@ -29,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -161,21 +162,31 @@ def _finite(x):
     return [v for v in x if v is not None and math.isfinite(v)]
 
 
+def _varies(v):
+    """Whether values differ by more than float rounding (1e-12 relative): a t statistic over a spread of ~1e-16,
+    e.g. runs that all scored 0.7, is rounding noise divided by rounding noise (scipy: p = 0 or 1e-16)."""
+    v = np.asarray(v, dtype=np.float64)
+    return v.size > 1 and float(np.ptp(v)) > 1e-12 * max(1.0, float(np.abs(v).max()))
+
+
 def two_arm_tests(a, b, pairs=None):
     """p-values for 'arm A and arm B have the same metric': Welch's t-test and Mann-Whitney U (unpaired), and
-    with pairs = [(a_i, b_i)] matched by seed, the paired t-test and the Wilcoxon signed-rank test."""
+    with pairs = [(a_i, b_i)] matched by seed, the paired t-test and the Wilcoxon signed-rank test. The t-tests
+    are NaN (not run) where their variance is zero: every run of both arms alike, or every paired difference."""
     a, b = _finite(a), _finite(b)
     out = {"welch_p": float("nan"), "mwu_p": float("nan"), "paired_t_p": float("nan"), "wilcoxon_p": float("nan"),
            "n_pairs": 0}
-    if len(a) >= 2 and len(b) >= 2 and np.ptp(a + b) > 0:  # all runs equal: no variance, no test
-        out["welch_p"] = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    if len(a) >= 2 and len(b) >= 2 and (_varies(a) or _varies(b)):  # Welch needs a spread within some arm
+        with warnings.catch_warnings():  # an arm of equal runs has variance 0, exactly what scipy warns about
+            warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+            out["welch_p"] = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     if a and b:
         out["mwu_p"] = float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
     pairs = [(x, y) for x, y in (pairs or []) if math.isfinite(x) and math.isfinite(y)]
     if len(pairs) >= 2:
         x, y = np.array(pairs).T
         out["n_pairs"] = len(pairs)
-        if np.ptp(x - y) > 0:  # paired t needs varying differences; Wilcoxon some non-zero difference
+        if _varies(x - y):  # paired t needs varying differences; Wilcoxon some non-zero difference
             out["paired_t_p"] = float(stats.ttest_rel(x, y).pvalue)
         if np.any(x != y):
             out["wilcoxon_p"] = float(stats.wilcoxon(x, y).pvalue)

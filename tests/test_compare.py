@@ -3,8 +3,10 @@ group tables, ablation, the seed launcher; then (slow, needs train.py) a tiny 2-
 
 import csv
 import json
+import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -72,6 +74,21 @@ def test_compare_arms_p_values_equal_scipy(tmp_path):
     assert "scratch (n=5)" in md and "pretrained (n=5)" in md and "test_auc_macro" in md
     with open(tmp_path / "comparison.csv") as f:
         assert len(list(csv.reader(f))) == len(rows) + 1
+
+
+def test_no_t_test_without_variance():
+    """Runs that all score alike within each arm (0.7, 0.7 vs 0.8, 0.8), or paired differences equal up to float
+    rounding (0.7 - 0.8 vs 0.75 - 0.85): no t-test, NaN, where scipy returns p = 0 or 4e-16 from rounding noise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's "precision loss ... catastrophic cancellation" is not reached
+        same = compare.two_arm_tests([0.7, 0.7], [0.8, 0.8], pairs=[(0.7, 0.8), (0.7, 0.8)])
+        shifted = compare.two_arm_tests([0.7, 0.75], [0.8, 0.85], pairs=[(0.7, 0.8), (0.75, 0.85)])
+        one_spread = compare.two_arm_tests([0.7, 0.7], [0.8, 0.81])  # one arm varies: Welch is defined
+    assert math.isnan(same["welch_p"]) and math.isnan(same["paired_t_p"]) and same["n_pairs"] == 2
+    assert math.isnan(shifted["paired_t_p"]) and shifted["welch_p"] == pytest.approx(
+        stats.ttest_ind([0.7, 0.75], [0.8, 0.85], equal_var=False).pvalue)
+    # Welch by hand: diff 0.105 over sqrt(0 / 2 + 5e-5 / 2) = 0.005, t = 21 with 1 degree of freedom
+    assert one_spread["welch_p"] == pytest.approx(2 * stats.t.sf(21, 1))
 
 
 def test_pairing_only_by_matching_seeds(tmp_path):
