@@ -7,6 +7,7 @@ nanoGPT's command line, as an importable function.
 namespace; its module-level names become overrides), then each `--key=value`. Every key must
 already exist in `defaults` and keep its type (an int may become a float; bools take
 True/False/true/false/1/0). A mistake is an error that names the key and the closest valid ones.
+`--help` (or -h) prints the command's docstring and every knob with its default and source comment.
 
 Scripts call it as `cfg = configurator.load(defaults, argv)` where `defaults` is the dict of their
 module-level knobs, then read everything from `cfg`.
@@ -69,8 +70,55 @@ def _parse_literal(text, default):
     return text if isinstance(default, str) and not isinstance(value, str) else value
 
 
+def _knob_comments(paths, names):
+    """{knob: the comment on its line} for `names`, from Python sources in order until each is found: top-level
+    `name = value  # comment` and the `name=value,  # comment` keywords of top-level calls (tracking.KNOBS = dict(...))."""
+    import io
+    import tokenize
+    found = {}
+    for path in paths:
+        if all(n in found for n in names):
+            break
+        with open(path) as f:
+            src = f.read()
+        comments = {t.start[0]: t.string.lstrip("#").strip()
+                    for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+        for node in ast.parse(src).body:
+            if isinstance(node, ast.Assign):
+                named = [(t.id, node.end_lineno) for t in node.targets if isinstance(t, ast.Name)]
+                if isinstance(node.value, ast.Call):
+                    named += [(k.arg, k.value.end_lineno) for k in node.value.keywords if k.arg]
+                for name, line in named:
+                    if name in names:
+                        found.setdefault(name, comments.get(line, ""))
+    return found
+
+
+def usage(defaults, module):
+    """`--help`: the command's docstring, then every knob with its default and the comment beside it in the source
+    (the command's own file first, then the project files it imported, e.g. tracking.py for the tracker knobs)."""
+    import sys
+    own = os.path.abspath(module.__file__)
+    with open(own) as f:
+        imported = {a.name for node in ast.parse(f.read()).body if isinstance(node, ast.Import) for a in node.names}
+    others = sorted({f for f in (os.path.abspath(getattr(m, "__file__", None) or "") for m in list(sys.modules.values()))
+                     if os.path.dirname(f) == os.path.dirname(own) and f.endswith(".py") and os.path.isfile(f)} - {own},
+                    key=lambda f: (os.path.basename(f)[:-3] not in imported, f))  # the command's own imports first
+    comments = _knob_comments([own, *others], set(defaults))
+    width = max(len(k) for k in defaults)
+    rows = [f"  --{k:<{width}} = {defaults[k]!r:<12}  {comments.get(k, '')}".rstrip() for k in defaults]
+    return "\n".join([(module.__doc__ or "").strip(), "",
+                      "knobs, set in config files and as --knob=value (later ones win); default, then meaning:", *rows])
+
+
 def load(defaults, argv=None):
-    """Return a new dict: `defaults` updated by config files and --key=value arguments in argv."""
+    """Return a new dict: `defaults` updated by config files and --key=value arguments in argv. `--help` (or -h)
+    prints the usage of the command whose DEFAULTS these are (its docstring and knobs) and exits."""
+    import sys
+    if any(a in ("--help", "-h") for a in (argv or [])):
+        owner = [m for m in list(sys.modules.values()) if vars(m).get("DEFAULTS") is defaults]
+        print(usage(defaults, owner[0] if owner else sys.modules["__main__"]))
+        raise SystemExit(0)
     cfg = dict(defaults)
     valid = sorted(cfg)
     for arg in (argv or []):

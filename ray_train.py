@@ -83,6 +83,8 @@ def _worker(config):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("--help", "-h") for a in argv):  # the launcher's usage and knobs (a script's own: python train.py --help)
+        configurator.load(DEFAULTS, ["--help"])
     script, own, rest = split_argv(argv)
     cfg = configurator.load(DEFAULTS, own)
     run_cfg = configurator.load(importlib.import_module(script).DEFAULTS, rest)  # a bad key fails here, not on the cluster

@@ -39,6 +39,31 @@ def test_missing_config_file():
     assert_user_error(*run("train.py", "config/no_such_recipe.py"), "config/no_such_recipe.py")
 
 
+COMMANDS = ("train", "train_clip", "train_gpt", "evaluate", "sample", "export", "serve", "sweep", "data", "bench",
+            "ray_train")
+
+
+def test_help_lists_every_knob_with_its_default_and_meaning():
+    """`--help` (or -h): the command's docstring, then each knob with its default and the comment beside it in the
+    source (the tracker knobs' from tracking.py); exit code 0. Once as typed, then in-process for every command."""
+    import importlib
+
+    import configurator
+    p = subprocess.run([sys.executable, "train.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr[-2000:]
+    assert p.stdout.startswith("Train an image classifier"), p.stdout[:200]
+    lines = {ln.split()[0]: ln for ln in p.stdout.splitlines() if ln.startswith("  --")}
+    assert "= 20" in lines["--log_interval"] and "iterations between log lines" in lines["--log_interval"]
+    assert "view with: tensorboard --logdir out" in lines["--tensorboard"]  # tracking.KNOBS = dict(tensorboard=True, # ...)
+    for name in COMMANDS:
+        mod = importlib.import_module(name)
+        listed = [ln.split()[0][2:] for ln in configurator.usage(mod.DEFAULTS, mod).splitlines() if ln.startswith("  --")]
+        assert listed == list(mod.DEFAULTS), name
+    with pytest.raises(SystemExit) as e:  # whatever else is on the line
+        configurator.load(mod.DEFAULTS, ["config/none.py", "--bogus=1", "--help"])
+    assert e.value.code == 0
+
+
 def test_missing_data(tmp_path):
     rc, lines = run("train.py", "--dataset=chexpert", f"--data_dir={tmp_path / 'nodata'}", f"--out_dir={tmp_path / 'run'}",
                     "--tensorboard_log=False")
