@@ -72,7 +72,7 @@ def _parse_literal(text, default):
 
 def _knob_comments(paths, names):
     """{knob: the comment on its line} for `names`, from Python sources in order until each is found: top-level
-    `name = value  # comment` and the `name=value,  # comment` keywords of top-level calls (tracking.KNOBS = dict(...))."""
+    `name = value  # comment`, and the `name=value,  # comment` keywords of top-level calls (KNOBS = dict(...))."""
     import io
     import tokenize
     found = {}
@@ -98,13 +98,17 @@ def usage(defaults, module):
     """`--help`: the command's docstring, then every knob with its default and the comment beside it in the source
     (the command's own file first, then the project files it imported, e.g. tracking.py for the tracker knobs)."""
     import sys
-    own = os.path.abspath(module.__file__)
-    with open(own) as f:
-        imported = {a.name for node in ast.parse(f.read()).body if isinstance(node, ast.Import) for a in node.names}
-    others = sorted({f for f in (os.path.abspath(getattr(m, "__file__", None) or "") for m in list(sys.modules.values()))
-                     if os.path.dirname(f) == os.path.dirname(own) and f.endswith(".py") and os.path.isfile(f)} - {own},
-                    key=lambda f: (os.path.basename(f)[:-3] not in imported, f))  # the command's own imports first
-    comments = _knob_comments([own, *others], set(defaults))
+    comments = {}
+    own = os.path.abspath(getattr(module, "__file__", None) or "")
+    if os.path.isfile(own):  # not for an interactive session
+        with open(own) as f:
+            imported = {a.name for node in ast.parse(f.read()).body if isinstance(node, ast.Import) for a in node.names}
+        here = os.path.dirname(own)
+        files = {os.path.abspath(getattr(m, "__file__", None) or "") for m in list(sys.modules.values())}
+        others = sorted(  # the project's modules (torch's _classes names a file here that does not exist)
+            {f for f in files if os.path.dirname(f) == here and f.endswith(".py") and os.path.isfile(f)} - {own},
+            key=lambda f: (os.path.basename(f)[:-3] not in imported, f))  # the command's own imports first
+        comments = _knob_comments([own, *others], set(defaults))
     width = max(len(k) for k in defaults)
     rows = [f"  --{k:<{width}} = {defaults[k]!r:<12}  {comments.get(k, '')}".rstrip() for k in defaults]
     return "\n".join([(module.__doc__ or "").strip(), "",
@@ -116,7 +120,8 @@ def load(defaults, argv=None):
     prints the usage of the command whose DEFAULTS these are (its docstring and knobs) and exits."""
     import sys
     if any(a in ("--help", "-h") for a in (argv or [])):
-        owner = [m for m in list(sys.modules.values()) if vars(m).get("DEFAULTS") is defaults]
+        modules = list(sys.modules.values())
+        owner = [m for m in modules if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
         print(usage(defaults, owner[0] if owner else sys.modules["__main__"]))
         raise SystemExit(0)
     cfg = dict(defaults)
