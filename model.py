@@ -238,25 +238,23 @@ class ConvNeXtBlock(nn.Module):
         to (B, H, W, C) then gets for free), and on maps of <= 16 pixels (the last stages at small image sizes) the
         conv is done as one (HW x HW) matrix per channel gathered from the kernel taps, 10-20x faster still. Same
         numbers up to float rounding (tests/test_model.py)."""
-        conv = self.dwconv
-        # The weight through a reshape round trip (views: same values, no copy). On channels_last input the conv's
-        # weight gradient comes back with channels_last strides, which for a (C, 1, k, k) weight differ from the
-        # parameter's only in the size-1 dim; DDP compares strides literally and warned "Grad strides do not match
-        # bucket view strides" in every run. Through the views the gradient arrives in the parameter's own strides.
-        w = conv.weight.flatten(1).view_as(conv.weight)
-        if x.device.type != "cpu" or _counting_flops or torch.compiler.is_compiling():
-            return F.conv2d(x, w, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        B, C, H, W = x.shape
-        if H * W > 16:
+        conv, (B, C, H, W) = self.dwconv, x.shape
+        eager_cpu = x.device.type == "cpu" and not (_counting_flops or torch.compiler.is_compiling())
+        if eager_cpu and H * W <= 16:
+            taps = _tap_index(H, W, conv.kernel_size[0])  # (HW_in, HW_out) -> kernel tap, k*k = out of reach
+            w = F.pad(conv.weight.reshape(C, -1), (0, 1))  # (C, k*k + 1): the last tap is a zero
+            xc = x.permute(1, 0, 2, 3).contiguous().view(C, B, H * W)
+            y = torch.bmm(xc, w[:, taps])  # (C, B, HW_out)
+            if y.requires_grad:  # its gradient comes back strided (the permute below): CPU bmm backward would copy it
+                y.register_hook(torch.Tensor.contiguous)  # one matrix at a time, ~10% of a 64 px ConvNeXt-atto step
+            return y.view(C, B, H, W).permute(1, 0, 2, 3) + conv.bias.view(1, C, 1, 1)
+        if eager_cpu:
             x = x.contiguous(memory_format=torch.channels_last)
-            return F.conv2d(x, w, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        taps = _tap_index(H, W, conv.kernel_size[0])  # (HW_in, HW_out) -> kernel tap, k*k = out of reach
-        w = F.pad(conv.weight.reshape(C, -1), (0, 1))  # (C, k*k + 1): the last tap is a zero
-        xc = x.permute(1, 0, 2, 3).contiguous().view(C, B, H * W)
-        y = torch.bmm(xc, w[:, taps])  # (C, B, HW_out)
-        if y.requires_grad:  # its gradient comes back strided (the permute below): CPU bmm backward would copy it
-            y.register_hook(torch.Tensor.contiguous)  # one matrix at a time, ~10% of a 64 px ConvNeXt-atto step
-        return y.view(C, B, H, W).permute(1, 0, 2, 3) + conv.bias.view(1, C, 1, 1)
+        # The weight through a reshape round trip (views, no copy): on channels_last input the weight gradient comes
+        # back channels_last, i.e. differing from the (C, 1, k, k) parameter's strides in the size-1 dim only, and DDP,
+        # comparing strides literally, warned "Grad strides do not match bucket view strides". Now it matches.
+        w = conv.weight.flatten(1).view_as(conv.weight)
+        return F.conv2d(x, w, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def forward(self, x):  # (B, C, H, W), channels_last memory
         y = self.depthwise(x).permute(0, 2, 3, 1)  # (B, H, W, C)
