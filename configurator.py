@@ -19,6 +19,8 @@ One vocabulary for the three train scripts: `tensorboard`, `init_from` = scratch
 import ast
 import difflib
 import os
+import sys
+import types
 
 
 class ConfigError(ValueError):
@@ -97,18 +99,16 @@ def _knob_comments(paths, names):
 def usage(defaults, module):
     """`--help`: the command's docstring, then every knob with its default and the comment beside it in the source
     (the command's own file first, then the project files it imported, e.g. tracking.py for the tracker knobs)."""
-    import sys
     comments = {}
     own = os.path.abspath(getattr(module, "__file__", None) or "")
     if os.path.isfile(own):  # not for an interactive session
-        with open(own) as f:
-            imported = {a.name for node in ast.parse(f.read()).body if isinstance(node, ast.Import) for a in node.names}
-        here = os.path.dirname(own)
-        files = {os.path.abspath(getattr(m, "__file__", None) or "") for m in list(sys.modules.values())}
-        others = sorted(  # the project's modules (torch's _classes names a file here that does not exist)
-            {f for f in files if os.path.dirname(f) == here and f.endswith(".py") and os.path.isfile(f)} - {own},
-            key=lambda f: (os.path.basename(f)[:-3] not in imported, f))  # the command's own imports first
-        comments = _knob_comments([own, *others], set(defaults))
+        def project_files(objects):  # (torch's _classes module names a file here that is not there)
+            files = (os.path.abspath(getattr(o, "__file__", None) or "")
+                     for o in objects if isinstance(o, types.ModuleType))
+            return sorted(f for f in files if os.path.dirname(f) == os.path.dirname(own) and f.endswith(".py")
+                          and os.path.isfile(f))
+        paths = [own, *project_files(vars(module).values()), *project_files(list(sys.modules.values()))]
+        comments = _knob_comments(dict.fromkeys(paths), set(defaults))  # the command, its imports, the rest
     width = max(len(k) for k in defaults)
     rows = [f"  --{k:<{width}} = {defaults[k]!r:<12}  {comments.get(k, '')}".rstrip() for k in defaults]
     return "\n".join([(module.__doc__ or "").strip(), "",
@@ -118,7 +118,6 @@ def usage(defaults, module):
 def load(defaults, argv=None):
     """Return a new dict: `defaults` updated by config files and --key=value arguments in argv. `--help` (or -h)
     prints the usage of the command whose DEFAULTS these are (its docstring and knobs) and exits."""
-    import sys
     if any(a in ("--help", "-h") for a in (argv or [])):
         modules = list(sys.modules.values())
         owner = [m for m in modules if getattr(m, "__dict__", {}).get("DEFAULTS") is defaults]
@@ -177,7 +176,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportE
 def cli(main):
     """Run main() (which reads sys.argv) as a command: a user error prints `error: <sentence>` on stderr and exits
     with code 2 (the code argparse uses for a usage error). NANORAD_TRACEBACK=1 re-raises it with the traceback."""
-    import sys
     try:
         main()
     except USER_ERRORS as e:
