@@ -1,17 +1,114 @@
-"""Shared fixtures: small prepared phantoms, made once per test session."""
+"""Shared fixtures (small prepared phantoms and the learning runs, made once per test session) and the schedule of
+the parallel run: `python -m pytest` runs the tests in pytest-xdist workers (pytest.ini: -n auto --dist loadgroup),
+one per core up to four, each with its share of the cores as torch threads (one each on 2 cores)."""
 
+import contextlib
+import fcntl
 import os
+import pickle
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+CORES = os.cpu_count() or 1
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, CORES // WORKERS))
+# Before torch is imported, so that the subprocesses the tests start inherit them too. Idle OpenMP threads sleep
+# instead of spinning: a ConvNeXt-atto step at 64 px, two threads, beside a one-thread process on 2 cores: 410 ms
+# (default spin: 634 ms, the other process 527 instead of 372 ms); alone 243 vs 231 ms.
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL = ROOT.parent / "shared" / "data" / "real"  # reference files; tests that need them skip when absent
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(THREADS)
+
+
+@contextlib.contextmanager
+def readme_threads():
+    """Two torch threads, as the README's numbers were measured with, for the quick start on any machine: the runs
+    that start from it inherit its float roundings, and two of their checks sit close to their bars. Measured
+    (2026-11-30): the quick start on one thread ends at val AUC 0.9134 (two: 0.9154), and from that model the
+    phantom CLIP's --query check gets P@20 0.15 and 0.45 (bar 0.48), the 64 px fusion margin on two threads +0.019
+    (bar 0.02);
+    from the two-thread quick start, the CLIP and the fusion runs on one thread get 0.90 and 0.80 and +0.023 (on two:
+    0.90, 0.80, +0.024)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: one worker per core, up to four (PYTEST_XDIST_AUTO_NUM_WORKERS=k overrides; -n 0: one process)."""
+    return int(os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", min(CORES, 4)))
+
+
+# The learning runs take ~80% of the suite's CPU time. They go first, in two groups that xdist (loadgroup) gives one
+# worker each: the quick start and the runs that continue it (with the rest of test_gpt.py after them, so that the
+# worker holds more than two pending tests and takes no other group before its chain is done); and the other learning
+# runs, those that do not need the quick start first (~6 min, the quick start's time: it is built once, by the worker
+# that asks first, and read by the others, see `_once`). The other files follow as groups of their own, longest
+# first, so that module fixtures are made once and the two workers end together. Without xdist (-n 0) the same order
+# runs in one process.
+SCHEDULE = {  # test or file -> group; groups in order of first appearance, a group's listed tests first
+    "test_evaluate.py::test_quickstart_evaluation_writes_the_figures": "quickstart",
+    "test_train.py::test_phantom_run_learns": "quickstart",
+    "test_gpt.py::test_report_from_image_names_the_findings": "quickstart",
+    "test_gpt.py": "quickstart",
+    "test_reports.py::test_gpt_beats_xz_on_real_reports": "learning",
+    "test_compare.py::test_phantom_study_end_to_end": "learning",
+    "test_ray.py": "learning",
+    "test_clip.py::test_clip_phantom_learns": "learning",
+    "test_clip.py::test_clip_distillation_beats_the_student_alone": "learning",
+    "test_fusion.py::test_fusion_recipe_beats_vision_by_002_at_64px": "learning",
+    "test_export.py::test_distillation_improves_student": "learning",
+    "test_faults.py": "test_faults.py",
+    "test_phantom.py": "test_phantom.py",
+    "test_user_errors.py": "test_user_errors.py",
+    "test_tracking.py": "test_tracking.py",
+    "test_serve.py": "serve", "test_browser.py": "serve",  # serve_models is built once for both files
+    "test_train.py": "test_train.py",
+    "test_fusion.py": "test_fusion.py",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into node id suffixes
+def pytest_collection_modifyitems(config, items):
+    keys, groups = list(SCHEDULE), list(dict.fromkeys(SCHEDULE.values()))
+    for item in items:
+        test, name = f"{item.path.name}::{item.originalname}", item.path.name
+        group = SCHEDULE.get(test) or SCHEDULE.get(name, name)
+        item.add_marker(pytest.mark.xdist_group(group))
+        key = test if test in keys else name
+        item.stash[_ORDER] = (groups.index(group) if group in groups else len(groups),
+                              keys.index(key) if key in keys else len(keys))
+    items.sort(key=lambda item: item.stash[_ORDER])  # stable: otherwise pytest's order
+
+
+_ORDER = pytest.StashKey[tuple]()
+
+
+def _once(tmp_path_factory, name, build):
+    """build(folder) -> result, run once for the whole session: the first worker to ask builds it under a file lock
+    in the folder all workers share; the others wait for it and read the result back."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    folder, done = root / name, root / f"{name}.pkl"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            done.write_bytes(pickle.dumps(build(folder)))
+        return pickle.loads(done.read_bytes())
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +133,14 @@ def quickstart_run(tmp_path_factory):
     800 steps), in a temporary folder; made once per session (~3 min on 2 cores) and shared by the slow tests that
     need a trained image model: the learning check, and the CLIP and report-GPT recipes that start from it."""
     import train
-    root = tmp_path_factory.mktemp("quickstart")
-    data_dir, out_dir = root / "phantom", root / "out"
-    final = train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--tensorboard_log=False", "--log_interval=100"])
-    return dict(data_dir=str(data_dir), out_dir=str(out_dir), best=str(out_dir / "best.pt"), final=final)
+
+    def build(root):
+        data_dir, out_dir = root / "phantom", root / "out"
+        with readme_threads():
+            final = train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--tensorboard_log=False",
+                                "--log_interval=100"])
+        return dict(data_dir=str(data_dir), out_dir=str(out_dir), best=str(out_dir / "best.pt"), final=final)
+    return _once(tmp_path_factory, "quickstart", build)
 
 
 @pytest.fixture(scope="session")
