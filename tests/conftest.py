@@ -34,10 +34,9 @@ def readme_threads():
     """Two torch threads, as the README's numbers were measured with, for the quick start on any machine: the runs
     that start from it inherit its float roundings, and two of their checks sit close to their bars. Measured
     (2026-11-30): the quick start on one thread ends at val AUC 0.9134 (two: 0.9154), and from that model the
-    phantom CLIP's --query check gets P@20 0.15 and 0.45 (bar 0.48), the 64 px fusion margin on two threads +0.019
-    (bar 0.02);
-    from the two-thread quick start, the CLIP and the fusion runs on one thread get 0.90 and 0.80 and +0.023 (on two:
-    0.90, 0.80, +0.024)."""
+    phantom CLIP's --query check gets P@20 0.15 and 0.45 (bar 0.48) and the 64 px fusion margin on two threads
+    +0.019 (bar 0.02); from the two-thread quick start the CLIP and the fusion runs on one thread get 0.90 and 0.80
+    and +0.023 (on two threads: 0.90, 0.80 and +0.024)."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
