@@ -444,7 +444,8 @@ def test_train_clip_smoke(tiny_phantom, tmp_path):
 
 
 @pytest.mark.slow
-def test_clip_phantom_learns(clip_phantom_run):
+@pytest.mark.learning
+def test_clip_phantom_learns(clip_phantom_run, learning):
     """The two-stage quick-start recipe on a 1,000-pair validation pool: python train.py (the image tower learns the
     findings from labels; the session's quick-start run), then python train_clip.py config/clip_phantom.py.
     Negation-aware zero-shot macro AUC (softmax over "finding" vs "no finding" prompts in the reports' wording)
@@ -453,8 +454,9 @@ def test_clip_phantom_learns(clip_phantom_run):
     rec = clip_phantom_run["final"]["last"]
     print("clip phantom:", {k: rec[k] for k in ("zs_neg_auc_macro", "zs_auc_macro", "lab_i2t_r5", "lab_chance_r5")})
     assert rec["pool"] == 1000
-    assert rec["zs_neg_auc_macro"] >= 0.8, rec["zs_auc"]
-    assert rec["lab_i2t_r5"] >= 0.5 and rec["lab_i2t_r5"] >= rec["lab_chance_r5"] + 0.1
+    learning("zs_neg_auc_macro", rec["zs_neg_auc_macro"], 0.8)
+    learning("lab_i2t_r5", rec["lab_i2t_r5"], 0.5)
+    learning("lab_i2t_r5 - chance", rec["lab_i2t_r5"] - rec["lab_chance_r5"], 0.1)
     # --query in a finding's own wording, ranked against "No <query>." (CheXzero's negation-aware score): the top 20
     # validation images hold effusions (by their labels, not by the word: "No pleural effusion." has it too) at >= 3x
     # the base rate (measured: P@20 0.90 and 0.80, base 0.16; plain cosine 0.10 and 0.25, issue 21)
@@ -465,11 +467,12 @@ def test_clip_phantom_learns(clip_phantom_run):
                                "--eval_only=True", f"--query={query}", "--top_k=20"])
         precision = float(np.mean([eff[i] for i, _, _ in res["images"]]))
         print(f"{query!r}: effusions in the top 20 {precision:.2f} (base rate {eff.mean():.3f})")
-        assert precision >= 3 * eff.mean(), (query, precision, eff.mean())
+        learning(f"P@20 / base rate, {query!r}", precision / eff.mean(), 3)
 
 
 @pytest.mark.slow
-def test_clip_distillation_beats_the_student_alone(tmp_path, clip_phantom_run):
+@pytest.mark.learning
+def test_clip_distillation_beats_the_student_alone(tmp_path, clip_phantom_run, learning):
     """config/distill_clip_phantom.py: a 5x smaller CLIP (ViT 3x128 on 8-px patches + a 1-block text tower, from
     scratch) trained with the phantom CLIP as its teacher (0.5 x InfoNCE + 0.5 x KL over the batch's similarities)
     beats the same student, same seed and steps, trained alone, on negation-aware zero-shot macro AUC."""
@@ -482,4 +485,4 @@ def test_clip_distillation_beats_the_student_alone(tmp_path, clip_phantom_run):
     print(f"CLIP distillation: zs_neg_auc_macro alone {a['zs_neg_auc_macro']:.4f} -> taught {t['zs_neg_auc_macro']:.4f} "
           f"(teacher {clip_phantom_run['final']['last']['zs_neg_auc_macro']:.4f}); lab_i2t_r5 {a['lab_i2t_r5']:.3f} -> "
           f"{t['lab_i2t_r5']:.3f}")
-    assert t["zs_neg_auc_macro"] >= a["zs_neg_auc_macro"] + 0.02
+    learning("taught - alone zs_neg_auc_macro", t["zs_neg_auc_macro"] - a["zs_neg_auc_macro"], 0.02)

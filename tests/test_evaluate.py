@@ -561,13 +561,14 @@ def test_predict_csv_equals_the_test_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_evaluation_writes_the_figures(quickstart_run, tmp_path):
+@pytest.mark.learning
+def test_quickstart_evaluation_writes_the_figures(quickstart_run, tmp_path, learning):
     """python evaluate.py --ckpt=out/quickstart/best.pt --split=test, on the session's quick-start run: the ROC,
     PR and reliability PNGs (matplotlib is in requirements.txt) and a real AUC."""
     rep = evaluate.main([f"--ckpt={quickstart_run['best']}", "--split=test", "--n_bootstrap=50", "--tensorboard=False",
                          f"--out_dir={tmp_path}"])
     for kind in ("roc", "pr", "reliability"):
         assert os.path.getsize(tmp_path / f"test_{kind}.png") > 10_000, kind
-    assert rep["auc_macro"] > 0.85  # the quick start's test AUC is ~0.9
+    learning("quick start test auc_macro", rep["auc_macro"], 0.85)  # the quick start's test AUC is ~0.9
     # the phantom draws the 5 competition findings, so its reports carry the competition number too
     assert rep["auc_comp5"] == pytest.approx(np.mean([rep["auc"][c] for c in metrics.CHEXPERT_COMPETITION]))

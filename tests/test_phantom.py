@@ -100,7 +100,8 @@ def test_images_carry_signal():
 
 
 @pytest.mark.slow
-def test_logistic_regression_on_thumbnails_is_not_enough():
+@pytest.mark.learning
+def test_logistic_regression_on_thumbnails_is_not_enough(learning):
     """The issue's bar: a per-class linear model on 16x16 thumbnails stays <= 0.80 macro AUC (a CNN gets >= 0.90)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -115,7 +116,8 @@ def test_logistic_regression_on_thumbnails_is_not_enough():
     aucs = [roc_auc_score(Y[n_train:, c], LogisticRegression(max_iter=1000, C=1.0).fit(Xtr, Y[:n_train, c]).decision_function(Xva))
             for c in range(len(phantom.CLASSES))]
     print("logistic AUC", dict(zip(phantom.CLASSES, np.round(aucs, 3))), "macro", round(float(np.mean(aucs)), 3))
-    assert 0.6 < np.mean(aucs) <= 0.80, np.mean(aucs)
+    learning("logistic macro AUC (a floor)", np.mean(aucs), 0.6)
+    learning("logistic macro AUC (a ceiling)", np.mean(aucs), 0.80, above=False)
 
 
 @pytest.mark.slow

@@ -224,7 +224,8 @@ def test_start_up_errors_name_the_fix(serve_models, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_search_finds_the_own_report_of_an_index_image(serve_clip):
+@pytest.mark.learning
+def test_search_finds_the_own_report_of_an_index_image(serve_clip, learning):
     """A CLIP that has learned its training pairs (serve_clip) searching an index of those pairs: an image uploaded
     as a PNG file gets its own reference report in the top 5 (of 400+ distinct reports) for most images, and every
     score equals the direct computation with runs.py's CLIP encoders (the ones train_clip.py trains with)."""
@@ -246,7 +247,7 @@ def test_search_finds_the_own_report_of_an_index_image(serve_clip):
                 t = runs.encode_texts(m["net"], m["tok"], [h["report"] for h in reports], m["cfg"], "cpu")
             np.testing.assert_allclose([h["score"] for h in reports], (t @ v).numpy(), atol=1e-5)
     print(f"own report in the top 5: {sum(hits)}/{len(hits)}")
-    assert np.mean(hits) >= 0.4, hits  # chance: 5 / 400+ ~ 0.012
+    learning("own report in the top 5", np.mean(hits), 0.4)  # chance: 5 / 400+ ~ 0.012
 
 
 # -----------------------------------------------------------------------------
