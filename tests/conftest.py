@@ -179,11 +179,14 @@ def clip_phantom_run(tmp_path_factory, quickstart_run):
     """python train_clip.py config/clip_phantom.py after the quick start (the two-stage phantom CLIP, ~2-3 min on 2
     cores): the CLIP learning check reads its numbers, and the CLIP distillation test uses it as the teacher."""
     import train_clip
-    out = tmp_path_factory.mktemp("clip_phantom") / "run"
-    final = train_clip.main([str(ROOT / "config" / "clip_phantom.py"), f"--data_dir={quickstart_run['data_dir']}",
-                             f"--out_dir={out}", f"--image_init={quickstart_run['best']}", "--device=cpu",
-                             "--tensorboard_log=False"])
-    return dict(data_dir=quickstart_run["data_dir"], out_dir=str(out), best=str(out / "best.pt"), final=final)
+
+    def build(root):
+        out = root / "run"
+        final = train_clip.main([str(ROOT / "config" / "clip_phantom.py"), f"--data_dir={quickstart_run['data_dir']}",
+                                 f"--out_dir={out}", f"--image_init={quickstart_run['best']}", "--device=cpu",
+                                 "--tensorboard_log=False"])
+        return dict(data_dir=quickstart_run["data_dir"], out_dir=str(out), best=str(out / "best.pt"), final=final)
+    return _once(tmp_path_factory, "clip_phantom", build)
 
 
 @pytest.fixture(scope="session")
@@ -191,11 +194,14 @@ def phantom_long_run(tmp_path_factory, quickstart_run):
     """python train.py config/convnext_phantom_long.py after the quick start (its model continued 1,200 steps with
     augmentation, ~5-6 min on 2 cores): the stronger phantom classifier the report GPT starts its image encoder from."""
     import train
-    out = tmp_path_factory.mktemp("phantom_long") / "run"
-    final = train.main([str(ROOT / "config" / "convnext_phantom_long.py"), f"--data_dir={quickstart_run['data_dir']}",
-                        f"--pretrained_path={quickstart_run['best']}", f"--out_dir={out}", "--tensorboard_log=False",
-                        "--log_interval=200"])
-    return dict(data_dir=quickstart_run["data_dir"], out_dir=str(out), best=str(out / "best.pt"), final=final)
+
+    def build(root):
+        out = root / "run"
+        final = train.main([str(ROOT / "config" / "convnext_phantom_long.py"),
+                            f"--data_dir={quickstart_run['data_dir']}", f"--pretrained_path={quickstart_run['best']}",
+                            f"--out_dir={out}", "--tensorboard_log=False", "--log_interval=200"])
+        return dict(data_dir=quickstart_run["data_dir"], out_dir=str(out), best=str(out / "best.pt"), final=final)
+    return _once(tmp_path_factory, "phantom_long", build)
 
 
 # -----------------------------------------------------------------------------
