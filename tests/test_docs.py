@@ -143,7 +143,8 @@ def check_command(script, args, extra=frozenset()):
                 problems.append(f"{script} --{key}: an old name, use --{configurator.ALIASES[key]}")
             elif key not in valid and not _placeholder(key):
                 near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-                problems.append(f"{script} has no knob --{key}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+                hint = f" (did you mean {', '.join(near)}?)" if near else ""
+                problems.append(f"{script} has no knob --{key}{hint}")
         elif defaults is not None and arg.endswith(".py") and not _placeholder(arg):
             path = os.path.join(ROOT, arg)
             problems += _check_config(path, script, defaults) if os.path.isfile(path) else [f"{arg} does not exist"]

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ("leaves", "plumbing", "data", "models", "runs", "commands")  # bottom to top: a file imports at or below its own
+ORDER = ("leaves", "plumbing", "data", "models", "runs", "commands")  # bottom to top: imports at or below one's own
 
 # file -> (layer, why it is also a command: "" for a library, or for a command, which is one anyway). The library files
 # with a main() make a data set or a tokenizer from the shell without a second file; nothing imports a command.
@@ -169,9 +169,10 @@ def test_the_layer_checks_fail_on_a_bad_tree(tmp_path):
         "evaluate.py imports sample: a command is not a library; move what two commands share into a library file "
         "below them",
         "tracking.py (plumbing) imports train (commands), a layer above it"]
-    assert "new_thing.py has no layer: add it to LAYERS (tests/test_layout.py) and to docs/architecture.md" in unlayered(
-        str(tmp_path), LAYERS)
-    assert architecture_table("| `x.py` | models | a model | |\n| `y.py` | nowhere | ? | |\n") == {"x.py": ("models", "")}
+    new = "new_thing.py has no layer: add it to LAYERS (tests/test_layout.py) and to docs/architecture.md"
+    assert new in unlayered(str(tmp_path), LAYERS)
+    table = "| `x.py` | models | a model | |\n| `y.py` | nowhere | ? | |\n"
+    assert architecture_table(table) == {"x.py": ("models", "")}
 
 
 def _cycles(graph):
