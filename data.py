@@ -17,14 +17,21 @@ Writes out_dir (default data/<dataset>): meta.json, {split}_images.u8 (N x H x W
 the dataset has raw label codes (CheXpert, MIMIC-CXR: 1, 0, -1 = uncertain, NaN = blank).
 Splits are patient-level (asserted disjoint) and stratified by label; meta.json says where the
 patient ids came from (patient_id_source: a folder set without ids in its file names gets a loud
-warning, see readers.read_folder). An empty split is refused; a class absent from a split is
-warned about. CheXpert's test split is exactly valid.csv by default (--test_source, --test_csv).
+warning, see readers.read_folder); every prepare prints the patient count, the rule and three
+examples, and an inferred rule that is ambiguous (several rules fit, or one "patient" holds over
+10% of the images: a site or date prefix) is refused until --patient_pattern says it. A multi-class
+set needs two classes. An empty split is refused, also one emptied by skipped images; a class
+absent from a split is warned about. CheXpert's test split is exactly valid.csv by default
+(--test_source, --test_csv).
 Paths listed in a dataset's files must stay inside its root (--allow_outside_root=True to allow).
-Decoding uses every core; a killed prepare resumes where it stopped when rerun with the same
+Free disk space is checked and the image files' blocks reserved before decoding (a full disk is one
+sentence naming the folder and the bytes, not a SIGBUS); a decode worker that dies is an error, not a
+hang. Decoding uses every core; a killed prepare resumes where it stopped when rerun with the same
 arguments, also when killed while finishing; meta.json is written last, only after each final
 image file's pixel sums equal what was decoded, so a folder without it is never read. meta.json's
 data_hash (and split_hashes) is a sha256 of the image bytes and label arrays. A folder prepared
-from other inputs (another CSV, other knobs) is refused unless --overwrite=True, which re-prepares it.
+from other inputs (another CSV, other knobs, an image file changed or fixed since: its size and
+mtime are in input_hash) is refused unless --overwrite=True, which re-prepares it.
 """
 
 import collections
@@ -783,16 +790,22 @@ def _report(out, meta, n_done, seconds):
             print(f"  {c:<{width}}  " + "  ".join(f"{v:7.2f}" for v in cells))
 
 
+def is_phantom_folder(data_dir):
+    """Whether a train script may generate a missing data_dir by itself: only a folder named phantom* (data/phantom,
+    data/phantom32, data/phantom_reports), where a generated data set is what the name asks for."""
+    return Path(data_dir).name.startswith("phantom")
+
+
 def load_run_data(cfg, dist, log):
     """meta.json of cfg['data_dir'] for a train script, generating the phantom first when that is what is missing
     (on the master; the other ranks wait); checks that the data was prepared at cfg['image_size'].
 
-    The phantom is generated only in a folder named phantom* (data/phantom, the default; data/phantom32): the train
-    scripts' dataset knob is 'phantom' by default, so any other missing folder is a typo or an unprepared data set,
-    and generating 12,000 phantom images there would train on them without a word (issue 31)."""
+    The phantom is generated only in a folder named phantom* (is_phantom_folder): the train scripts' dataset knob is
+    'phantom' by default, so any other missing folder is a typo or an unprepared data set, and generating 12,000
+    phantom images there would train on them without a word (issue 31)."""
     d = cfg["data_dir"]
     missing = not os.path.exists(os.path.join(d, "meta.json"))
-    if missing and cfg["dataset"] == "phantom" and not Path(d).name.startswith("phantom"):
+    if missing and cfg["dataset"] == "phantom" and not is_phantom_folder(d):
         raise FileNotFoundError(f"{os.path.join(d, 'meta.json')} not found{_did_you_mean(d)}: prepare the data first "
                                 f"with `python data.py --dataset=<chexpert|nih|folder|...> --root=<raw data> "
                                 f"--out_dir={d}`; the train scripts generate the phantom by themselves only in a "
