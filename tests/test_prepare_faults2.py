@@ -69,17 +69,16 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_is_one_sentence_not_a_hang(tmp_path, small_disk, alarm):
-    """With worker processes (the default): 40 images at 128 px need ~0.7 MB on a 300 kB disk. Before: a worker died
-    of SIGBUS on its memmap write and the pool waited forever (one worker: "Bus error", rc 135). Now: refused before
-    anything is written, with a sentence naming the folder and the bytes (the command line prints it as one
-    `error:` line, rc 2)."""
+    """With worker processes (the default): 40 images at 256 px need 2.6 MB on a 300 kB disk. Before: a worker died
+    of SIGBUS on its memmap write and the pool waited forever. Now: refused before anything is written, with a
+    sentence naming the folder and the bytes (the command line prints it as one `error:` line, rc 2)."""
     root = _folder(tmp_path / "raw", n_patients=20)
     out = small_disk / "out"
-    alarm(60)
+    alarm(30)
     with pytest.raises(ValueError, match=rf"^not enough disk space for {re.escape(str(out))}/: this prepare writes "
                                          rf"about [\d,]+ bytes \([\d.]+ MiB\) more there and [\d,]+ bytes .* are "
                                          rf"free; free some space or choose another --out_dir"):
-        data.prepare(_cfg(root, out, image_size=128, num_workers=2, chunk_size=5))
+        data.prepare(_cfg(root, out, image_size=256, num_workers=2, chunk_size=5))
     alarm(0)
     assert not list(out.iterdir()), "files left behind that a rerun could trust"
 
@@ -90,9 +89,9 @@ def test_disk_full_after_the_check_is_the_same_sentence(tmp_path, small_disk, mo
     root = _folder(tmp_path / "raw", n_patients=20)
     out = small_disk / "out"
     monkeypatch.setattr(data.shutil, "disk_usage", lambda path: SimpleNamespace(total=1 << 40, used=0, free=1 << 40))
-    alarm(60)
+    alarm(30)
     with pytest.raises(ValueError, match=rf"not enough disk space for {re.escape(str(out))}/: .* bytes"):
-        data.prepare(_cfg(root, out, image_size=128, num_workers=2))
+        data.prepare(_cfg(root, out, image_size=256, num_workers=2, chunk_size=5))
     alarm(0)
     assert not list(out.glob("*.partial")) and not (out / "meta.json").exists()
 
@@ -109,7 +108,7 @@ def _dies_on_chunk_1(task):
 def test_dead_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, alarm):
     root = _folder(tmp_path / "raw")
     monkeypatch.setattr(data, "_decode_chunk", _dies_on_chunk_1)  # the forked workers inherit it
-    alarm(60)
+    alarm(30)
     with pytest.raises(RuntimeError, match="decode worker process died.*rerun the same command to resume"):
         data.prepare(_cfg(root, tmp_path / "out", num_workers=2))
     alarm(0)
