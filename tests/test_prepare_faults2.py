@@ -105,6 +105,7 @@ def _dies_on_chunk_1(task):
     return _REAL_DECODE(task)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the workers must be forked to inherit the patched function")
 def test_dead_worker_is_an_error_not_a_hang(tmp_path, monkeypatch, alarm):
     root = _folder(tmp_path / "raw")
     monkeypatch.setattr(data, "_decode_chunk", _dies_on_chunk_1)  # the forked workers inherit it
