@@ -17,28 +17,40 @@ Writes out_dir (default data/<dataset>): meta.json, {split}_images.u8 (N x H x W
 the dataset has raw label codes (CheXpert, MIMIC-CXR: 1, 0, -1 = uncertain, NaN = blank).
 Splits are patient-level (asserted disjoint) and stratified by label; meta.json says where the
 patient ids came from (patient_id_source: a folder set without ids in its file names gets a loud
-warning, see readers.read_folder). An empty split is refused; a class absent from a split is
-warned about. CheXpert's test split is exactly valid.csv by default (--test_source, --test_csv).
+warning, see readers.read_folder); every prepare prints the patient count, the rule and three
+examples, and an inferred rule that is ambiguous (several rules fit, or one "patient" holds over
+10% of the images: a site or date prefix) is refused until --patient_pattern says it. A multi-class
+set needs two classes. An empty split is refused, also one emptied by skipped images; a class
+absent from a split is warned about. CheXpert's test split is exactly valid.csv by default
+(--test_source, --test_csv).
 Paths listed in a dataset's files must stay inside its root (--allow_outside_root=True to allow).
-Decoding uses every core; a killed prepare resumes where it stopped when rerun with the same
+Free disk space is checked and the image files' blocks reserved before decoding (a full disk is one
+sentence naming the folder and the bytes, not a SIGBUS); a decode worker that dies is an error, not a
+hang. Decoding uses every core; a killed prepare resumes where it stopped when rerun with the same
 arguments, also when killed while finishing; meta.json is written last, only after each final
 image file's pixel sums equal what was decoded, so a folder without it is never read. meta.json's
 data_hash (and split_hashes) is a sha256 of the image bytes and label arrays. A folder prepared
-from other inputs (another CSV, other knobs) is refused unless --overwrite=True, which re-prepares it.
+from other inputs (another CSV, other knobs, an image file changed or fixed since: its size and
+mtime are in input_hash) is refused unless --overwrite=True, which re-prepares it.
 """
 
+import collections
 import csv
+import difflib
+import errno
 import functools
 import hashlib
 import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,9 +59,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from readers import (CHEXPERT_CLASSES, IMAGE_EXTS, NIH_CLASSES, READER_KNOBS, Source, index_record,  # noqa: F401
-                     decode_image, load_gray, read_chexpert, read_covidx, read_dataset, read_folder,
-                     read_nih, read_phantom, read_roco, read_vinbigdata, resize_square)
+from readers import (CHEXPERT_CLASSES, FOLDER_PATIENT_RULES, IMAGE_EXTS, NIH_CLASSES,  # noqa: F401
+                     READER_KNOBS, Source, index_record, decode_image, load_gray, read_chexpert, read_covidx,
+                     read_dataset, read_folder, read_nih, read_phantom, read_roco, read_vinbigdata, resize_square)
 import configurator
 import phantom
 
@@ -288,6 +300,15 @@ def write_prepared(out_dir, splits, meta):
     return _finish_meta(out, meta, {s: v[1] for s, v in splits.items()}, sums[train], parts)
 
 
+def _did_you_mean(data_dir):
+    """' (did you mean data/mylab?)' when a prepared folder beside data_dir has a close name (a typo), else ''."""
+    want = Path(data_dir)
+    parent = want.parent if want.parent.is_dir() else None
+    near = difflib.get_close_matches(want.name, [d.name for d in parent.iterdir() if (d / "meta.json").is_file()]
+                                     if parent else [], n=1, cutoff=0.6)
+    return f" (did you mean {parent / near[0]}?)" if near else ""
+
+
 def load_meta(data_dir, prepare=None):
     """<data_dir>/meta.json of a finished prepare (data.py's or text_data.py's: prepare = the command that makes it)."""
     path = Path(data_dir) / "meta.json"
@@ -295,8 +316,9 @@ def load_meta(data_dir, prepare=None):
         name = Path(data_dir).name
         cmd = prepare or (f"python data.py --dataset={name} --out_dir={data_dir}" if name == "phantom" else
                           f"python data.py --dataset=<chexpert|nih|...> --root=<raw data> --out_dir={data_dir}")
-        raise FileNotFoundError(f"{path} not found: prepare the data first with `{cmd}` (a folder without "
-                                f"meta.json is an unfinished prepare; rerunning the same command resumes it)")
+        raise FileNotFoundError(f"{path} not found{_did_you_mean(data_dir)}: prepare the data first with `{cmd}` "
+                                f"(a folder without meta.json is an unfinished prepare; rerunning the same command "
+                                f"resumes it)")
     with open(path) as f:
         return json.load(f)
 
@@ -354,7 +376,18 @@ def _clear(out):
         (out / name).unlink(missing_ok=True)
 
 
+def _file_stamp(path):
+    """Size and modification time: hashing the bytes of every image would read the data set twice."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"  # decoding reports (or, with --on_bad_image=skip, counts) it
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
 def input_hash(src, cfg):
+    """A digest of what defines the prepared folder: the knobs, the dataset's list files, the image paths and each
+    image file's size and mtime (so a rerun after fixing a skipped image is not "already prepared")."""
     h = hashlib.sha256()
     h.update(json.dumps({k: cfg[k] for k in COMMON_KNOBS + READER_KNOBS[cfg["dataset"]]}, sort_keys=True).encode())
     for path in src.hash_files:
@@ -362,9 +395,54 @@ def input_hash(src, cfg):
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     h.update("\n".join(r["path"] for r in src.records).encode())
+    if src.images is None:  # the image files themselves: a file fixed or replaced after a prepare is another input
+        h.update("\n".join(_file_stamp(r["path"]) for r in src.records).encode())
     if cfg["dataset"] == "folder":  # patient ids come from a file-name rule there, and the split depends on them
         h.update(("\n" + src.patient_id_source + "\n" + "\n".join(r["patient_id"] for r in src.records)).encode())
     return h.hexdigest()[:16]
+
+
+def space_needed(split_rows, S, n_classes, on_bad_image):
+    """Bytes a prepare writes: the image files, the copy that drops skipped rows (the largest split, made while its
+    partial still exists), the index/label tables (~512 bytes a row: paths, ids, text) and 1 MiB for the rest."""
+    rows = [len(r) for r in split_rows.values()]
+    copy = max(rows, default=0) * S * S if on_bad_image == "skip" else 0
+    return sum(rows) * (S * S + 512 + 8 * n_classes) + copy + (1 << 20)
+
+
+def _size(n):
+    return f"{n:,} bytes ({n / (1 << 20):.1f} MiB)"
+
+
+def check_space(out, need):
+    """Refuse to start writing need bytes into out when its disk has less free space (before a memmap is made)."""
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise ValueError(no_space_error(out, need, free))
+
+
+def no_space_error(out, need, free=None):
+    free = shutil.disk_usage(out).free if free is None else free
+    return (f"not enough disk space for {out}/: this prepare writes about {_size(need)} more there and {_size(free)} "
+            f"are free; free some space or choose another --out_dir (finished chunks are kept: the same command "
+            f"resumes)")
+
+
+def allocate(path, size):
+    """A file of `size` zero bytes whose disk blocks are reserved now: on a full disk this is an OSError (ENOSPC)
+    here, instead of a SIGBUS that kills the process at a later write through the memmap of a sparse file."""
+    try:
+        with open(path, "wb") as f:
+            if size and hasattr(os, "posix_fallocate"):  # elsewhere (macOS) and where the file system cannot reserve
+                try:                                       # blocks: a sparse file, as before
+                    os.posix_fallocate(f.fileno(), 0, size)
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+            f.truncate(size)
+    except OSError:
+        Path(path).unlink(missing_ok=True)  # never leave a half-reserved partial that looks like a started split
+        raise
 
 
 def _decode_chunk(task):
@@ -405,13 +483,17 @@ def _decode_all(out, src, split_rows, cfg, digest):
         state = None
     if state is None:
         state = dict(input_hash=digest, n_chunks=len(chunks), done={}, finalizing=[])
+    alloc = {}
     for s in SPLITS:
         partial, size = out / f"{s}_images.u8.partial", len(split_rows[s]) * S * S
         if s in state.get("finalizing", []):
             continue  # its partial is complete (being moved into place) or already moved: never recreate it (issue 13)
         if not partial.is_file() or os.path.getsize(partial) != size:
-            with open(partial, "wb") as f:
-                f.truncate(size)  # sparse zeros; every row gets written exactly once per chunk
+            alloc[partial] = size
+    in_place = sum(len(r) for r in split_rows.values()) * S * S - sum(alloc.values())  # a resumed prepare's partials
+    check_space(out, space_needed(split_rows, S, len(src.classes), cfg["on_bad_image"]) - in_place)
+    for partial, size in alloc.items():
+        allocate(partial, size)  # every row gets written exactly once per chunk
     atomic_json(state_path, state)
     todo = [c for c in range(len(chunks)) if str(c) not in state["done"]]
     n_todo = sum(chunks[c][2] - chunks[c][1] for c in todo)
@@ -423,14 +505,16 @@ def _decode_all(out, src, split_rows, cfg, digest):
     workers = cfg["num_workers"] or os.cpu_count() or 1
     pool = None
     if workers > 1 and len(todo) > 1:
+        # not multiprocessing.Pool: it replaces a worker that dies (SIGKILL by the OOM killer, SIGBUS) and waits
+        # forever for the chunk it held; the executor fails every pending chunk with BrokenProcessPool instead
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(min(workers, len(todo)))
-        results = pool.imap_unordered(_decode_chunk, tasks)
+        pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx)
+        results = (f.result() for f in as_completed([pool.submit(_decode_chunk, t) for t in tasks]))
     else:
         results = map(_decode_chunk, tasks)
     t0, done, last = time.time(), 0, 0.0
     try:
-        for k, (cid, status, res) in enumerate(results, start=1):
+        for k, (cid, status, res) in enumerate(_survive(results), start=1):
             if status == "error":
                 path, reason = res
                 raise ValueError(f"cannot decode {path}: {reason}. Fix or remove the file, or rerun with "
@@ -448,11 +532,20 @@ def _decode_all(out, src, split_rows, cfg, digest):
                 print(f"\nstopped after {k} chunks (_stop_after_chunks); rerun to resume")
                 return None
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if pool is not None:  # chunks in flight finish (seconds); their results are not recorded, a rerun redoes them
+            pool.shutdown(wait=True, cancel_futures=True)
     print()
     return chunks, state, max(time.time() - t0, 1e-9), n_todo
+
+
+def _survive(results):
+    """The decode results, with a dead worker process said in a sentence instead of BrokenProcessPool's."""
+    try:
+        yield from results
+    except BrokenProcessPool:
+        raise RuntimeError("a decode worker process died without an error (killed: out of memory? a crash inside an "
+                           "image library?); the finished chunks are kept: rerun the same command to resume, with "
+                           "--num_workers=1 to see the failing file, or fewer workers if memory is short") from None
 
 
 def _finalize(out, src, split_rows, chunks, state, meta):
@@ -461,6 +554,14 @@ def _finalize(out, src, split_rows, chunks, state, meta):
     finalizing before its move, so a rerun after a kill anywhere in here redoes the move from the (complete) partial
     or keeps the already-moved file; it never recreates a zero partial over a finished split (issue 13)."""
     S, state_path = meta["image_size"], out / "prepare_state.json"
+    bad_by = {s: [b for c, ch in enumerate(chunks) if ch[0] == s for b in state["done"][str(c)]["bad"]] for s in SPLITS}
+    empty = [s for s in SPLITS if len(bad_by[s]) == len(split_rows[s])]  # (an empty split was refused before decoding)
+    if empty:  # before anything moves: a run would train or evaluate on nothing
+        _, path, why = bad_by[empty[0]][0]
+        counts = ", ".join(f"{s}: {len(bad_by[s])} of {len(split_rows[s])} failed" for s in SPLITS)
+        raise ValueError(f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty after skipping "
+                         f"the images that failed to decode ({counts}), e.g. {path}: {why}; fix those files or the "
+                         f"knobs that decode them, then rerun")
     bad_all, labels_by_split, parts, sums = [], {}, {}, {}
     for s in SPLITS:
         rows = split_rows[s]
@@ -538,18 +639,92 @@ def check_splits(src, split_rows, cfg):
     return out
 
 
+def _check_choice(cfg, key, choices):
+    if cfg[key] not in choices:
+        near = difflib.get_close_matches(str(cfg[key]), choices, n=1, cutoff=0.5)
+        raise configurator.ConfigError(f"--{key}={cfg[key]} is not one of {', '.join(choices)}"
+                                       + (f": did you mean --{key}={near[0]}?" if near else ""))
+
+
+def check_classes(src, cfg):
+    """A multi-class set needs two classes: one class is a folder that is not root/<class>/ (issue 31)."""
+    if src.task == "multiclass" and len(src.classes) < 2:
+        layout = (" (the layout is root/<class>/*.png, one folder per class, e.g. root/normal/ and root/covid/, or "
+                  "root/<train|val|test>/<class>/*.png)") if cfg["dataset"] == "folder" else ""
+        raise ValueError(f"{src.source}: {len(src.records)} images of {len(src.classes)} class {src.classes}: a "
+                         f"classifier needs at least two classes{layout}")
+
+
+# A "patient" holding more than this share of all images is not a person: the largest patient holds 0.16% of NIH
+# ChestX-ray14 (184 of 112,120 images) and 0.04% of CheXpert's train.csv (92 of 223,414). Above 10% there are fewer
+# than ten such groups, too few to deal 15% val/test splits by patient; such an id is a site, scanner or date prefix
+# (site3_pt007.png), and one person's images then cross splits. An explicit --patient_pattern is never refused.
+MAX_PATIENT_SHARE = 0.10
+
+
+def describe_patients(src):
+    """'patients: 40 from <rule>, e.g. a/p007_0.png -> p007, ...' (three examples), printed on every prepare."""
+    first = {}
+    for i, r in enumerate(src.records):
+        first.setdefault(str(r["patient_id"]), i)
+    pids = list(first)
+    picks = [pids[k] for k in sorted({0, len(pids) // 2, len(pids) - 1})] if pids else []
+
+    def short(path):
+        rel = os.path.relpath(path, src.root) if src.root else str(path)
+        return str(path) if rel.startswith("..") else rel
+    examples = ", ".join(f"{short(src.records[first[p]]['path'])} -> {p}" for p in picks)
+    return f"patients: {len(pids):,} from {src.patient_id_source or src.source}, e.g. {examples}"
+
+
+def _same_grouping(a, b):
+    return len(set(zip(a, b))) == len(set(a)) == len(set(b))
+
+
+def check_patients(src):
+    """Refuse an inferred patient-id rule (folder sets) that is ambiguous: several of readers.FOLDER_PATIENT_RULES
+    fit the file names and group them differently, or one "patient" holds more than MAX_PATIENT_SHARE of the images.
+    The fix in both cases is --patient_pattern, which says the rule explicitly."""
+    if not src.patient_id_source.startswith("inferred"):
+        return
+    fix = "pass --patient_pattern='<regex on the file stem, group 1 = patient id>' to say which part is the patient"
+    stems = [Path(r["path"]).stem for r in src.records]
+    fits = []
+    for name, rule in FOLDER_PATIENT_RULES:
+        ms = [rule.match(t) for t in stems]
+        if all(ms):
+            ids = [m.group(1) for m in ms]
+            if len(set(ids)) < len(ids) and not any(_same_grouping(ids, other) for _, other in fits):
+                fits.append((name, ids))
+    if len(fits) > 1:
+        raise ValueError(f"{src.root}: {len(fits)} patient-id rules fit the file names and group them differently: "
+                         + "; ".join(f"{name} gives {len(set(ids))} patients ({stems[0]} -> {ids[0]})"
+                                     for name, ids in fits) + f"; {fix}")
+    ids = [str(r["patient_id"]) for r in src.records]
+    pid, n = collections.Counter(ids).most_common(1)[0]
+    if n > MAX_PATIENT_SHARE * len(ids):
+        stem = stems[ids.index(pid)]
+        raise ValueError(f"{src.root}: the inferred patient id ({src.patient_id_source.split(': ', 1)[-1]}) makes "
+                         f"{pid!r} one patient with {n} of {len(ids)} images ({100 * n / len(ids):.0f}%, e.g. {stem}); "
+                         f"a real patient holds well under 1% of a data set, so {pid!r} is likely a site, scanner or "
+                         f"date, and one person's images could cross splits: {fix}")
+
+
 def prepare(cfg):
     """Prepare cfg['dataset'] into cfg['out_dir']; returns meta (None if stopped by _stop_after_chunks)."""
     unknown = set(cfg) - set(DEFAULTS)
     assert not unknown, f"unknown prepare keys {sorted(unknown)}; valid: {sorted(DEFAULTS)}"
     cfg = {**DEFAULTS, **cfg}
     cfg["image_size"] = cfg["image_size"] or (64 if cfg["dataset"] == "phantom" else 256)
-    if cfg["on_bad_image"] not in ("error", "skip"):
-        raise ValueError(f"on_bad_image={cfg['on_bad_image']!r} must be 'error' or 'skip'")
+    for key, choices in (("on_bad_image", ("error", "skip")), ("resize_mode", ("pad", "center_crop"))):
+        _check_choice(cfg, key, choices)  # before decoding: a bad knob would otherwise fail every image as "bad"
     out = Path(cfg["out_dir"] or f"data/{cfg['dataset']}")
     t0 = time.time()
     src = read_dataset(cfg)
     print(f"read {len(src.records)} records from {src.source} in {time.time() - t0:.1f}s")
+    check_classes(src, cfg)
+    print(describe_patients(src))
+    check_patients(src)
     digest = input_hash(src, cfg)
     if (out / "meta.json").is_file():
         old = load_meta(out).get("input_hash")
@@ -576,18 +751,25 @@ def prepare(cfg):
     if src.labels_raw is not None:
         meta["raw_labels"] = True  # {split}_labels_raw.npy: the dataset's own codes, for evaluation labels (issue 15)
 
-    if src.images is not None:  # the phantom: pixels already made, same split and write path
-        assert src.images.shape[1:] == (cfg["image_size"],) * 2, "generator image size differs from image_size"
-        splits = {s: (src.images[r], src.labels[r], [src.records[i] for i in r])
-                  + ((src.labels_raw[r],) if src.labels_raw is not None else ()) for s, r in split_rows.items()}
-        meta = write_prepared(out, splits, meta)
-        n_done, seconds = len(src.records), time.time() - t0
-    else:
-        result = _decode_all(out, src, split_rows, cfg, digest)
-        if result is None:
-            return None
-        chunks, state, seconds, n_done = result
-        meta = _finalize(out, src, split_rows, chunks, state, dict(meta, image_size=cfg["image_size"]))
+    need = space_needed(split_rows, cfg["image_size"], len(src.classes), cfg["on_bad_image"])
+    try:
+        if src.images is not None:  # the phantom: pixels already made, same split and write path
+            assert src.images.shape[1:] == (cfg["image_size"],) * 2, "generator image size differs from image_size"
+            check_space(out, need)
+            splits = {s: (src.images[r], src.labels[r], [src.records[i] for i in r])
+                      + ((src.labels_raw[r],) if src.labels_raw is not None else ()) for s, r in split_rows.items()}
+            meta = write_prepared(out, splits, meta)
+            n_done, seconds = len(src.records), time.time() - t0
+        else:
+            result = _decode_all(out, src, split_rows, cfg, digest)
+            if result is None:
+                return None
+            chunks, state, seconds, n_done = result
+            meta = _finalize(out, src, split_rows, chunks, state, dict(meta, image_size=cfg["image_size"]))
+    except OSError as e:  # the disk filled up after the check (another writer): the same sentence, not a traceback
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ValueError(no_space_error(out, need)) from None
     _report(out, meta, n_done, seconds)
     return meta
 
@@ -608,10 +790,28 @@ def _report(out, meta, n_done, seconds):
             print(f"  {c:<{width}}  " + "  ".join(f"{v:7.2f}" for v in cells))
 
 
+def is_phantom_folder(data_dir):
+    """Whether a train script may generate a missing data_dir by itself: only a folder named phantom* (data/phantom,
+    data/phantom32, data/phantom_reports), where a generated data set is what the name asks for."""
+    return Path(data_dir).name.startswith("phantom")
+
+
 def load_run_data(cfg, dist, log):
     """meta.json of cfg['data_dir'] for a train script, generating the phantom first when that is what is missing
-    (on the master; the other ranks wait); checks that the data was prepared at cfg['image_size']."""
-    if not os.path.exists(os.path.join(cfg["data_dir"], "meta.json")) and cfg["dataset"] == "phantom":
+    (on the master; the other ranks wait); checks that the data was prepared at cfg['image_size'].
+
+    The phantom is generated only in a folder named phantom* (is_phantom_folder): the train scripts' dataset knob is
+    'phantom' by default, so any other missing folder is a typo or an unprepared data set, and generating 12,000
+    phantom images there would train on them without a word (issue 31)."""
+    d = cfg["data_dir"]
+    missing = not os.path.exists(os.path.join(d, "meta.json"))
+    if missing and cfg["dataset"] == "phantom" and not is_phantom_folder(d):
+        raise FileNotFoundError(f"{os.path.join(d, 'meta.json')} not found{_did_you_mean(d)}: prepare the data first "
+                                f"with `python data.py --dataset=<chexpert|nih|folder|...> --root=<raw data> "
+                                f"--out_dir={d}`; the train scripts generate the phantom by themselves only in a "
+                                f"folder named phantom* (data/phantom); for one here: `python data.py --dataset=phantom "
+                                f"--out_dir={d} --image_size={cfg['image_size']} --n_images={cfg['phantom_images']}`")
+    if missing and cfg["dataset"] == "phantom":
         if dist.master:
             log.line(f"{cfg['data_dir']} is missing: generating the phantom ({cfg['phantom_images']} images at "
                      f"{cfg['image_size']}px)")
