@@ -131,7 +131,8 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") an
 
 def ensure_data(cfg, data_dir, dist):
     """Prepare the phantom sets when missing (rank 0 writes, the others wait); other datasets name the command."""
-    if not os.path.isfile(os.path.join(data_dir, "meta.json")) and cfg["dataset"] in ("phantom_reports", "phantom_pairs"):
+    missing = not os.path.isfile(os.path.join(data_dir, "meta.json"))
+    if missing and cfg["dataset"] in ("phantom_reports", "phantom_pairs") and data.is_phantom_folder(data_dir):
         if dist.master:
             args = [f"--dataset={cfg['dataset']}", f"--out_dir={data_dir}"]
             args += ["--tokenizer=bpe", "--vocab_size=1024"] + (["--max_tokens=64"] if cfg["dataset"] == "phantom_pairs" else [])

@@ -130,7 +130,7 @@ def _once(tmp_path_factory, name, build):
     root = tmp_path_factory.getbasetemp()
     if "PYTEST_XDIST_WORKER" in os.environ:
         root = root.parent
-    if os.environ.get("NANORAD_TEST_CACHE"):  # tests/perturb.py --keep: the runs outlive the session, for reruns
+    if os.environ.get("NANORAD_TEST_CACHE"):  # tests/perturb.py: the runs outlive the session, for reruns
         root = Path(os.environ["NANORAD_TEST_CACHE"])
         root.mkdir(parents=True, exist_ok=True)
     folder, done = root / name, root / f"{name}.pkl"

@@ -181,6 +181,16 @@ def test_typo_in_data_dir_is_an_error_not_a_phantom(tmp_path):
     assert sum(meta["splits"].values()) == 60
 
 
+def test_typo_in_gpt_data_dir_is_an_error_not_a_phantom(tmp_path):
+    """train_gpt.py generates its phantom (image, report) sets only in a missing folder named phantom*, as train.py."""
+    import train_gpt
+    dist = SimpleNamespace(master=True, ddp=False)
+    cfg = dict(dataset="phantom_reports")
+    with pytest.raises(FileNotFoundError, match="my_reports/meta.json not found"):
+        train_gpt.ensure_data(cfg, str(tmp_path / "my_reports"), dist)
+    assert not (tmp_path / "my_reports").exists()
+
+
 # -----------------------------------------------------------------------------
 # the layout, a fixed file, a knob value, all images bad
 
