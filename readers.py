@@ -814,8 +814,8 @@ def _read_dicom(path):
         c, w = first(center), first(width)
         if w > 1:
             lo, hi = c - w / 2, c + w / 2
-    elif not palette and "VOILUTSequence" in ds:  # without a window: the VOI table, its output min-max scaled
-        a = apply_voi_lut(a, ds, prefer_lut=True).astype(np.float32)
+    elif not palette and "VOILUTSequence" in ds:  # without a window: the VOI table (its input: integer values)
+        a = apply_voi_lut(np.rint(a).astype(np.int64), ds, prefer_lut=True).astype(np.float32)
     u8 = _rescale_u8(a, lo, hi)
     if photometric == "MONOCHROME1":
         u8 = 255 - u8  # MONOCHROME1: high values are dark; flip so that bone is bright in every image
