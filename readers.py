@@ -99,7 +99,7 @@ def _text_error(path, line, e):
                           f"Windows-1252 file?): save it as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f latin1 -t utf-8)")
     if isinstance(e, csv.Error):
         return ValueError(f"{name}:{line}: {e}: fix that line (quote a field holding a comma, quote or newline)")
-    return ValueError(f"{name} cannot be read after line {line} ({type(e).__name__}: {e}): the download is damaged or "
+    return ValueError(f"{name} cannot be read at line {line} ({type(e).__name__}: {e}): the download is damaged or "
                       f"cut short; fetch the file again")
 
 
@@ -117,6 +117,11 @@ def read_lines(path):
             raise _text_error(path, line_no + 1, e) from None
 
 
+def _error_line(reader, e):
+    # the csv module counts the line it fails to parse; a read or decode error comes before the count
+    return reader.line_num if isinstance(e, csv.Error) else reader.line_num + 1
+
+
 def read_csv(path, need=()):
     """-> (header, rows) of a dataset CSV (plain or .gz, UTF-8 with or without a BOM); rows yields (line number,
     cells) for each non-blank row. The header must hold every column in `need`; each row must have as many fields
@@ -128,7 +133,7 @@ def read_csv(path, need=()):
         header = next((row for row in reader if row), None)
     except _READ_ERRORS as e:
         f.close()
-        raise _text_error(path, reader.line_num + 1, e) from None
+        raise _text_error(path, _error_line(reader, e), e) from None
     if header is None:
         f.close()
         raise ValueError(f"{name} is empty (no header line): the download or export stopped; fetch or save the file "
@@ -136,7 +141,7 @@ def read_csv(path, need=()):
     missing = [c for c in need if c not in header]
     if missing:
         f.close()
-        raise ValueError(f"{name}:1: the header lacks the column(s) {missing} (it has {header[:12]}"
+        raise ValueError(f"{name}:{reader.line_num}: the header lacks the column(s) {missing} (it has {header[:12]}"
                          f"{' ...' if len(header) > 12 else ''}): pass the dataset's own file, or name the columns so")
     return header, _csv_rows(path, f, reader, header)
 
@@ -155,7 +160,7 @@ def _csv_rows(path, f, reader, header):
                 n += 1
                 yield reader.line_num, row
         except _READ_ERRORS as e:
-            raise _text_error(path, reader.line_num + 1, e) from None
+            raise _text_error(path, _error_line(reader, e), e) from None
     if n == 0:
         raise ValueError(f"{shown(path)} has a header but no rows: the download or export stopped after line 1; fetch "
                          f"or save the file again")

@@ -24,8 +24,9 @@ model's size, padded square), so /v1/classify returns the numbers evaluate.py pr
 the classifier's own validation split with evaluate.py's rule (Youden by default) when that prepared folder exists,
 else 0.5 (the response says which). All model work runs in one worker thread (the event loop keeps answering);
 with --max_batch>1 concurrent classify requests that arrive within --batch_wait_ms are run as one batch.
-A bad upload (not an image, truncated, beyond --max_pixels, an unsupported DICOM transfer syntax, an empty query,
-a body beyond --max_upload_mb) gets a 4xx with one sentence; the server keeps serving.
+A bad upload (not a PNG, JPEG or DICOM file, truncated, beyond --max_pixels, a DICOM declaring more pixel data than
+--max_pixels allows or deflated to inflate beyond it, an unsupported DICOM transfer syntax, an empty query, a body
+beyond --max_upload_mb) gets a 4xx with one sentence; the server keeps serving.
 """
 
 import base64

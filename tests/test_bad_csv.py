@@ -137,3 +137,20 @@ def test_non_utf8_folder_name_reads_and_is_named_with_repr(tmp_path):
         read()
     assert f"{repr(str(path))}:4 has 2 fields" in str(e.value) and "\\udcff" in str(e.value)
     str(e.value).encode("utf-8")  # printable on any terminal: the sentence itself holds no surrogate
+
+
+def test_cut_gzip_and_overlong_field_are_named(tmp_path):
+    """A .gz download cut short (before: EOFError, a traceback) and a field past the csv module's limit (before:
+    _csv.Error without the file): each a sentence naming the file and its line."""
+    import gzip
+    rows = [[f"{i:08d}_000.png", "No Finding", "0", str(i), "50", "M", "PA"] for i in range(2000)]
+    packed = gzip.compress(csv_text(NIH_HEADER, rows).encode())
+    root = tmp_path / "gz"
+    root.mkdir()
+    (root / "Data_Entry_2017_v2020.csv.gz").write_bytes(packed[:len(packed) // 2])
+    with pytest.raises(ValueError, match=r"Data_Entry_2017_v2020\.csv\.gz cannot be read at line \d+ \(EOFError: .*"
+                                         r"cut short; fetch the file again"):
+        readers.read_nih(root)
+    path, read = nih(tmp_path / "long", csv_text(NIH_HEADER, NIH_ROWS + [["x.png", "A" * 200_000] + ["1"] * 5]))
+    with pytest.raises(ValueError, match=rf"{path}:4: field larger than field limit .*fix that line"):
+        read()
