@@ -225,9 +225,9 @@ _CHEXPERT_TEST_SOURCES = ("auto", "valid", "carve")
 
 
 def _read_chexpert_csv(csv_path, hint, wanted, demographics=True):
-    """-> (records, label cells as strings) of one CheXpert CSV. demographics=False: the test labels file, which has
+    """-> (records, label cells as strings, base folder, line numbers) of one CheXpert CSV. demographics=False: the test labels file, which has
     only Path and the 14 observations (view then comes from the file name: view1_frontal.jpg)."""
-    records, cells = [], []
+    records, cells, lines = [], [], []
     pid_re = re.compile(r"(patient\d+)/(study\d+)")
     need = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] if demographics else ["Path"]
     header, rows = read_csv(csv_path, need + CHEXPERT_CLASSES)
@@ -252,13 +252,14 @@ def _read_chexpert_csv(csv_path, hint, wanted, demographics=True):
             raise ValueError(f"{shown(csv_path)}:{line_no}: no patientNNNNN/studyN in path {path!r}: CheXpert paths "
                              f"look like CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg")
         cells.append(get_labels(row))
+        lines.append(line_no)
         age = row[iage] if iage is not None else ""
         records.append(dict(path=prefix + path[cut:], patient_id=m.group(1),
                             study_id=f"{m.group(1)}/{m.group(2)}", view=ap or fl,
                             age=age if age.isdigit() else _age(age),
                             sex=_SEX.get(row[isex], "") if isex is not None else "",
                             text="", indication="", split=hint))
-    return records, cells, (prefix[:-1] if prefix else str(Path(csv_path).parent))
+    return records, cells, (prefix[:-1] if prefix else str(Path(csv_path).parent)), lines
 
 
 def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="all", official_split=True,
@@ -309,13 +310,14 @@ def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="
     parts = [(train_csv, "", True), (valid_csv, "test" if resolved == "valid" else "val", True)]
     if test_csv:
         parts.append((Path(test_csv), "test", False))
-    records, cells, bases = [], [], []
+    records, cells, bases, where = [], [], [], []
     for csv_path, hint, demographics in parts:
         if csv_path is not None:
-            r, c, base = _read_chexpert_csv(csv_path, hint, wanted, demographics)
+            r, c, base, lines = _read_chexpert_csv(csv_path, hint, wanted, demographics)
             records += r
             cells += c
             bases.append(base)
+            where += [(csv_path, line_no) for line_no in lines]
     held_out = {r["patient_id"] for r in records if r["split"]}
     if held_out:
         both = held_out & {r["patient_id"] for r in records if not r["split"]}
@@ -328,12 +330,14 @@ def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="
     cells[blank] = "nan"
     try:
         raw = cells.astype(np.float32)
-    except ValueError:
-        bad = sorted({v for v in np.unique(cells) if v not in ("1.0", "1", "0.0", "0", "-1.0", "-1", "nan")})
-        raise ValueError(f"{train_csv}: label cells must be 1.0/0.0/-1.0/blank, found {bad[:10]}") from None
-    bad = ~blank & ~np.isin(raw, (1.0, 0.0, -1.0))
+        bad = ~blank & ~np.isin(raw, (1.0, 0.0, -1.0))
+    except ValueError:  # a cell that is not a number: find it by its text
+        bad = ~blank & ~np.isin(cells, ("1.0", "1", "0.0", "0", "-1.0", "-1"))
     if bad.any():
-        raise ValueError(f"{train_csv}: label cells must be 1.0/0.0/-1.0/blank, found {np.unique(raw[bad])[:10]}")
+        i, c = np.argwhere(bad)[0]
+        csv_path, line_no = where[i]
+        raise ValueError(f"{shown(csv_path)}:{line_no}: {CHEXPERT_CLASSES[c]} is {str(cells[i, c])!r}; CheXpert label cells "
+                         f"are 1.0, 0.0, -1.0 (uncertain) or blank: fix that cell ({int(bad.sum())} such cells)")
     labels = raw.copy()
     labels[raw == -1.0] = u_map[uncertain_policy]
     labels[blank] = b_map[blank_policy]

@@ -154,3 +154,18 @@ def test_cut_gzip_and_overlong_field_are_named(tmp_path):
     path, read = nih(tmp_path / "long", csv_text(NIH_HEADER, NIH_ROWS + [["x.png", "A" * 200_000] + ["1"] * 5]))
     with pytest.raises(ValueError, match=rf"{path}:4: field larger than field limit .*fix that line"):
         read()
+
+
+@pytest.mark.parametrize("cell", ["yes", "2.0"])
+def test_chexpert_bad_label_cell_names_its_file_and_line(tmp_path, cell):
+    """A label cell that is not 1.0 / 0.0 / -1.0 / blank in valid.csv: before, the sentence named train.csv and no
+    line; now the file, the line, the column and the cell."""
+    _, read = chexpert(tmp_path, csv_text(CHEX_HEADER, CHEX_ROWS))
+    valid = [["CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg", "Male", "73", "Frontal", "AP"]
+             + ["0.0"] * 14] * 2
+    valid[1] = valid[1][:7] + [cell] + valid[1][8:]
+    path = tmp_path / "CheXpert-v1.0-small" / "valid.csv"
+    path.write_text(csv_text(CHEX_HEADER, valid))
+    with pytest.raises(ValueError, match=rf"{path}:3: Cardiomegaly is '{cell}'; CheXpert label cells are 1.0, 0.0, "
+                                         rf"-1.0 \(uncertain\) or blank: fix that cell"):
+        read()
