@@ -225,8 +225,9 @@ _CHEXPERT_TEST_SOURCES = ("auto", "valid", "carve")
 
 
 def _read_chexpert_csv(csv_path, hint, wanted, demographics=True):
-    """-> (records, label cells as strings, base folder, line numbers) of one CheXpert CSV. demographics=False: the test labels file, which has
-    only Path and the 14 observations (view then comes from the file name: view1_frontal.jpg)."""
+    """-> (records, label cells as strings, base folder, line numbers) of one CheXpert CSV. demographics=False: the
+    test labels file, which has only Path and the 14 observations (view then comes from the file name:
+    view1_frontal.jpg)."""
     records, cells, lines = [], [], []
     pid_re = re.compile(r"(patient\d+)/(study\d+)")
     need = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] if demographics else ["Path"]
@@ -336,8 +337,8 @@ def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="
     if bad.any():
         i, c = np.argwhere(bad)[0]
         csv_path, line_no = where[i]
-        raise ValueError(f"{shown(csv_path)}:{line_no}: {CHEXPERT_CLASSES[c]} is {str(cells[i, c])!r}; CheXpert label cells "
-                         f"are 1.0, 0.0, -1.0 (uncertain) or blank: fix that cell ({int(bad.sum())} such cells)")
+        raise ValueError(f"{shown(csv_path)}:{line_no}: {CHEXPERT_CLASSES[c]} is {str(cells[i, c])!r}; CheXpert label "
+                         f"cells are 1.0, 0.0, -1.0 (uncertain) or blank: fix that cell ({int(bad.sum())} such cells)")
     labels = raw.copy()
     labels[raw == -1.0] = u_map[uncertain_policy]
     labels[blank] = b_map[blank_policy]
