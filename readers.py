@@ -2,6 +2,7 @@
 
 import csv
 import gzip
+import io
 import operator
 import os
 import re
@@ -15,6 +16,9 @@ from PIL import Image
 import phantom
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+# the PIL formats of those files (MPO, a camera's multi-picture JPEG, opens through JPEG); no other PIL plugin is
+# tried, so a downloaded "x-ray.png" that is really an EPS is refused, not handed to Ghostscript
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 # knobs that change what a reader produces (they go into the input hash and meta.json)
 READER_KNOBS = {
@@ -55,9 +59,118 @@ def index_record(path, patient_id, study_id="", view="", age="", sex="", text=""
                 age=str(age), sex=str(sex), text=text, indication=indication, split=split)
 
 
+# -----------------------------------------------------------------------------
+# dataset text files: every reader's CSV and list file goes through read_csv / read_lines, so that each hand-made or
+# damaged file (an Excel BOM, latin-1, a row cut short, an empty download) gets a sentence naming file:line and the fix
+
+
+def shown(path):
+    """A path as an error names it: as it is, or repr() when its bytes are not UTF-8 (os.fsdecode keeps them as
+    surrogates such as \\udce9, which would print as garbage or not at all)."""
+    text = os.fsdecode(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return repr(text)
+    return text
+
+
 def _open_text(path):
-    path = str(path)
-    return gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="")
+    """UTF-8 text of a plain or .gz file; 'utf-8-sig' drops the byte-order mark Excel writes before a 'CSV UTF-8'."""
+    path = os.fsdecode(path)
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+
+
+def _text_error(path, line, e):
+    """The sentence for an exception met while reading line `line` of a dataset text file."""
+    name = shown(path)
+    if isinstance(e, UnicodeDecodeError):  # find the byte in the whole file: e.start counts from the decoder's chunk
+        with (gzip.open if os.fsdecode(path).endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+        bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+        try:
+            raw[bom:].decode("utf-8")
+            at = bom
+        except UnicodeDecodeError as full:
+            at = bom + full.start
+        line = raw.count(b"\n", 0, at) + 1
+        return ValueError(f"{name}:{line}: byte {at} (0x{raw[at:at + 1].hex()}) is not UTF-8 (a latin-1 / "
+                          f"Windows-1252 file?): save it as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f latin1 -t utf-8)")
+    if isinstance(e, csv.Error):
+        return ValueError(f"{name}:{line}: {e}: fix that line (quote a field holding a comma, quote or newline)")
+    return ValueError(f"{name} cannot be read at line {line} ({type(e).__name__}: {e}): the download is damaged or "
+                      f"cut short; fetch the file again")
+
+
+_READ_ERRORS = (UnicodeDecodeError, csv.Error, OSError, EOFError)  # gzip: BadGzipFile (an OSError), EOFError when cut
+
+
+def read_lines(path):
+    """Yield (line number, line) of a dataset list / caption file (plain or .gz, UTF-8 with or without a BOM)."""
+    with _open_text(path) as f:
+        line_no = 0
+        try:
+            for line_no, line in enumerate(f, start=1):
+                yield line_no, line
+        except _READ_ERRORS as e:
+            raise _text_error(path, line_no + 1, e) from None
+
+
+def _error_line(reader, e):
+    # the csv module counts the line it fails to parse; a read or decode error comes before the count
+    return reader.line_num if isinstance(e, csv.Error) else reader.line_num + 1
+
+
+def read_csv(path, need=()):
+    """-> (header, rows) of a dataset CSV (plain or .gz, UTF-8 with or without a BOM); rows yields (line number,
+    cells) for each non-blank row. The header must hold every column in `need`; each row must have as many fields
+    as the header, and at least one row must follow it: otherwise a sentence names the file, the line and the fix."""
+    name = shown(path)
+    f = _open_text(path)
+    reader = csv.reader(f)
+    try:
+        header = next((row for row in reader if row), None)
+    except _READ_ERRORS as e:
+        f.close()
+        raise _text_error(path, _error_line(reader, e), e) from None
+    if header is None:
+        f.close()
+        raise ValueError(f"{name} is empty (no header line): the download or export stopped; fetch or save the file "
+                         f"again")
+    missing = [c for c in need if c not in header]
+    if missing:
+        f.close()
+        raise ValueError(f"{name}:{reader.line_num}: the header lacks the column(s) {missing} (it has {header[:12]}"
+                         f"{' ...' if len(header) > 12 else ''}): pass the dataset's own file, or name the columns so")
+    return header, _csv_rows(path, f, reader, header)
+
+
+def _csv_rows(path, f, reader, header):
+    n = 0
+    with f:
+        try:
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{shown(path)}:{reader.line_num} has {len(row)} fields, the header has "
+                                     f"{len(header)}: the file is cut short or a field holds an unquoted comma; fix "
+                                     f"that line or fetch the file again")
+                n += 1
+                yield reader.line_num, row
+        except _READ_ERRORS as e:
+            raise _text_error(path, _error_line(reader, e), e) from None
+    if n == 0:
+        raise ValueError(f"{shown(path)} has a header but no rows: the download or export stopped after line 1; fetch "
+                         f"or save the file again")
+
+
+def read_csv_dicts(path, need=()):
+    """Yield (line number, {column: cell}) of a dataset CSV, checked as read_csv checks it."""
+    header, rows = read_csv(path, need)
+    for line_no, row in rows:
+        yield line_no, dict(zip(header, row))
 
 
 def _first_file(folder, names):
@@ -112,46 +225,42 @@ _CHEXPERT_TEST_SOURCES = ("auto", "valid", "carve")
 
 
 def _read_chexpert_csv(csv_path, hint, wanted, demographics=True):
-    """-> (records, label cells as strings) of one CheXpert CSV. demographics=False: the test labels file, which has
-    only Path and the 14 observations (view then comes from the file name: view1_frontal.jpg)."""
-    records, cells = [], []
+    """-> (records, label cells as strings, base folder, line numbers) of one CheXpert CSV. demographics=False: the
+    test labels file, which has only Path and the 14 observations (view then comes from the file name:
+    view1_frontal.jpg)."""
+    records, cells, lines = [], [], []
     pid_re = re.compile(r"(patient\d+)/(study\d+)")
-    with _open_text(csv_path) as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        col = {h: i for i, h in enumerate(header)}
-        need = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] if demographics else ["Path"]
-        missing = [c for c in need + CHEXPERT_CLASSES if c not in col]
-        if missing:
-            raise ValueError(f"{csv_path}: missing CheXpert columns {missing}")
-        get_labels = operator.itemgetter(*[col[c] for c in CHEXPERT_CLASSES])
-        ip = col["Path"]
-        isex, iage, ifl, iap = (col.get(c) for c in ("Sex", "Age", "Frontal/Lateral", "AP/PA"))
-        prefix = None
-        for line_no, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            path = row[ip]
-            if ifl is not None:
-                fl, ap = row[ifl], row[iap] if iap is not None else ""
-            else:
-                fl, ap = ("Lateral" if "lateral" in path.rsplit("/", 1)[-1].lower() else "Frontal"), ""
-            if wanted is not None and not _keep_view(wanted, fl, ap):
-                continue
-            if prefix is None:  # plain string joins: pathlib would cost seconds over 223k rows
-                base, rel = _chexpert_base(csv_path, path)
-                prefix, cut = str(base) + os.sep, (len(Path(path).parts[0]) + 1 if rel else 0)
-            m = pid_re.search(path)
-            if m is None:
-                raise ValueError(f"{csv_path} line {line_no}: no patientNNNNN/studyN in path {path!r}")
-            cells.append(get_labels(row))
-            age = row[iage] if iage is not None else ""
-            records.append(dict(path=prefix + path[cut:], patient_id=m.group(1),
-                                study_id=f"{m.group(1)}/{m.group(2)}", view=ap or fl,
-                                age=age if age.isdigit() else _age(age),
-                                sex=_SEX.get(row[isex], "") if isex is not None else "",
-                                text="", indication="", split=hint))
-    return records, cells, (prefix[:-1] if prefix else str(Path(csv_path).parent))
+    need = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] if demographics else ["Path"]
+    header, rows = read_csv(csv_path, need + CHEXPERT_CLASSES)
+    col = {h: i for i, h in enumerate(header)}
+    get_labels = operator.itemgetter(*[col[c] for c in CHEXPERT_CLASSES])
+    ip = col["Path"]
+    isex, iage, ifl, iap = (col.get(c) for c in ("Sex", "Age", "Frontal/Lateral", "AP/PA"))
+    prefix = None
+    for line_no, row in rows:
+        path = row[ip]
+        if ifl is not None:
+            fl, ap = row[ifl], row[iap] if iap is not None else ""
+        else:
+            fl, ap = ("Lateral" if "lateral" in path.rsplit("/", 1)[-1].lower() else "Frontal"), ""
+        if wanted is not None and not _keep_view(wanted, fl, ap):
+            continue
+        if prefix is None:  # plain string joins: pathlib would cost seconds over 223k rows
+            base, rel = _chexpert_base(csv_path, path)
+            prefix, cut = str(base) + os.sep, (len(Path(path).parts[0]) + 1 if rel else 0)
+        m = pid_re.search(path)
+        if m is None:
+            raise ValueError(f"{shown(csv_path)}:{line_no}: no patientNNNNN/studyN in path {path!r}: CheXpert paths "
+                             f"look like CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg")
+        cells.append(get_labels(row))
+        lines.append(line_no)
+        age = row[iage] if iage is not None else ""
+        records.append(dict(path=prefix + path[cut:], patient_id=m.group(1),
+                            study_id=f"{m.group(1)}/{m.group(2)}", view=ap or fl,
+                            age=age if age.isdigit() else _age(age),
+                            sex=_SEX.get(row[isex], "") if isex is not None else "",
+                            text="", indication="", split=hint))
+    return records, cells, (prefix[:-1] if prefix else str(Path(csv_path).parent)), lines
 
 
 def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="all", official_split=True,
@@ -202,13 +311,14 @@ def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="
     parts = [(train_csv, "", True), (valid_csv, "test" if resolved == "valid" else "val", True)]
     if test_csv:
         parts.append((Path(test_csv), "test", False))
-    records, cells, bases = [], [], []
+    records, cells, bases, where = [], [], [], []
     for csv_path, hint, demographics in parts:
         if csv_path is not None:
-            r, c, base = _read_chexpert_csv(csv_path, hint, wanted, demographics)
+            r, c, base, lines = _read_chexpert_csv(csv_path, hint, wanted, demographics)
             records += r
             cells += c
             bases.append(base)
+            where += [(csv_path, line_no) for line_no in lines]
     held_out = {r["patient_id"] for r in records if r["split"]}
     if held_out:
         both = held_out & {r["patient_id"] for r in records if not r["split"]}
@@ -221,12 +331,14 @@ def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="
     cells[blank] = "nan"
     try:
         raw = cells.astype(np.float32)
-    except ValueError:
-        bad = sorted({v for v in np.unique(cells) if v not in ("1.0", "1", "0.0", "0", "-1.0", "-1", "nan")})
-        raise ValueError(f"{train_csv}: label cells must be 1.0/0.0/-1.0/blank, found {bad[:10]}") from None
-    bad = ~blank & ~np.isin(raw, (1.0, 0.0, -1.0))
+        bad = ~blank & ~np.isin(raw, (1.0, 0.0, -1.0))
+    except ValueError:  # a cell that is not a number: find it by its text
+        bad = ~blank & ~np.isin(cells, ("1.0", "1", "0.0", "0", "-1.0", "-1"))
     if bad.any():
-        raise ValueError(f"{train_csv}: label cells must be 1.0/0.0/-1.0/blank, found {np.unique(raw[bad])[:10]}")
+        i, c = np.argwhere(bad)[0]
+        csv_path, line_no = where[i]
+        raise ValueError(f"{shown(csv_path)}:{line_no}: {CHEXPERT_CLASSES[c]} is {str(cells[i, c])!r}; CheXpert label "
+                         f"cells are 1.0, 0.0, -1.0 (uncertain) or blank: fix that cell ({int(bad.sum())} such cells)")
     labels = raw.copy()
     labels[raw == -1.0] = u_map[uncertain_policy]
     labels[blank] = b_map[blank_policy]
@@ -270,36 +382,31 @@ def read_nih(root, views="all", official_split=True):
     test_names = None
     test_list = _first_file(folder, ["test_list.txt"])
     if official_split and test_list is not None:
-        with _open_text(test_list) as f:
-            test_names = {line.strip() for line in f if line.strip()}
+        test_names = {line.strip() for _, line in read_lines(test_list) if line.strip()}
     files = _scan_nih_images(folder)
     wanted = _parse_views(views)
     cls_index = {c: i for i, c in enumerate(NIH_CLASSES)}
     records, rows = [], []
-    with _open_text(csv_path) as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        col = {h: i for i, h in enumerate(header)}
-        need = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
-                "View Position"]
-        if any(c not in col for c in need):
-            raise ValueError(f"{csv_path}: missing columns {[c for c in need if c not in col]}")
-        ii, il, ifu, ipid, iage, isex, iview = (col[c] for c in need)
-        for line_no, row in enumerate(reader, start=2):
-            if not row or not _keep_view(wanted, row[iview], "frontal"):
+    need = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+            "View Position"]
+    header, lines = read_csv(csv_path, need)
+    ii, il, ifu, ipid, iage, isex, iview = (header.index(c) for c in need)
+    for line_no, row in lines:
+        if not _keep_view(wanted, row[iview], "frontal"):
+            continue
+        y = np.zeros(len(NIH_CLASSES), np.float32)
+        for finding in row[il].split("|"):
+            if finding == "No Finding":
                 continue
-            y = np.zeros(len(NIH_CLASSES), np.float32)
-            for finding in row[il].split("|"):
-                if finding == "No Finding":
-                    continue
-                if finding not in cls_index:
-                    raise ValueError(f"{csv_path} line {line_no}: unknown finding {finding!r}; known: {NIH_CLASSES}")
-                y[cls_index[finding]] = 1.0
-            name, pid = row[ii], row[ipid]
-            hint = "test" if test_names is not None and name in test_names else ""
-            records.append(index_record(files.get(name, folder / "images" / name), pid, f"{pid}_{row[ifu]}", row[iview],
-                                   _age(row[iage]), row[isex], split=hint))
-            rows.append(y)
+            if finding not in cls_index:
+                raise ValueError(f"{shown(csv_path)}:{line_no}: unknown finding {finding!r}; known: {NIH_CLASSES} "
+                                 f"(findings are separated by '|'): fix that cell")
+            y[cls_index[finding]] = 1.0
+        name, pid = row[ii], row[ipid]
+        hint = "test" if test_names is not None and name in test_names else ""
+        records.append(index_record(files.get(name, folder / "images" / name), pid, f"{pid}_{row[ifu]}", row[iview],
+                                    _age(row[iage]), row[isex], split=hint))
+        rows.append(y)
     labels = np.stack(rows) if rows else np.zeros((0, len(NIH_CLASSES)), np.float32)
     policy = dict(no_finding="all zeros", views=views, official_test="test_list.txt" if test_names else None)
     hash_files = [csv_path] + ([test_list] if test_names is not None else [])
@@ -325,12 +432,16 @@ def read_vinbigdata(root, binary=False):
             if ext.lower() in IMAGE_EXTS:
                 files.setdefault(stem, os.path.join(dirpath, name))
     per_image, class_names = {}, {}
-    with _open_text(csv_path) as f:
-        reader = csv.DictReader(f)
-        for row in reader:
+    for line_no, row in read_csv_dicts(csv_path, ["image_id", "class_name", "class_id"]):
+        try:
             cid = int(row["class_id"])
-            class_names[cid] = row["class_name"]
-            per_image.setdefault(row["image_id"], set()).add(cid)
+        except ValueError:
+            raise ValueError(f"{shown(csv_path)}:{line_no}: class_id {row['class_id']!r} is not a class number "
+                             f"(VinBigData: 0-13 for the findings, 14 for 'No finding'): fix that cell") from None
+        if class_names.setdefault(cid, row["class_name"]) != row["class_name"]:
+            raise ValueError(f"{shown(csv_path)}:{line_no}: class_id {cid} is {row['class_name']!r} here and "
+                             f"{class_names[cid]!r} on an earlier line: fix the class_name or class_id of that row")
+        per_image.setdefault(row["image_id"], set()).add(cid)
     no_finding = next((c for c, n in class_names.items() if n.lower() == "no finding"), None)
     classes = [class_names[c] for c in sorted(class_names)]
     labels = np.zeros((len(per_image), len(classes)), np.float32)
@@ -434,16 +545,16 @@ def read_covidx(root, official_split=True):
         txt = _first_file(root, [f"{name}.txt"])
         if txt is None:
             continue
-        with _open_text(txt) as f:
-            for line_no, line in enumerate(f, start=1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) < 3:
-                    raise ValueError(f"{txt} line {line_no}: expected 'patient_id filename label [source]', got {line!r}")
-                # 3 columns in COVIDx v1-v7, 4 (with source) from v8; a filename may contain spaces
-                fname, label = (parts[1], parts[2]) if len(parts) == 3 else (" ".join(parts[1:-2]), parts[-2])
-                rows.append((parts[0], root / name / fname, label, hint if official_split else "", txt))
+        for line_no, line in read_lines(txt):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 3:
+                raise ValueError(f"{shown(txt)}:{line_no}: expected 'patient_id filename label [source]', got "
+                                 f"{line.rstrip()!r}: fix that line")
+            # 3 columns in COVIDx v1-v7, 4 (with source) from v8; a filename may contain spaces
+            fname, label = (parts[1], parts[2]) if len(parts) == 3 else (" ".join(parts[1:-2]), parts[-2])
+            rows.append((parts[0], root / name / fname, label, hint if official_split else "", txt))
     if not rows:
         raise FileNotFoundError(f"no train.txt/test.txt under {root}: pass --root=<the COVIDx folder>")
     classes = sorted({r[2] for r in rows})
@@ -461,16 +572,16 @@ def read_roco(root, official_split=True):
         if not txt.is_file():
             continue
         files.append(txt)
-        with open(txt, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                if "\t" not in line:
-                    raise ValueError(f"{txt} line {line_no}: expected 'ROCO_xxxxx<TAB>caption', got {line[:80]!r}")
-                roco_id, caption = line.rstrip("\n").split("\t", 1)
-                path = root / name / "radiology" / "images" / f"{roco_id.strip()}.jpg"
-                records.append(index_record(path, roco_id.strip(), roco_id.strip(), text=caption.strip(),
-                                       split=hint if official_split else ""))
+        for line_no, line in read_lines(txt):
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise ValueError(f"{shown(txt)}:{line_no}: expected 'ROCO_xxxxx<TAB>caption', got {line[:80]!r}: "
+                                 f"fix that line")
+            roco_id, caption = line.rstrip("\r\n").split("\t", 1)
+            path = root / name / "radiology" / "images" / f"{roco_id.strip()}.jpg"
+            records.append(index_record(path, roco_id.strip(), roco_id.strip(), text=caption.strip(),
+                                        split=hint if official_split else ""))
     if not records:
         raise FileNotFoundError(f"no {{train,validation,test}}/radiology/captions.txt under {root}")
     return Source(records, np.zeros((len(records), 0), np.float32), [], "multilabel", dict(labels="none (captions)"),
@@ -513,18 +624,15 @@ def _mimic_clinical(folder, times):
     pat = _first_file(Path(folder) / "hosp", ["patients.csv"])
     if pat is not None:
         files.append(pat)
-        with _open_text(pat) as f:
-            for row in csv.DictReader(f):
-                patients[row["subject_id"]] = (row["gender"], row["anchor_age"], row["anchor_year"])
+        for _, row in read_csv_dicts(pat, ["subject_id", "gender", "anchor_age", "anchor_year"]):
+            patients[row["subject_id"]] = (row["gender"], row["anchor_age"], row["anchor_year"])
     stays_csv, tri_csv = _first_file(Path(folder) / "ed", ["edstays.csv"]), _first_file(Path(folder) / "ed", ["triage.csv"])
     if stays_csv is not None and tri_csv is not None:
         files += [stays_csv, tri_csv]
-        with _open_text(tri_csv) as f:
-            by_stay = {row["stay_id"]: row for row in csv.DictReader(f)}
+        by_stay = {row["stay_id"]: row for _, row in read_csv_dicts(tri_csv, ["stay_id"])}
         stays = {}
-        with _open_text(stays_csv) as f:
-            for row in csv.DictReader(f):
-                stays.setdefault(row["subject_id"], []).append((row["intime"], row["outtime"], row["stay_id"]))
+        for _, row in read_csv_dicts(stays_csv, ["subject_id", "stay_id", "intime", "outtime"]):
+            stays.setdefault(row["subject_id"], []).append((row["intime"], row["outtime"], row["stay_id"]))
         for (subject, study), t in times.items():
             hit = [sid for a, b, sid in sorted(stays.get(subject, [])) if a <= t <= b and sid in by_stay]
             if hit:
@@ -558,31 +666,26 @@ def read_mimic_cxr(root, uncertain_policy="ignore", blank_policy="zeros", views=
                          f"blank_policy={blank_policy!r} must be one of {list(b_map)}")
     wanted = _parse_views(views)
     study_cells = {}
-    with _open_text(names[mimic_labeler]) as f:
-        reader = csv.DictReader(f)
-        absent = [c for c in CHEXPERT_CLASSES + ["subject_id", "study_id"] if c not in reader.fieldnames]
-        if absent:
-            raise ValueError(f"{names[mimic_labeler]}: missing columns {absent}")
-        for row in reader:
-            study_cells[row["subject_id"], row["study_id"]] = [row[c] for c in CHEXPERT_CLASSES]
+    for _, row in read_csv_dicts(names[mimic_labeler], CHEXPERT_CLASSES + ["subject_id", "study_id"]):
+        study_cells[row["subject_id"], row["study_id"]] = [row[c] for c in CHEXPERT_CLASSES]
     split_of = {}
     if official_split:
-        with _open_text(names["split"]) as f:
-            for row in csv.DictReader(f):
-                if row["split"] not in _MIMIC_SPLIT:
-                    raise ValueError(f"{names['split']}: unknown split {row['split']!r}; expected train/validate/test")
-                split_of[row["dicom_id"]] = _MIMIC_SPLIT[row["split"]]
+        for line_no, row in read_csv_dicts(names["split"], ["dicom_id", "split"]):
+            if row["split"] not in _MIMIC_SPLIT:
+                raise ValueError(f"{shown(names['split'])}:{line_no}: unknown split {row['split']!r}; expected "
+                                 f"train/validate/test: fix that cell")
+            split_of[row["dicom_id"]] = _MIMIC_SPLIT[row["split"]]
     images, times = [], {}
-    with _open_text(names["metadata"]) as f:
-        for row in csv.DictReader(f):
-            vp = row["ViewPosition"]
-            kind = "frontal" if vp in _FRONTAL else "lateral" if vp in _LATERAL else ""
-            if wanted is not None and not _keep_view(wanted, vp, kind):
-                continue
-            key = (row["subject_id"], row["study_id"])
-            t = _mimic_time(row["StudyDate"], row["StudyTime"])
-            times[key] = min(times.get(key, t), t)
-            images.append((row["dicom_id"], key, vp, t))
+    need = ["dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate", "StudyTime"]
+    for _, row in read_csv_dicts(names["metadata"], need):
+        vp = row["ViewPosition"]
+        kind = "frontal" if vp in _FRONTAL else "lateral" if vp in _LATERAL else ""
+        if wanted is not None and not _keep_view(wanted, vp, kind):
+            continue
+        key = (row["subject_id"], row["study_id"])
+        t = _mimic_time(row["StudyDate"], row["StudyTime"])
+        times[key] = min(times.get(key, t), t)
+        images.append((row["dicom_id"], key, vp, t))
     patients, triage, clinical_files = _mimic_clinical(clinical_root or root, times)
     records, cells, reports, subject_split = [], [], {}, {}
     for dicom_id, (subject, study), vp, t in images:
@@ -678,6 +781,9 @@ def read_dataset(cfg):
 
 def _rescale_u8(a, lo=None, hi=None):
     a = a.astype(np.float32)
+    finite = np.isfinite(a)
+    if not finite.all():  # one NaN or inf would make the min-max scaling (and so the whole image) zero
+        raise ValueError(f"{a.size - int(finite.sum())} of {a.size} pixel values are NaN or infinite")
     lo = float(a.min()) if lo is None else lo
     hi = float(a.max()) if hi is None else hi
     if hi <= lo:
@@ -688,23 +794,40 @@ def _rescale_u8(a, lo=None, hi=None):
 def _read_dicom(path):
     try:
         import pydicom
+        from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
     except ImportError:
         raise ImportError(f"{path}: reading DICOM needs pydicom: pip install pydicom "
                           f"(or convert the images to PNG first)") from None
     ds = pydicom.dcmread(path)
-    a = ds.pixel_array.astype(np.float32)  # compressed transfer syntaxes may need pylibjpeg/gdcm; pydicom says which
-    if a.ndim == 3:
-        a = a.mean(-1) if int(getattr(ds, "SamplesPerPixel", 1)) == 3 else a[0]
-    a = a * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    a = ds.pixel_array  # compressed transfer syntaxes may need pylibjpeg/gdcm; pydicom says which
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    # the look-up tables an image may carry (DICOM PS3.3 C.7.6.3.1.5, C.11.1, C.11.2), any of which may invert it:
+    # PALETTE COLOR pixels are indices into red/green/blue tables; a Modality LUT table replaces slope/intercept
+    palette = photometric == "PALETTE COLOR"
+    modality_table = not palette and "ModalityLUTSequence" in ds
+    if palette:
+        a = apply_color_lut(a, ds)
+    elif modality_table:
+        a = apply_modality_lut(a, ds)
+    a = a.astype(np.float32)
+    color = palette or int(ds.get("SamplesPerPixel", 1)) == 3
+    if a.ndim == (4 if color else 3):
+        a = a[0]  # the first frame
+    if color:
+        a = a.mean(-1)
+    if not palette and not modality_table:
+        a = a * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
     lo = hi = None
     center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if center is not None and width is not None:
+    if not palette and center is not None and width is not None:
         first = lambda v: float(v[0]) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else float(v)
         c, w = first(center), first(width)
         if w > 1:
             lo, hi = c - w / 2, c + w / 2
+    elif not palette and "VOILUTSequence" in ds:  # without a window: the VOI table (its input: integer values)
+        a = apply_voi_lut(np.rint(a).astype(np.int64), ds, prefer_lut=True).astype(np.float32)
     u8 = _rescale_u8(a, lo, hi)
-    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         u8 = 255 - u8  # MONOCHROME1: high values are dark; flip so that bone is bright in every image
     return u8
 
@@ -714,7 +837,7 @@ def load_gray(path, draft_size=None):
     spans 12 bits, so dividing by 65535 would make them nearly black."""
     if Path(path).suffix.lower() in (".dcm", ".dicom"):
         return _read_dicom(path)
-    with Image.open(path) as img:
+    with Image.open(path, formats=IMAGE_FORMATS) as img:
         if draft_size and img.format == "JPEG":
             img.draft("L", (draft_size, draft_size))  # DCT-domain downscale: decode at >= the needed size, ~4x faster
         img.load()
@@ -760,11 +883,7 @@ ROCOV2_MODALITIES = {"C0040405": "Computed Tomography", "C1306645": "Plain X-Ray
 
 def _rocov2_csv(path, value, key="ID"):
     """{key: value column} of one ROCOv2 csv (header <key>,<value>)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if rows and (key not in rows[0] or value not in rows[0]):
-        raise ValueError(f"{path}: expected the header '{key},{value}', got {list(rows[0])}")
-    return {r[key].strip(): (r[value] or "").strip() for r in rows}
+    return {r[key].strip(): r[value].strip() for _, r in read_csv_dicts(path, [key, value])}
 
 
 def read_rocov2(root, top_k=ROCOV2_TOP_K, concepts="concepts"):

@@ -24,8 +24,9 @@ model's size, padded square), so /v1/classify returns the numbers evaluate.py pr
 the classifier's own validation split with evaluate.py's rule (Youden by default) when that prepared folder exists,
 else 0.5 (the response says which). All model work runs in one worker thread (the event loop keeps answering);
 with --max_batch>1 concurrent classify requests that arrive within --batch_wait_ms are run as one batch.
-A bad upload (not an image, truncated, beyond --max_pixels, an unsupported DICOM transfer syntax, an empty query,
-a body beyond --max_upload_mb) gets a 4xx with one sentence; the server keeps serving.
+A bad upload (not a PNG, JPEG or DICOM file, truncated, beyond --max_pixels, a DICOM declaring more pixel data than
+--max_pixels allows or deflated to inflate beyond it, an unsupported DICOM transfer syntax, an empty query, a body
+beyond --max_upload_mb) gets a 4xx with one sentence; the server keeps serving.
 """
 
 import base64
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -122,6 +124,49 @@ def png_base64(rgb_or_gray):
 # DICOM transfer syntaxes pydicom decodes without extra packages: implicit/explicit VR little/big endian, deflated, RLE
 _DICOM_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
                  "1.2.840.10008.1.2.5"}
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+# the most pixel data a DICOM upload may declare: --max_pixels x this many bytes (a 32-bit gray or an 8-bit RGBA image
+# at the pixel limit). pydicom allocates the declared size before decoding RLE, so a small file could ask for gigabytes
+_DICOM_BYTES_PER_PIXEL = 4
+# explicit VR little endian (the file meta group's encoding): these VRs have a 4-byte length after 2 reserved bytes
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+# the PIL formats an upload may be; MPO (a camera's multi-picture JPEG) opens through the JPEG plugin. Nothing else
+# PIL knows is tried: it would hand an EPS to Ghostscript, and TIFF brings libtiff's many codecs and its float and
+# multi-page variants to a public endpoint (a TIFF converts to a 16-bit PNG; prepare still reads TIFF files)
+UPLOAD_FORMATS = ("PNG", "JPEG")
+
+
+def _dicom_meta(raw):
+    """-> (the offset of the data set, the transfer syntax): the file meta group (0002,xxxx) after 'DICM' is explicit
+    VR little endian whatever the syntax of the rest, so it is read here without pydicom (which would inflate the
+    data set of a deflated file first)."""
+    pos, ts = 132, "1.2.840.10008.1.2"
+    while raw[pos:pos + 2] == b"\x02\x00" and pos + 8 <= len(raw):
+        long_vr = raw[pos + 4:pos + 6] in _LONG_VRS
+        start = pos + (12 if long_vr else 8)
+        end = start + int.from_bytes(raw[pos + 8:pos + 12] if long_vr else raw[pos + 6:pos + 8], "little")
+        if raw[pos + 2:pos + 4] == b"\x10\x00":  # (0002,0010) TransferSyntaxUID, a UID padded with NUL or space
+            ts = raw[start:end].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = end
+    return pos, ts
+
+
+def _check_inflated_size(raw, limit):
+    """pydicom inflates a deflated data set whole (one zlib.decompress) before it reads a header field, and 300 KB of
+    deflated zeros are a 1 GB element: inflate it here first, in 1 MB pieces that are counted and dropped."""
+    z, rest, n, piece = zlib.decompressobj(-zlib.MAX_WBITS), raw[_dicom_meta(raw)[0]:], 0, 1 << 20
+    while True:
+        try:
+            out = z.decompress(rest, piece)
+        except zlib.error as e:
+            raise BadInput(f"the deflated DICOM data set cannot be inflated ({e}): the file is damaged or "
+                           f"truncated") from None
+        n, rest = n + len(out), z.unconsumed_tail
+        if n > limit:
+            raise BadInput(f"the deflated DICOM data set inflates to more than {limit:,} bytes, more than an image "
+                           f"within this server's --max_pixels holds: send an uncompressed DICOM, PNG or JPEG", 413)
+        if z.eof or (not rest and len(out) < piece):
+            return
 
 
 def _check_dicom(raw, max_pixels):
@@ -129,15 +174,27 @@ def _check_dicom(raw, max_pixels):
         import pydicom
     except ImportError:
         raise BadInput("reading DICOM needs pydicom on the server (pip install pydicom); send a PNG or JPEG instead", 415) from None
+    limit = max_pixels * _DICOM_BYTES_PER_PIXEL
+    ts = _dicom_meta(raw)[1]
+    if ts == _DEFLATED:
+        _check_inflated_size(raw, limit + (1 << 20))  # + 1 MB for the elements besides the pixels
     try:
         ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
         rows, cols = int(ds.Rows), int(ds.Columns)
+        frames, samples = int(ds.get("NumberOfFrames") or 1), int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.BitsAllocated)
     except Exception as e:  # pydicom raises many types for damaged headers
         raise BadInput(f"the DICOM header cannot be read ({type(e).__name__}): the file is damaged or truncated") from None
-    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2"))
-    if rows * cols > max_pixels:
-        raise BadInput(f"the image is {cols} x {rows} = {rows * cols:,} pixels, beyond this server's --max_pixels="
-                       f"{max_pixels:,}: downscale it first", 413)
+    # every frame is decoded (pydicom's pixel_array), so the frames count against the pixel limit
+    if rows * cols * frames > max_pixels:
+        raise BadInput(f"the DICOM image is {cols} x {rows} pixels x {frames} frame(s) = {rows * cols * frames:,} "
+                       f"pixels, beyond this server's --max_pixels={max_pixels:,}: downscale it (or send one frame) "
+                       f"first", 413)
+    size = rows * cols * frames * samples * -(-bits // 8)
+    if size > limit:
+        raise BadInput(f"the DICOM declares {cols} x {rows} x {frames} frame(s) x {samples} sample(s) x {bits} bits = "
+                       f"{size:,} bytes of pixels, beyond this server's {limit:,} (--max_pixels x "
+                       f"{_DICOM_BYTES_PER_PIXEL} bytes): send it as an 8- or 16-bit gray image", 413)
     return ts
 
 
@@ -152,7 +209,7 @@ def decode_upload(raw, size, max_pixels):
         suffix = ".dcm"
     else:
         try:
-            with Image.open(io.BytesIO(raw)) as img:
+            with Image.open(io.BytesIO(raw), formats=UPLOAD_FORMATS) as img:
                 w, h, fmt = img.size[0], img.size[1], img.format
         except Image.DecompressionBombError:
             raise BadInput(f"the image is far beyond this server's --max_pixels={max_pixels:,}: downscale it first", 413) from None
@@ -191,7 +248,32 @@ def _decode_file(path, size, dicom_ts):
 # the CLIP input and caption encoder of runs.py, model_gpt.py
 
 
+# the flag that reads each checkpoint family (runs.checkpoint_script names a file's family), and how to make one
+FLAGS = {"--classifier": (("train.py", "export.py"), "python train.py config/quickstart.py and point --classifier at "
+                                                     "out/<run>/best.pt"),
+         "--clip": (("train_clip.py",), "python train_clip.py config/clip_phantom.py and point --clip at "
+                                       "out/<run>/ckpt.pt or best.pt"),
+         "--gpt": (("train_gpt.py",), "python train_gpt.py config/gpt_report_from_image.py and point --gpt at "
+                                     "out/<run>/ckpt.pt")}
+
+
+def read_checkpoint(flag, path):
+    """The checkpoint a flag names; a missing file, or one of a family another flag reads, is a sentence naming the
+    flag that does (a CLIP given as --classifier is a mistake in the command line, not in the file)."""
+    families, how = FLAGS[flag]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}={path} not found: train one ({how})")
+    ck = common.load_checkpoint(path)
+    script = runs.checkpoint_script(ck)
+    if script not in families:
+        other = next((f for f, (fam, _) in FLAGS.items() if script in fam), None)
+        raise ValueError(f"{flag}: {path} is a {script} checkpoint; " +
+                         (f"pass it as {other}={path}" if other else f"serve.py reads {', '.join(FLAGS)} checkpoints"))
+    return ck
+
+
 def load_classifier(path, rule, target_sensitivity, dev):
+    read_checkpoint("--classifier", path)  # its family; load_run then reads it again (a few MB at start-up)
     net, meta, config = runs.load_run(path, dev, reader="serve.py")
     ck = {"model_args": net.model_args, "meta": meta, "config": config, "iter": net.run_info.get("iter")}
     size = net.model_args.get("image_size", 224)
@@ -234,12 +316,7 @@ def classify_batch(m, u8s, n_top):
 
 
 def load_clip(path, dev):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--clip={path} not found: train one (python train_clip.py config/clip_phantom.py) and "
-                                f"point --clip at out/<run>/ckpt.pt or best.pt")
-    ck = common.load_checkpoint(path)
-    if "logit_scale" not in ck.get("model", {}):
-        raise ValueError(f"--clip={path} is not a train_clip.py checkpoint (no logit_scale)")
+    ck = read_checkpoint("--clip", path)
     cfg = ck["config"]
     net = model_clip.build_clip(**ck["model_args"])
     net.load_state_dict(ck["model"])
@@ -278,10 +355,7 @@ def build_index(m, data_dir, split_name, n):
 
 
 def load_gpt(path, dev):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--gpt={path} not found: train one (python train_gpt.py config/gpt_report_from_image.py) "
-                                f"and point --gpt at out/<run>/ckpt.pt")
-    ck = common.load_checkpoint(path)
+    ck = read_checkpoint("--gpt", path)
     net = GPT(gpt_config_from_dict(ck["model_args"]))
     net.load_state_dict(ck["model"])
     if net.config.n_prefix == 0:

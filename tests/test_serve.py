@@ -165,6 +165,8 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(client, serve_models, t
         ("/v1/search", {"data": {"query": "   "}}, 400, "query is empty"),
         ("/v1/search", {"data": {"query": "effusion", "top_k": "500"}}, 400, "top_k"),
         ("/v1/report", {"files": {"file": ("notes.txt", b"\x00\x01 garbage", "text/plain")}}, 415, "not an image"),
+        ("/v1/classify", {"files": {"file": ("x.gif", png_bytes(u8, format="GIF"), "image/gif")}}, 415,
+         "PNG, JPEG or DICOM"),
         ("/v1/index/100000.png", None, 404, "no index row"),
     ]
     for url, kw, status, words in cases:
