@@ -251,7 +251,7 @@ def _write_tables(out, split, labels, records, labels_raw=None, columns=INDEX_CO
         save_npy(out / f"{split}_labels_raw.npy", labels_raw)
         hashes["labels_raw"] = _array_sha256(labels_raw)
     tmp = out / f"{split}_index.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # paths keep their bytes
         w = csv.writer(f)
         w.writerow(columns)
         for i, r in enumerate(records):
@@ -353,7 +353,8 @@ class PreparedSplit:
     @property
     def index(self):
         if self._index is None:
-            with open(self.data_dir / f"{self.split}_index.csv", newline="", encoding="utf-8") as f:
+            with open(self.data_dir / f"{self.split}_index.csv", newline="", encoding="utf-8",
+                      errors="surrogateescape") as f:
                 self._index = list(csv.DictReader(f))
         return self._index
 
@@ -394,11 +395,13 @@ def input_hash(src, cfg):
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-    h.update("\n".join(r["path"] for r in src.records).encode())
+    # surrogateescape: a file name that is not UTF-8 (an old archive's latin-1 names) is hashed by its own bytes
+    h.update("\n".join(r["path"] for r in src.records).encode("utf-8", "surrogateescape"))
     if src.images is None:  # the image files themselves: a file fixed or replaced after a prepare is another input
         h.update("\n".join(_file_stamp(r["path"]) for r in src.records).encode())
     if cfg["dataset"] == "folder":  # patient ids come from a file-name rule there, and the split depends on them
-        h.update(("\n" + src.patient_id_source + "\n" + "\n".join(r["patient_id"] for r in src.records)).encode())
+        ids = "\n" + src.patient_id_source + "\n" + "\n".join(r["patient_id"] for r in src.records)
+        h.update(ids.encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 

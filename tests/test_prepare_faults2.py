@@ -240,3 +240,13 @@ def test_every_image_bad_is_an_error_naming_the_split(tmp_path):
                                          r"of \1 failed.*p0\d\d_img\d\.png: "):
         data.prepare(_cfg(root, tmp_path / "out", on_bad_image="skip"))
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_folder_whose_name_is_not_utf8_prepares_and_reads_back(tmp_path):
+    """A dataset root named in latin-1 bytes (an old archive unpacked as is): prepare hashed the paths with a plain
+    .encode() and wrote the index CSV as strict UTF-8, both of which raised on the undecodable name."""
+    root = _folder(Path(os.fsdecode(bytes(tmp_path) + b"/r\xe9sum\xe9")))
+    out = tmp_path / "out"
+    data.prepare(_cfg(root, out))
+    rows = data.PreparedSplit(str(out), "train").index
+    assert rows and all(os.path.isfile(r["path"]) for r in rows)
