@@ -150,8 +150,13 @@ def test_label_eval_on_the_real_sample(real_dir, capsys):
     out = capsys.readouterr().out
     assert "macro F1 over Cardiomegaly, Pleural Effusion, Lung Opacity, Atelectasis, Nodule, Edema, Support Devices, " \
            "No Finding" in out
-    assert res["target_macro_f1"] >= 0.88, out
+    assert res["target_macro_f1"] >= 0.90, out
     assert all(res[c]["support"] >= 20 for c in text_data.LABEL_EVAL_TARGET)
+    # issue 38 on this sample (before -> after): Lung Lesion precision 0.575 -> 0.611, Pneumonia's definite
+    # positives 0.615 -> 0.800, Fracture 0.700 -> 0.750; the observations with few MeSH positives are printed too
+    assert "definite P" in out and "fewer than 20 MeSH positives" in out and "\nPneumonia " in out
+    assert res["Lung Lesion"]["precision"] >= 0.6 and res["Fracture"]["precision"] >= 0.74, out
+    assert res["Pneumonia"]["definite_precision"] >= 0.75, out
 
 
 def test_report_metrics_on_real_references(real_dir):
