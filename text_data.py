@@ -155,6 +155,10 @@ def parse_iu_report(xml_bytes, name=""):
     sec = {(a.get("Label") or "").upper(): " ".join((a.text or "").split()) for a in root.iter("AbstractText")}
     imgs = root.findall("parentImage")
     images = [(p.get("id"), _iu_view(p.findtext("caption") or "", k, len(imgs))) for k, p in enumerate(imgs)]
+    for image_id, _ in images:  # the id names NLMCXR_png/<id>.png: it must not reach a file outside that folder
+        if image_id and (os.path.isabs(image_id) or os.path.normpath(image_id).split(os.sep)[0] == os.pardir):
+            raise ValueError(f"{name}: <parentImage id={image_id!r}> leaves the image folder NLMCXR_png/ (an id is a "
+                             f"file name there, e.g. CXR1_IM-0001-1001); correct or remove this report's XML")
     rec = dict(report_id=uid.get("id"), findings=sec.get("FINDINGS", ""), impression=sec.get("IMPRESSION", ""),
                indication=sec.get("INDICATION", ""), comparison=sec.get("COMPARISON", ""),
                mesh_major=[m.text.strip() for m in root.iter("major") if m.text],

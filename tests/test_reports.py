@@ -3,6 +3,7 @@ against the collection's manual MeSH tags), the xz baseline, the GPT on real rep
 
 import csv
 import os
+import re
 
 import numpy as np
 import pytest
@@ -129,6 +130,20 @@ def test_iu_pairs_fixture_with_pngs(iu_folder, tmp_path):
             assert y[labeler.OBSERVATIONS.index("Support Devices")] == float("PICC" in row["text"])
     tr = text_data.Pairs(str(tmp_path / "pairs"), "train")
     assert tr.images.shape[1:] == (32, 32) and len({r["patient_id"] for r in tr.index}) < len(tr)  # 2 images a report
+
+
+@pytest.mark.parametrize("image_id", ["../../outside/secret", "CXR1_IM-0001/../../../outside/secret", "/etc/secret"])
+def test_iu_image_id_outside_the_image_folder_is_refused(tmp_path, image_id):
+    """Issue 31: a <parentImage id> is a file name in NLMCXR_png/; one that climbs out of it (or is absolute) would
+    make prepare read any .png on the machine as a training image. The reader names the XML and the id."""
+    d = tmp_path / "iu" / "ecgen-radiology"
+    d.mkdir(parents=True)
+    (d / "1.xml").write_text(_xml(1, "Heart size is normal.", "No acute disease."))
+    (d / "2.xml").write_text(_xml(2, "Heart size is normal.", "Clear.").replace("CXR2_IM-0001-1001", image_id))
+    with pytest.raises(ValueError, match=rf"2\.xml: <parentImage id='{re.escape(image_id)}'> leaves the image folder"):
+        text_data.read_iu_xray(str(tmp_path / "iu"))
+    inside = text_data.parse_iu_report(_xml(3, "Clear.", "Normal.").replace("CXR3_IM-0001-1001", "sub/../CXR3_IM-1"))
+    assert inside["images"][0][0] == "sub/../CXR3_IM-1"  # stays inside the folder: allowed
 
 
 def test_iu_reader_on_the_real_sample(real_dir):
