@@ -98,9 +98,10 @@ PSEUDO = r"\bno (?:\w+ )?change|\bwithout (?:\w+ )?change|\bnot only\b"
 # negations that follow what they negate ("the catheter is not seen"): not a negation of what comes after them
 POST_ONLY = r"\b(?:not|no longer)\W+(?:been\W+|be\W+)?(?:seen|identified|present|visuali[sz]ed|evident|demonstrated|" \
             r"appreciated|visible|noted)\b"
-# the mention names no finding on this image: a question ("to evaluate for", "if", "whether"), a search ("detection of")
-# or the patient's past ("history of"); CheXpert's labeler does not label the indication for the same reason
-HYPOTHETICAL = r"\b(?:if|whether|(?:evaluat|assess|correlat|screen)\w* (?:\w+ )?for|(?:look|search)\w* for|" \
+# the mention names no finding on this image: a question ("to evaluate for", "if"), a search ("detection of") or the
+# patient's past ("history of"); CheXpert's labeler does not label the indication for the same reason. Not "whether":
+# "unclear whether this is atelectasis or pneumonia" is uncertain
+HYPOTHETICAL = r"\b(?:if|(?:evaluat|assess|correlat|screen)\w* (?:\w+ )?for|(?:look|search)\w* for|" \
                r"detect(?:ing|ion)|history of)\b"
 NEGATION = r"\b(?:no|not|without|negative for|free of|clear of|absence of|absent|resolution of|resolved|removal of|" \
            r"removed|rather than|nor|neither|never)\b"
@@ -112,7 +113,7 @@ UNCERTAIN_FIRST = r"\b(?:cannot|can ?not|could not|not)\W+(?:be\W+)?(?:exclude|e
                   r"\b(?:rule[ds]? out|r/o|to exclude|exclude|differential)\b"
 UNCERTAIN = r"\b(?:possible|possibly|probable|probably|likely|may|might|could|questionable|question of|suspicious|" \
             r"suspected|suspect|suggest\w*|concern\w*|worrisome|versus|vs|equivocal|indeterminate|borderline|" \
-            r"presumed|presumably|represent\w*|atypical|cannot|consider\w*|or)\b"
+            r"presumed|presumably|represent\w*|atypical|cannot|consider|considered|or)\b"
 UNCERTAIN_AFTER = r"^\W*(?:\w+\W+){0,3}?(?:is|are)?\W*(?:cannot be (?:excluded|ruled out)|not (?:be )?excluded|" \
                   r"(?:is|are) (?:possible|suspected|questioned)|versus|vs)\b"
 SENTENCE = r"(?<!\d)[.;!?](?!\d)|\n"
@@ -151,11 +152,13 @@ def labelled_text(text):
 def mention_status(clause, m):
     """1 / 0 / -1 for the mention m (a match in clause) from the cues around it; None: not a finding on this image."""
     pre, span, post = clause[:m.start()], m.group(), clause[m.end():]
-    if _HYPOTHETICAL.search(pre):
+    hypothetical = [h.end() for h in _HYPOTHETICAL.finditer(pre)]
+    negations = [n.end() for n in _NEG.finditer(_blank(_POST_ONLY, pre))]
+    if hypothetical and hypothetical[-1] > max(negations, default=-1):  # "history of TB without infection": 0
         return None
     if _UNC_FIRST.search(pre) or _UNC_FIRST.search(post[:40]):
         return -1
-    if _NEG.search(_blank(_POST_ONLY, pre)) or re.search(r"\b(?:not|no)\b", span) or _NEG_AFTER.search(post):
+    if negations or re.search(r"\b(?:not|no)\b", span) or _NEG_AFTER.search(post):
         return 0
     if _UNC.search(pre) or _UNC_AFTER.search(post):
         return -1

@@ -41,6 +41,7 @@ CASES = [
     ("Right lower lobe opacity, to evaluate for pneumonia.", {"Pneumonia": None, "Lung Opacity": 1}),
     ("Evaluate for pneumonia.", {"Pneumonia": None}),
     ("Please correlate clinically for pneumonia.", {"Pneumonia": None}),
+    ("It is unclear whether this represents atelectasis or pneumonia.", {"Pneumonia": -1, "Atelectasis": -1}),
     ("Calcified sequelae of prior granulomatous infection.", {"Pneumonia": None, "Granuloma": 1, "No Finding": 1}),
     ("INDICATION: Fever, cough. Rule out pneumonia. FINDINGS: The lungs are clear.", {"Pneumonia": None}),
     ("Indication: pneumonia. Impression: No acute disease.", {"Pneumonia": None, "No Finding": 1}),
@@ -53,6 +54,8 @@ CASES = [
     ("Pulmonary edema is no longer present.", {"Edema": 0}),
     ("Interval resolution of pulmonary edema.", {"Edema": 0}),
     ("History of congestive heart failure.", {"Edema": None}),
+    ("Known history of tuberculosis without active infection.", {"Pneumonia": 0}),
+    ("No effusion, to evaluate for pneumonia.", {"Pneumonia": None, "Pleural Effusion": 0}),
     ("Mild pulmonary edema.", {"Edema": 1}),
     ("Resolving pulmonary edema.", {"Edema": 1}),  # less of it is still some
     # Fracture: old / healed fractures are fractures (CheXpert, NegBio and IU's MeSH coders); a question is not one
@@ -75,6 +78,7 @@ CASES = [
     ("Heart size is at the upper limits of normal.", {"Cardiomegaly": None}),  # borderline, not normal
     ("Heart size is stable.", {"Cardiomegaly": None}),
     ("The heart is enlarged and the lungs are normal.", {"Cardiomegaly": 1}),
+    ("Considerable enlargement of the cardiac silhouette.", {"Cardiomegaly": 1}),
     ("Cardiac pacing leads in normal position.", {"Cardiomegaly": None, "Support Devices": 1}),
     # a negation that follows what it negates does not negate what follows it
     ("The catheter is no longer seen, small right apical pneumothorax.", {"Support Devices": 0, "Pneumothorax": 1}),
