@@ -155,6 +155,10 @@ def parse_iu_report(xml_bytes, name=""):
     sec = {(a.get("Label") or "").upper(): " ".join((a.text or "").split()) for a in root.iter("AbstractText")}
     imgs = root.findall("parentImage")
     images = [(p.get("id"), _iu_view(p.findtext("caption") or "", k, len(imgs))) for k, p in enumerate(imgs)]
+    for image_id, _ in images:  # the id names NLMCXR_png/<id>.png: it must not reach a file outside that folder
+        if image_id and (os.path.isabs(image_id) or os.path.normpath(image_id).split(os.sep)[0] == os.pardir):
+            raise ValueError(f"{name}: <parentImage id={image_id!r}> leaves the image folder NLMCXR_png/ (an id is a "
+                             f"file name there, e.g. CXR1_IM-0001-1001); correct or remove this report's XML")
     rec = dict(report_id=uid.get("id"), findings=sec.get("FINDINGS", ""), impression=sec.get("IMPRESSION", ""),
                indication=sec.get("INDICATION", ""), comparison=sec.get("COMPARISON", ""),
                mesh_major=[m.text.strip() for m in root.iter("major") if m.text],
@@ -598,18 +602,27 @@ def mesh_labels(mesh_major, observations):
 
 def label_eval(records, min_positives=20):
     """label_reports on findings + impression vs the MeSH reference; uncertain counts as positive (a report that
-    raises a finding gets it indexed). Prints precision / recall / F1 for observations with >= min_positives
-    reference positives and the macro F1 over LABEL_EVAL_TARGET; returns the scores."""
+    raises a finding gets it indexed), 'definite P' is the precision of the positive (1) labels alone. Prints
+    precision / recall / F1 per observation, those with >= min_positives reference positives first (the others are
+    noisy), and the macro F1 over LABEL_EVAL_TARGET of the first; returns the scores."""
     obs = OBSERVATIONS + [c for c in RULES if c not in OBSERVATIONS]
-    pred = np.nan_to_num(np.abs(label_reports([r["text"] for r in records], obs)), nan=0.0)
+    y = label_reports([r["text"] for r in records], obs)
+    pred = np.nan_to_num(np.abs(y), nan=0.0)
     true = np.stack([mesh_labels(r["mesh_major"], obs) for r in records])
     scores = finding_scores(pred, true, obs)
     shown = [c for c in obs if scores[c]["support"] >= min_positives]
+    few = [c for c in obs if 0 < scores[c]["support"] < min_positives]
     print(f"label_reports vs manual MeSH major headings, {len(records)} reports (findings + impression)")
-    print(f"{'observation':<28}{'positives':>10}{'predicted':>10}{'precision':>11}{'recall':>8}{'F1':>7}")
-    for c in shown:
-        s = scores[c]
-        print(f"{c:<28}{s['support']:>10}{int(pred[:, obs.index(c)].sum()):>10}{s['precision']:>11.3f}{s['recall']:>8.3f}{s['f1']:>7.3f}")
+    print(f"{'observation':<28}{'positives':>10}{'predicted':>10}{'precision':>11}{'recall':>8}{'F1':>7}"
+          f"{'definite P':>12}")
+    for c in shown + few:
+        if few and c == few[0]:
+            print(f"fewer than {min_positives} MeSH positives (noisy):")
+        j, s = obs.index(c), scores[c]
+        definite = y[:, j] == 1
+        s["definite_precision"] = float((definite & (true[:, j] > 0)).sum() / max(definite.sum(), 1))
+        print(f"{c:<28}{s['support']:>10}{int(pred[:, j].sum()):>10}{s['precision']:>11.3f}{s['recall']:>8.3f}"
+              f"{s['f1']:>7.3f}{s['definite_precision']:>12.3f}")
     target = [c for c in LABEL_EVAL_TARGET if c in shown]
     macro = float(np.mean([scores[c]["f1"] for c in target]))
     print(f"macro F1 over {', '.join(target)}: {macro:.3f}")
