@@ -73,7 +73,7 @@ def table():
     for n in names:
         for line in open(OUT / f"{n}.jsonl"):
             r = json.loads(line)
-            key = (r["test"].split("::")[-1].split("[")[0], r["name"])
+            key = (r["test"].split("::")[-1].split("@")[0], r["name"])  # xdist adds @<group> to the test id
             values.setdefault(key, {})[n] = r["value"]  # a rerun's later line replaces the earlier one
             bars[key] = (r["bar"], r["above"])
     rows = ["| check | bar | min | mean | max | worst margin | n | " + " | ".join(names) + " |",
