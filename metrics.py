@@ -210,10 +210,9 @@ def bootstrap_indices(groups, n_bootstrap, seed):
         yield np.repeat(rows, counts[gid])
 
 
-def bootstrap_ci(probs, labels, groups, n_bootstrap=1000, seed=0, alpha=0.05, task="multilabel"):
-    """Percentile CI of each class's AUC and of the macro AUC, resampling groups (patients).
-    Returns (lo (C,), hi (C,), macro_lo, macro_hi). A resample where a class has one label value is
-    skipped for that class (and the class left out of that resample's macro)."""
+def bootstrap_aucs(probs, labels, groups, n_bootstrap=1000, seed=0, task="multilabel"):
+    """(n_bootstrap, C) per-class AUCs of the resamples of bootstrap_indices (NaN where a class has one label value
+    in a resample); bootstrap_ci's percentiles and the subgroup differences (subgroups.py) are read from it."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = as_multilabel(labels, probs.shape[1], task)
     C = probs.shape[1]
@@ -223,13 +222,31 @@ def bootstrap_ci(probs, labels, groups, n_bootstrap=1000, seed=0, alpha=0.05, ta
             y = labels[idx, c]
             known = ~np.isnan(y)
             boot[b, c] = fast_auc(y[known], probs[idx, c][known])
+    return boot
+
+
+def macro_of(boot):
+    """The macro (mean over the classes with an AUC) of each row of a (B, C) array: NaN for a row without any."""
+    return np.array([_nanmean(row) for row in np.asarray(boot, dtype=np.float64)])
+
+
+def bootstrap_ci(probs, labels, groups, n_bootstrap=1000, seed=0, alpha=0.05, task="multilabel"):
+    """Percentile CI of each class's AUC and of the macro AUC, resampling groups (patients).
+    Returns (lo (C,), hi (C,), macro_lo, macro_hi). A resample where a class has one label value is
+    skipped for that class (and the class left out of that resample's macro)."""
+    return percentile_ci(bootstrap_aucs(probs, labels, groups, n_bootstrap, seed, task), alpha)
+
+
+def percentile_ci(boot, alpha=0.05):
+    """bootstrap_ci's intervals from a (B, C) array of resampled AUCs: (lo (C,), hi (C,), macro_lo, macro_hi)."""
+    C = boot.shape[1]
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     lo, hi = np.full(C, np.nan), np.full(C, np.nan)
     for c in range(C):
         v = boot[:, c][~np.isnan(boot[:, c])]
         if v.size:
             lo[c], hi[c] = np.percentile(v, q)
-    macro = np.array([_nanmean(row) for row in boot])
+    macro = macro_of(boot)
     macro = macro[~np.isnan(macro)]
     mlo, mhi = np.percentile(macro, q) if macro.size else (float("nan"), float("nan"))
     return lo, hi, float(mlo), float(mhi)
