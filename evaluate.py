@@ -141,7 +141,7 @@ def _one_image(cfg, net, meta, out_dir, dev):
     paths = []
     for k, c in enumerate(top):
         p = os.path.join(cam_dir, f"{metrics.safe_name(stem)}_{metrics.safe_name(classes[c])}.png")
-        cam_lib.save_cam_png(p, cam_lib.overlay(u8, maps[k]), method, classes[c], float(probs[c]), os.path.basename(cfg["image"]))
+        cam_lib.save_cam_png(p, cam_lib.overlay(u8, maps[k], strength=float(probs[c])), method, classes[c], float(probs[c]), os.path.basename(cfg["image"]))
         paths.append(p)
     print(f"heatmaps ({method}) for the top {len(top)} classes: {', '.join(paths)}")
     return {"classes": classes, "probs": probs.tolist(), "method": method, "heatmaps": paths}
