@@ -11,6 +11,7 @@ predictions CSV, Grad-CAM / attention-rollout heatmaps. The statistics are metri
     python evaluate.py --ckpt=out/x/best.pt --image=some_cxr.png         # one image: probabilities + heatmaps
     python evaluate.py --ckpt=out/x/pruned.pt                            # export.py's pruned / int8 files too
     python evaluate.py --ckpt=out/x/best.pt --predict_csv=test.csv --root=/data   # challenge inference: a Path column
+    python evaluate.py --ckpt=out/x/best.pt --subgroups=sex,age,view      # who it fails: per-group AUC, gaps (Holm)
 
 Labels: when the prepared folder holds the source's raw codes ({split}_labels_raw.npy, CheXpert), the model is
 scored against them with uncertain cells masked and blank cells per the data's blank policy (--eval_uncertain=mask,
@@ -22,6 +23,8 @@ Outputs next to the checkpoint (or in --out_dir), `<tag>` = split, or <dataset>_
     submission_<tag>.csv     CheXpert only: study-level, the 5 competition columns, max over the study's views
     <tag>_roc.png, <tag>_pr.png, <tag>_reliability.png, <tag>_confusion.png (multiclass)
     cam_<tag>/*.png          heatmap overlays (--cam / --image)
+    subgroups_<tag>.csv, <tag>_subgroups.png   --subgroups: per group and class, per pair; forest plot (docs/subgroups.md)
+    model_card.md, model_card.json            the run's own test split: Mitchell et al.'s model card, from recorded facts
     tb_eval/                 the same curves and figures for TensorBoard
 --predict_csv writes predictions.csv (Path + one probability per class) and, for a CheXpert model,
 submission.csv (Study + the 5 competition columns, max over the study's views).

@@ -44,7 +44,7 @@ def parse_age_bins(text):
     try:
         edges = [float(x) for x in str(text).split(",")]
     except ValueError:
-        raise ValueError(f"age_bins={text!r}: give increasing ages separated by commas, e.g. --age_bins=40,60,80")
+        raise ValueError(f"age_bins={text!r}: give increasing ages separated by commas, e.g. --age_bins=40,60,80") from None
     if any(b <= a for a, b in zip(edges, edges[1:])):
         raise ValueError(f"age_bins={text!r}: the edges must increase, e.g. --age_bins=40,60,80")
     return edges
