@@ -44,7 +44,8 @@ def parse_age_bins(text):
     try:
         edges = [float(x) for x in str(text).split(",")]
     except ValueError:
-        raise ValueError(f"age_bins={text!r}: give increasing ages separated by commas, e.g. --age_bins=40,60,80") from None
+        raise ValueError(f"age_bins={text!r}: give increasing ages separated by commas, "
+                         f"e.g. --age_bins=40,60,80") from None
     if any(b <= a for a, b in zip(edges, edges[1:])):
         raise ValueError(f"age_bins={text!r}: the edges must increase, e.g. --age_bins=40,60,80")
     return edges
@@ -184,10 +185,12 @@ def _class_reason(n_pos, n_neg):
     return None
 
 
-def _one_group(probs, labels, classes, task, patients, thresholds, n_bootstrap, seed, n_bins, alpha):
+def _one_group(probs, labels, classes, task, patients, thresholds, n_bootstrap, seed, n_bins):
+    """One group's entry (evaluate.py's report on its rows, 95% CIs from its own patient bootstrap) and the macro
+    AUC of each bootstrap resample (for the CI of the differences)."""
     rep = metrics.evaluation_report(probs, labels, classes, task, patients, thresholds, 0, seed, n_bins)
     boot = metrics.bootstrap_aucs(probs, labels, patients, n_bootstrap, seed, task)
-    lo, hi, mlo, mhi = metrics.percentile_ci(boot, alpha)
+    lo, hi, mlo, mhi = metrics.percentile_ci(boot)
     per_class = {}
     for c, name in enumerate(classes):
         r = rep["per_class"][name]
@@ -210,20 +213,21 @@ def _one_group(probs, labels, classes, task, patients, thresholds, n_bootstrap, 
 def subgroup_analysis(probs, labels, classes, task, patients, columns, thresholds=None, n_bootstrap=1000,
                       seed=0, n_bins=15, alpha=0.05, age_bins=()):
     """columns: {column: group name per image (subgroup_values)}. Returns a dict of plain types (NaN -> None when
-    saved): alpha, correction, n_tests, and per column its groups (in order), pairs and worst group."""
+    saved): alpha, correction, n_tests, and per column its groups (in order), pairs and worst group. CIs are 95%
+    whatever alpha, the level of the Holm-adjusted tests."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
     patients = np.asarray(patients).astype(str)
     out = {"alpha": alpha, "n_bootstrap": n_bootstrap, "bootstrap_seed": seed, "age_bins": list(age_bins),
            "columns": {}}
-    tests = []  # (column, pair) of every pair with a p-value, for Holm over all of them
+    tests = []  # every pair with a p-value, of every column: Holm adjusts them together
     for column, values in columns.items():
         values = np.asarray(values, dtype=object)
         groups, boots = {}, {}
         for k, name in enumerate(_group_order(values, column, age_bins)):
             rows = np.nonzero(values == name)[0]
             groups[name], boots[name] = _one_group(probs[rows], labels[rows], classes, task, patients[rows],
-                                                   thresholds, n_bootstrap, seed + k, n_bins, alpha)
+                                                   thresholds, n_bootstrap, seed + k, n_bins)
         pairs = []
         for a, b in itertools.combinations(groups, 2):
             ga, gb = groups[a], groups[b]
@@ -236,8 +240,7 @@ def subgroup_analysis(probs, labels, classes, task, patients, columns, threshold
             diff, se, z, p = pair_test(ga["auc_macro"], ga["auc_macro_var"], gb["auc_macro"], gb["auc_macro_var"])
             d = boots[a] - boots[b]
             d = d[~np.isnan(d)]
-            q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
-            ci = [float(v) for v in np.percentile(d, q)] if d.size else [float("nan")] * 2
+            ci = [float(v) for v in np.percentile(d, [2.5, 97.5])] if d.size else [float("nan")] * 2
             pair.update(diff=diff, diff_ci=ci, se=se, z=z, p=p)
             if p != p:
                 pair["reason"] = "zero variance (too few patients): no test"

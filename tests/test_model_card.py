@@ -20,7 +20,8 @@ import train
 
 @pytest.fixture(scope="module")
 def carded_run(tmp_path_factory, tiny_phantom):
-    """2 training steps at 32 px on tiny_phantom (600 images), then evaluate.py --subgroups=sex,age on its test split."""
+    """2 training steps at 32 px on tiny_phantom (600 images), then evaluate.py --subgroups=sex,age on its test
+    split (~9 s on 2 quiet cores, most of it the 2-step run's two evaluations and checkpoints)."""
     out = tmp_path_factory.mktemp("card") / "run"
     train.main([f"--data_dir={tiny_phantom}", f"--out_dir={out}", "--model=convnext_atto", "--image_size=32",
                 "--max_iters=2", "--batch_size=16", "--eval_interval=2", "--device=cpu", "--compile=False",

@@ -50,7 +50,8 @@ def test_subgroup_aucs_and_cis_equal_the_direct_computation_on_the_groups_rows()
             assert abs(r["auc_ci"][0] - lo[c]) < 1e-12 and abs(r["auc_ci"][1] - hi[c]) < 1e-12
             known = ~np.isnan(y[rows, c])
             yk, dk = y[rows, c][known] == 1, probs[rows, c][known] >= thr[c]
-            assert r["sensitivity"] == (dk & yk).sum() / yk.sum() and r["specificity"] == (~dk & ~yk).sum() / (~yk).sum()
+            assert r["sensitivity"] == (dk & yk).sum() / yk.sum()
+            assert r["specificity"] == (~dk & ~yk).sum() / (~yk).sum()
         assert abs(g["auc_macro"] - np.nanmean(auc)) < 1e-12
         assert abs(g["auc_macro_ci"][0] - mlo) < 1e-12 and abs(g["auc_macro_ci"][1] - mhi) < 1e-12
         assert g["n_images"] == rows.size and g["n_patients"] == np.unique(patients[rows]).size
