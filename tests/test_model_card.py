@@ -118,7 +118,7 @@ def test_figures_carry_ci_n_and_fixed_axes():
     rep.update(model="convnext_atto", split="test")
     figs = metrics.make_figures(probs, y, classes, "multilabel", rep)
     title = "convnext_atto | test | n = 200 images, 200 patients"
-    assert all(title in f._suptitle.get_text() for f in figs.values())
+    assert all(title in f.get_suptitle() for f in figs.values())
     for kind in ("roc", "pr"):
         ax = figs[kind].axes[0]
         assert ax.get_title() == f"A (n_pos {rep['per_class']['A']['n_pos']})"

@@ -175,3 +175,19 @@ def test_phantom_disparity_makes_one_groups_findings_subtler_and_is_off_by_defau
                                 phantom_disparity="age>=70:0.5"))
     assert on_meta["config"]["phantom_disparity"] == "age>=70:0.5" and on_meta["input_hash"] != off["input_hash"]
     assert on_meta["label_policy"]["disparity"] == "age>=70:0.5" and on_meta["data_hash"] != off["data_hash"]
+
+
+def test_multiclass_groups_and_a_class_absent_from_a_group():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 150)
+    site = np.where(np.arange(150) < 60, "a", "b").astype(object)
+    y[:60] = np.where(y[:60] == 2, 0, y[:60])  # site a has no image of class C
+    probs = rng.dirichlet([1, 1, 1], 150)
+    probs[np.arange(150), y] += 0.5
+    probs /= probs.sum(1, keepdims=True)
+    sub = subgroups.subgroup_analysis(probs, y, CLASSES, "multiclass", np.arange(150), {"site": site}, None, 20)
+    a = sub["columns"]["site"]["groups"]["a"]
+    assert np.isnan(a["per_class"]["C"]["auc"]) and "no positive case" in a["per_class"]["C"]["reason"]
+    rows = np.arange(60)
+    assert abs(a["auc_macro"] - np.nanmean(metrics.masked_auc(probs[rows], y[rows], "multiclass"))) < 1e-12
+    assert 0 <= sub["columns"]["site"]["pairs"][0]["p"] <= 1
