@@ -357,7 +357,7 @@ def _clear(out):
 
 def recorded_knobs(cfg):
     """The knobs that meta.json records and the input hash covers. The phantom's disparity only when it is on, so
-    that a phantom prepared without it keeps its meta.json and input hash (issue 36)."""
+    that without it both read as they did before the knob existed (issue 36)."""
     extra = ["phantom_disparity"] if cfg["dataset"] == "phantom" and cfg.get("phantom_disparity") else []
     return {k: cfg[k] for k in COMMON_KNOBS + READER_KNOBS[cfg["dataset"]] + extra}
 
