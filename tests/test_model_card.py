@@ -62,6 +62,7 @@ def _allowed(obj):
     return out
 
 
+@pytest.mark.slow  # the fixture: a 2-step training run and an evaluation, ~9-20 s on 2 shared cores
 def test_model_card_numbers_come_from_the_evaluation_and_the_run(carded_run):
     out, rep, data_dir = carded_run
     md = (out / "model_card.md").read_text()
@@ -100,6 +101,7 @@ def test_model_card_numbers_come_from_the_evaluation_and_the_run(carded_run):
         assert "model_card_md" in f.read()
 
 
+@pytest.mark.slow  # shares the fixture above; its own evaluation of the val split is ~3 s
 def test_model_card_only_for_the_runs_own_test_split(carded_run, capsys):
     out, _, _ = carded_run
     before = (out / "model_card.json").read_text()
