@@ -142,9 +142,11 @@ def heatmaps(net, x, class_idx, method, target):
     return _normalize_maps(cam, size)
 
 
-def overlay(gray_u8, heat, min_size=224):
-    """Gray image (H, W) uint8 + heat (h, w) in [0,1] -> RGB uint8, a jet-like colour map at 40%. Small
-    images are enlarged (an integer factor, to >= 224 px) so that the overlay can be read."""
+def overlay(gray_u8, heat, min_size=224, strength=1.0):
+    """Gray image (H, W) uint8 + heat (h, w) in [0,1] -> RGB uint8, a jet-like colour map at 40% x strength. Small
+    images are enlarged (an integer factor, to >= 224 px) so that the overlay can be read. strength: the predicted
+    probability of the class the map explains, so that a map normalised to its own maximum is not drawn saturated
+    for a prediction near 0 (issue 36); 1 = the map alone."""
     from PIL import Image
     k = math.ceil(min_size / max(gray_u8.shape))
     if k > 1:
@@ -154,7 +156,8 @@ def overlay(gray_u8, heat, min_size=224):
                          align_corners=False)[0, 0].numpy()
     color = _heat_colors(heat) * 255
     base = np.repeat(gray_u8[..., None].astype(np.float64), 3, -1)
-    return np.clip(0.6 * base + 0.4 * color, 0, 255).astype(np.uint8)
+    a = 0.4 * float(np.clip(strength, 0.0, 1.0))
+    return np.clip((1 - a) * base + a * color, 0, 255).astype(np.uint8)
 
 
 def _heat_colors(heat):
@@ -175,7 +178,7 @@ def save_cam_png(path, rgb, method, class_name, prob, title=""):
     ax.set_title(f"{title + chr(10) if title else ''}{method}: {class_name}, p = {prob:.2f}", fontsize=10)
     cmap = ListedColormap(_heat_colors(np.linspace(0, 1, 256)))
     bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, fraction=0.046, pad=0.04)
-    bar.set_label(f"{method} (normalized to the image's max)", fontsize=8)
+    bar.set_label(f"{method} (normalized to the image's max), opacity 0.4 x p", fontsize=8)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
@@ -212,7 +215,7 @@ def write_cams(net, meta, images, probs, labels, classes, model_cols, n, cam_dir
             maps = heatmaps(net, x, [model_cols[c]] * len(rows), method, target)
             for k, r in enumerate(rows):
                 j = order[k]
-                img = overlay(u8[j], maps[j])
+                img = overlay(u8[j], maps[j], strength=float(probs[r, c]))
                 fname = f"{metrics.safe_name(classes[c])}_{kind}{k}_row{int(r)}_p{probs[r, c]:.2f}.png"
                 title = f"{'confident true positive' if kind == 'tp' else 'worst error'} {k}, row {int(r)}"
                 save_cam_png(os.path.join(cam_dir, fname), img, method, classes[c], float(probs[r, c]), title)

@@ -89,6 +89,7 @@ DEFAULTS = dict(
     binary=False,              # vinbigdata: one 'Abnormal' label instead of 14 findings + No finding
     patient_pattern="",        # folder: regex on the file stem; group 1 (or the match) is the patient id; "" -> stem
     n_images=12000,            # phantom: number of generated images
+    phantom_disparity="",      # phantom: "" (off) | findings subtler in one group, e.g. sex=F:0.4, age>=70:0.5
     on_bad_image="error",      # error: stop naming the file | skip: drop it from its split, count it, list it in meta.json
     overwrite=False,           # re-prepare an out_dir that was prepared from other inputs
     allow_outside_root=False,  # read image paths from a CSV/list that leave --root ('../..', absolute names)
@@ -386,11 +387,18 @@ def _file_stamp(path):
     return f"{st.st_size} {st.st_mtime_ns}"
 
 
+def recorded_knobs(cfg):
+    """The knobs that meta.json records and the input hash covers. The phantom's disparity only when it is on, so
+    that without it both read as they did before the knob existed (issue 36)."""
+    extra = ["phantom_disparity"] if cfg["dataset"] == "phantom" and cfg.get("phantom_disparity") else []
+    return {k: cfg[k] for k in COMMON_KNOBS + READER_KNOBS[cfg["dataset"]] + extra}
+
+
 def input_hash(src, cfg):
     """A digest of what defines the prepared folder: the knobs, the dataset's list files, the image paths and each
     image file's size and mtime (so a rerun after fixing a skipped image is not "already prepared")."""
     h = hashlib.sha256()
-    h.update(json.dumps({k: cfg[k] for k in COMMON_KNOBS + READER_KNOBS[cfg["dataset"]]}, sort_keys=True).encode())
+    h.update(json.dumps(recorded_knobs(cfg), sort_keys=True).encode())
     for path in src.hash_files:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -750,7 +758,7 @@ def prepare(cfg):
                 label_policy=src.label_policy, input_hash=digest, patient_id_source=src.patient_id_source,
                 index_columns=INDEX_COLUMNS + list(src.extra_columns),
                 warnings=list(src.warnings) + split_warnings,
-                config={k: cfg[k] for k in COMMON_KNOBS + READER_KNOBS[cfg["dataset"]]})
+                config=recorded_knobs(cfg))
     if src.labels_raw is not None:
         meta["raw_labels"] = True  # {split}_labels_raw.npy: the dataset's own codes, for evaluation labels (issue 15)
 

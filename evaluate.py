@@ -11,6 +11,7 @@ predictions CSV, Grad-CAM / attention-rollout heatmaps. The statistics are metri
     python evaluate.py --ckpt=out/x/best.pt --image=some_cxr.png         # one image: probabilities + heatmaps
     python evaluate.py --ckpt=out/x/pruned.pt                            # export.py's pruned / int8 files too
     python evaluate.py --ckpt=out/x/best.pt --predict_csv=test.csv --root=/data   # challenge inference: a Path column
+    python evaluate.py --ckpt=out/x/best.pt --subgroups=sex,age,view      # who it fails: per-group AUC, gaps (Holm)
 
 Labels: when the prepared folder holds the source's raw codes ({split}_labels_raw.npy, CheXpert), the model is
 scored against them with uncertain cells masked and blank cells per the data's blank policy (--eval_uncertain=mask,
@@ -22,6 +23,8 @@ Outputs next to the checkpoint (or in --out_dir), `<tag>` = split, or <dataset>_
     submission_<tag>.csv     CheXpert only: study-level, the 5 competition columns, max over the study's views
     <tag>_roc.png, <tag>_pr.png, <tag>_reliability.png, <tag>_confusion.png (multiclass)
     cam_<tag>/*.png          heatmap overlays (--cam / --image)
+    subgroups_<tag>.csv, <tag>_subgroups.png   --subgroups: per group and class, per pair; forest plot (docs/subgroups.md)
+    model_card.md, model_card.json            the run's own test split: Mitchell et al.'s model card, from recorded facts
     tb_eval/                 the same curves and figures for TensorBoard
 --predict_csv writes predictions.csv (Path + one probability per class) and, for a CheXpert model,
 submission.csv (Study + the 5 competition columns, max over the study's views).
@@ -42,7 +45,9 @@ import configurator
 import data
 import fusion
 import metrics
+import model_card as card_lib  # the modules; `model_card` and `subgroups` are config knobs below
 import runs
+import subgroups as subgroups_lib
 
 # -----------------------------------------------------------------------------
 # config: python evaluate.py --key=value (or a config file), see configurator.py
@@ -65,6 +70,10 @@ cam = 0                   # heatmaps for the N most confident true positives and
 image = ""                # one image file (png/jpg): print its probabilities and write its heatmaps
 predict_csv = ""          # a CSV with a Path column (the CheXpert challenge input): predictions.csv + submission.csv
 root = ""                 # folder the Path column is relative to ("" = the CSV's folder)
+subgroups = ""            # index columns to break the metrics down by, e.g. sex,age,view,dataset ("" = off)
+age_bins = "40,60,80"     # age edges (years) for --subgroups=age: <40, 40-59, 60-79, >=80 ("" = each age a group)
+subgroup_alpha = 0.05     # significance level of the pairwise subgroup gaps, after Holm's correction over all pairs
+model_card = True         # write model_card.md + model_card.json beside the checkpoint (the run's own test split only)
 figures = True            # PNG curves with matplotlib
 tensorboard = True        # curves + figures to <out_dir>/tb_eval
 # -----------------------------------------------------------------------------
@@ -135,7 +144,7 @@ def _one_image(cfg, net, meta, out_dir, dev):
     paths = []
     for k, c in enumerate(top):
         p = os.path.join(cam_dir, f"{metrics.safe_name(stem)}_{metrics.safe_name(classes[c])}.png")
-        cam_lib.save_cam_png(p, cam_lib.overlay(u8, maps[k]), method, classes[c], float(probs[c]), os.path.basename(cfg["image"]))
+        cam_lib.save_cam_png(p, cam_lib.overlay(u8, maps[k], strength=float(probs[c])), method, classes[c], float(probs[c]), os.path.basename(cfg["image"]))
         paths.append(p)
     print(f"heatmaps ({method}) for the top {len(top)} classes: {', '.join(paths)}")
     return {"classes": classes, "probs": probs.tolist(), "method": method, "heatmaps": paths}
@@ -183,6 +192,7 @@ def _evaluate_split(cfg, net, meta_ck, out_dir, dev):
     if meta["task"] != task:
         raise ValueError(f"{data_dir} is {meta['task']} but the model in {cfg['ckpt']} is {task}")
     split = data.PreparedSplit(data_dir, cfg["split"])
+    sub_columns = _subgroup_columns(cfg, split)
     tag = f"{metrics.safe_name(os.path.basename(os.path.normpath(data_dir)))}_{cfg['split']}" if external else cfg["split"]
     t0 = time.time()
     probs_all = runs.predict(net, split.images, meta_ck, cfg["batch_size"], cfg["tta"], cfg["tta_seed"], dev,
@@ -260,6 +270,9 @@ def _evaluate_split(cfg, net, meta_ck, out_dir, dev):
                 tb.add_pr_curve(f"{tag}/pr/{cname}", onehot[known, c].astype(bool), probs[known, c], 0)
             tb.add_scalar(f"{tag}/auc/{cname}", rep["auc"][cname] if rep["auc"][cname] == rep["auc"][cname] else 0.0, 0)
 
+    if sub_columns:
+        written += _subgroups(cfg, rep, probs, labels, groups, thresholds, [index[i] for i in rows] if index else [],
+                              sub_columns, meta, out_dir, tag, tb)
     if cfg["cam"] > 0:
         images = split.images[rows] if len(rows) != len(split.images) else split.images
         cam_dir = os.path.join(out_dir, f"cam_{tag}")
@@ -273,8 +286,65 @@ def _evaluate_split(cfg, net, meta_ck, out_dir, dev):
     json_path = os.path.join(out_dir, f"eval_{tag}.json")
     with open(json_path, "w") as f:
         json.dump(metrics.to_json(rep), f, indent=1)
+    if cfg["model_card"]:
+        written += _model_card(cfg, net, meta, rep, data_dir, external, out_dir)
     print("wrote " + ", ".join([json_path] + written))
     return rep
+
+
+# -----------------------------------------------------------------------------
+# who the model fails (issue 36): subgroups of the index, and the model card
+
+
+def _subgroup_columns(cfg, split):
+    """The --subgroups columns, checked against the split's index before any inference."""
+    if not cfg["subgroups"]:
+        return []
+    subgroups_lib.parse_age_bins(cfg["age_bins"])
+    if not 0 < cfg["subgroup_alpha"] < 1:
+        raise ValueError(f"--subgroup_alpha={cfg['subgroup_alpha']} must be between 0 and 1, e.g. 0.05")
+    return subgroups_lib.check_columns(cfg["subgroups"], list(split.index[0]) if split.index else [])
+
+
+def _subgroups(cfg, rep, probs, labels, patients, thresholds, index_rows, columns, meta, out_dir, tag, tb):
+    """Per-group metrics, pairwise gaps and the worst group into rep['subgroups']; the CSV and the forest plot."""
+    bins = subgroups_lib.parse_age_bins(cfg["age_bins"])
+    name = meta.get("name", "")  # the group of every image for --subgroups=dataset when the index has no such column
+    values = {c: subgroups_lib.subgroup_values(index_rows, c, bins, name if c == "dataset" else "") for c in columns}
+    sub = subgroups_lib.subgroup_analysis(probs, labels, rep["classes"], rep["task"], patients, values, thresholds,
+                                      cfg["n_bootstrap"], cfg["bootstrap_seed"], cfg["n_bins"], cfg["subgroup_alpha"],
+                                      bins)
+    rep["subgroups"] = sub
+    print(subgroups_lib.format_subgroups(sub))
+    csv_path = os.path.join(out_dir, f"subgroups_{tag}.csv")
+    subgroups_lib.write_subgroups_csv(csv_path, sub, rep["classes"])
+    written = [csv_path]
+    if cfg["figures"] or tb is not None:
+        title = f"{rep['model']} | {tag} | {rep['n_images']} images, {rep['n_patients']} patients"
+        fig = subgroups_lib.forest_plot(sub, (rep["auc_macro"], *rep["auc_macro_ci"]), title)
+        if cfg["figures"]:
+            p = os.path.join(out_dir, f"{tag}_subgroups.png")
+            fig.savefig(p, dpi=100)
+            written.append(p)
+        if tb is not None:
+            tb.add_figure(f"{tag}/subgroups", fig, 0)
+            for column, col in sub["columns"].items():
+                for name, g in col["groups"].items():
+                    if g["auc_macro"] == g["auc_macro"]:
+                        tb.add_scalar(f"{tag}/subgroup_auc/{column}={name}", g["auc_macro"], 0)
+    return written
+
+
+def _model_card(cfg, net, meta, rep, data_dir, external, out_dir):
+    """model_card.md + model_card.json in out_dir (beside the checkpoint by default), from the evaluation of the
+    run's own test split."""
+    if external or cfg["split"] != "test":
+        print(f"model card: not written (it reports the run's own test split; this is {rep['split']} of {data_dir})")
+        return []
+    ck = common.load_checkpoint(cfg["ckpt"])
+    card = card_lib.build(cfg["ckpt"], ck, sum(p.numel() for p in net.parameters()), meta, data_dir, rep)
+    md_path, json_path = card_lib.write(out_dir, card)
+    return [md_path, json_path]
 
 
 def _tb_writer(out_dir):

@@ -210,10 +210,9 @@ def bootstrap_indices(groups, n_bootstrap, seed):
         yield np.repeat(rows, counts[gid])
 
 
-def bootstrap_ci(probs, labels, groups, n_bootstrap=1000, seed=0, alpha=0.05, task="multilabel"):
-    """Percentile CI of each class's AUC and of the macro AUC, resampling groups (patients).
-    Returns (lo (C,), hi (C,), macro_lo, macro_hi). A resample where a class has one label value is
-    skipped for that class (and the class left out of that resample's macro)."""
+def bootstrap_aucs(probs, labels, groups, n_bootstrap=1000, seed=0, task="multilabel"):
+    """(n_bootstrap, C) per-class AUCs of the resamples of bootstrap_indices (NaN where a class has one label value
+    in a resample); bootstrap_ci's percentiles and the subgroup differences (subgroups.py) are read from it."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = as_multilabel(labels, probs.shape[1], task)
     C = probs.shape[1]
@@ -223,13 +222,31 @@ def bootstrap_ci(probs, labels, groups, n_bootstrap=1000, seed=0, alpha=0.05, ta
             y = labels[idx, c]
             known = ~np.isnan(y)
             boot[b, c] = fast_auc(y[known], probs[idx, c][known])
+    return boot
+
+
+def macro_of(boot):
+    """The macro (mean over the classes with an AUC) of each row of a (B, C) array: NaN for a row without any."""
+    return np.array([_nanmean(row) for row in np.asarray(boot, dtype=np.float64)])
+
+
+def bootstrap_ci(probs, labels, groups, n_bootstrap=1000, seed=0, alpha=0.05, task="multilabel"):
+    """Percentile CI of each class's AUC and of the macro AUC, resampling groups (patients).
+    Returns (lo (C,), hi (C,), macro_lo, macro_hi). A resample where a class has one label value is
+    skipped for that class (and the class left out of that resample's macro)."""
+    return percentile_ci(bootstrap_aucs(probs, labels, groups, n_bootstrap, seed, task), alpha)
+
+
+def percentile_ci(boot, alpha=0.05):
+    """bootstrap_ci's intervals from a (B, C) array of resampled AUCs: (lo (C,), hi (C,), macro_lo, macro_hi)."""
+    C = boot.shape[1]
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     lo, hi = np.full(C, np.nan), np.full(C, np.nan)
     for c in range(C):
         v = boot[:, c][~np.isnan(boot[:, c])]
         if v.size:
             lo[c], hi[c] = np.percentile(v, q)
-    macro = np.array([_nanmean(row) for row in boot])
+    macro = macro_of(boot)
     macro = macro[~np.isnan(macro)]
     mlo, mhi = np.percentile(macro, q) if macro.size else (float("nan"), float("nan"))
     return lo, hi, float(mlo), float(mhi)
@@ -585,53 +602,55 @@ def pyplot():
 
 
 def make_figures(probs, labels, classes, task, rep):
-    """dict name -> matplotlib Figure: roc, pr, reliability, confusion (multiclass: rows true, columns predicted)."""
+    """dict name -> matplotlib Figure: roc, pr, reliability, confusion (multiclass: rows true, columns predicted).
+    Each figure's title names the model, the split and n; each ROC / PR panel its class, n_pos and the AUC with its
+    CI; PR panels span precision [0, 1] with the prevalence (a chance model's precision) drawn and labelled; the
+    reliability figure has one panel per class (multi-label; all predictions together first) with each bin's count."""
     plt = pyplot()
     onehot = as_multilabel(labels, len(classes), task)
     C = len(classes)
     cols = min(C, 5)
     rows = math.ceil(C / cols)
+    title = (f"{rep.get('model') or 'model'} | {rep.get('split') or 'split'} | n = {rep['n_images']} images, "
+             f"{rep['n_patients']} patients")
     figs = {}
     for kind in ("roc", "pr"):
-        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.4), squeeze=False)
         for c, name in enumerate(classes):
             ax = axes[c // cols][c % cols]
             y = onehot[:, c]
             known = ~np.isnan(y)
-            ax.set_title(name, fontsize=9)
-            if rep["per_class"][name]["auc"] is None or rep["per_class"][name]["auc"] != rep["per_class"][name]["auc"]:
+            r = rep["per_class"][name]
+            ax.set_title(f"{name} (n_pos {r['n_pos']})", fontsize=9)
+            if r["auc"] is None or r["auc"] != r["auc"]:
                 ax.text(0.5, 0.5, "one label value", ha="center")
                 continue
+            lo, hi = r["auc_ci"]
+            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and lo == lo else ""
             if kind == "roc":
                 fpr, tpr, _ = roc_curve(y[known], probs[known, c])
-                ax.plot(fpr, tpr, label=f"AUC {rep['auc'][name]:.3f}")
+                ax.plot(fpr, tpr, label=f"AUC {r['auc']:.3f}{ci}")
                 ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-                r = rep["per_class"][name]
                 if r["threshold"] is not None:
                     ax.plot(1 - r["specificity"], r["sensitivity"], "o", ms=4, label="operating point")
                 ax.set_xlabel("1 - specificity", fontsize=8)
                 ax.set_ylabel("sensitivity", fontsize=8)
             else:
                 prec, rec, _ = precision_recall_curve(y[known], probs[known, c])
-                ax.plot(rec, prec, label=f"AP {rep['ap'][name]:.3f}")
-                ax.axhline(y[known].mean(), color="k", ls=":", lw=0.8)
+                ax.plot(rec, prec, label=f"AP {r['ap']:.3f} (AUC {r['auc']:.3f}{ci})")
+                prevalence = float(y[known].mean())
+                ax.axhline(prevalence, color="k", ls=":", lw=0.8, label=f"prevalence {prevalence:.3f}")
+                ax.set_ylim(0, 1)
+                ax.set_xlim(0, 1)
                 ax.set_xlabel("recall", fontsize=8)
                 ax.set_ylabel("precision", fontsize=8)
-            ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
+            ax.legend(fontsize=6, loc="lower right" if kind == "roc" else "upper right")
         for c in range(C, rows * cols):
             axes[c // cols][c % cols].axis("off")
+        fig.suptitle(f"{kind.upper()} | {title}", fontsize=10)
         fig.tight_layout()
         figs[kind] = fig
-    fig, ax = plt.subplots(figsize=(4, 4))
-    tab = [b for b in rep["reliability"] if b["n"] > 0]
-    ax.bar([(b["lo"] + b["hi"]) / 2 for b in tab], [b["frac_pos"] for b in tab],
-           width=[b["hi"] - b["lo"] for b in tab], edgecolor="k", alpha=0.7)
-    ax.plot([0, 1], [0, 1], "k:")
-    ax.set_xlabel("predicted probability" if task == "multilabel" else "top-1 confidence")
-    ax.set_ylabel("observed frequency" if task == "multilabel" else "accuracy")
-    ax.set_title(f"reliability (ECE {rep['ece']:.3f})")
-    fig.tight_layout()
-    figs["reliability"] = fig
+    figs["reliability"] = _reliability_figure(plt, probs, labels, classes, task, rep, title)
     if task == "multiclass":
         cm = np.array(rep["confusion_matrix"])
         fig, ax = plt.subplots(figsize=(1 + 0.6 * C, 1 + 0.6 * C))
@@ -643,9 +662,42 @@ def make_figures(probs, labels, classes, task, rep):
         ax.set_yticks(range(C), classes, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
+        ax.set_title(title, fontsize=7)
         fig.tight_layout()
         figs["confusion"] = fig
     return figs
+
+
+def _reliability_figure(plt, probs, labels, classes, task, rep, title):
+    """Observed frequency against the mean prediction per bin, the bin's count written on its bar: one panel for
+    every prediction together (the ECE's table), then one per class (multi-label)."""
+    panels = [("all classes" if task == "multilabel" else "top-1", rep["reliability"], rep["ece"])]
+    if task == "multilabel":
+        n_bins = len(rep["reliability"])
+        for c, name in enumerate(classes):
+            ece, table = calibration(probs[:, c:c + 1], np.asarray(labels)[:, c:c + 1], n_bins, task)
+            panels.append((name, table, ece))
+    cols = min(len(panels), 4)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows + 0.4), squeeze=False)
+    for k, (name, table, ece) in enumerate(panels):
+        ax = axes[k // cols][k % cols]
+        tab = [b for b in table if b["n"] > 0]
+        x = [(b["lo"] + b["hi"]) / 2 for b in tab]
+        ax.bar(x, [b["frac_pos"] for b in tab], width=[b["hi"] - b["lo"] for b in tab], edgecolor="k", alpha=0.7)
+        for xi, b in zip(x, tab):
+            ax.text(xi, min(b["frac_pos"] + 0.02, 0.93), str(b["n"]), ha="center", fontsize=5, rotation=90)
+        ax.plot([0, 1], [0, 1], "k:")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name} (ECE {ece:.3f})" if ece == ece else f"{name} (no known label)", fontsize=8)
+        ax.set_xlabel("predicted probability" if task == "multilabel" else "top-1 confidence", fontsize=7)
+        ax.set_ylabel("observed frequency" if task == "multilabel" else "accuracy", fontsize=7)
+    for k in range(len(panels), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.suptitle(f"reliability (bar labels: predictions per bin) | {title}", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def safe_name(name):

@@ -733,13 +733,14 @@ def read_mimic_cxr(root, uncertain_policy="ignore", blank_policy="zeros", views=
 # reader: the phantom (phantom.py makes the pixels; they go through the same split/write path)
 
 
-def read_phantom(n_images=12000, image_size=64, seed=0):
-    g = phantom.generate(n_images, image_size, seed)
+def read_phantom(n_images=12000, image_size=64, seed=0, disparity=""):
+    g = phantom.generate(n_images, image_size, seed, disparity)
     keys = ("patient_id", "study_id", "view", "age", "sex", "text", "indication")
     records = [index_record(f"phantom/{i:06d}", **{k: r.get(k, "") for k in keys}) for i, r in enumerate(g["records"])]
-    return Source(records, np.asarray(g["labels"], np.float32), list(g["classes"]), "multilabel",
-                  dict(generator="phantom.generate", seed=seed), [phantom.__file__],
-                  f"phantom.generate(n_images={n_images}, image_size={image_size}, seed={seed})",
+    policy = dict(generator="phantom.generate", seed=seed, **({"disparity": disparity} if disparity else {}))
+    return Source(records, np.asarray(g["labels"], np.float32), list(g["classes"]), "multilabel", policy,
+                  [phantom.__file__], f"phantom.generate(n_images={n_images}, image_size={image_size}, seed={seed}"
+                  + (f", disparity={disparity!r})" if disparity else ")"),
                   images=np.asarray(g["images"], np.uint8), patient_id_source="generator patient_id")
 
 
@@ -763,7 +764,7 @@ def check_inside_root(src, root, allow_outside_root=False):
 def read_dataset(cfg):
     name, root = cfg["dataset"], cfg["root"]
     if name == "phantom":
-        return read_phantom(cfg["n_images"], cfg["image_size"], cfg["seed"])
+        return read_phantom(cfg["n_images"], cfg["image_size"], cfg["seed"], cfg.get("phantom_disparity", ""))
     readers = dict(chexpert=read_chexpert, nih=read_nih, vinbigdata=read_vinbigdata, folder=read_folder,
                    covidx=read_covidx, roco=read_roco, rocov2=read_rocov2, mimic_cxr=read_mimic_cxr)
     if name not in readers:

@@ -17,6 +17,7 @@ JSON API (images as multipart field `file`: PNG or JPEG, 8/16-bit, gray/RGB/RGBA
     POST /v1/search     query=<text> | file   -> top_k index images (text query) or index reports (image), with scores
     POST /v1/report     file                  -> a report from the image-conditioned GPT and its finding head's tags
     GET  /healthz, GET /v1/models             -> liveness; what is loaded, its classes and provenance (path, sha256, iter)
+                                                 and its model card (model_card.json / .md written by evaluate.py)
     GET  /v1/index/<row>.png                  -> an index image (the page shows search hits with it)
 
 Images are decoded by the same function evaluate.py --image uses (data.decode_image: grayscale, long side to the
@@ -386,6 +387,22 @@ def write_report(m, u8, max_tokens):
     return tok.decode(out), tags
 
 
+def run_model_card(ckpt_path):
+    """The model card evaluate.py wrote beside a checkpoint: {"model_card": its JSON, "model_card_md": its markdown}
+    ({} when the run folder has no model_card.json), for /v1/models and the page's link."""
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    path = os.path.join(folder, "model_card.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        out = {"model_card": json.load(f)}
+    md = os.path.join(folder, "model_card.md")
+    if os.path.exists(md):
+        with open(md, encoding="utf-8") as f:
+            out["model_card_md"] = f.read()
+    return out
+
+
 # -----------------------------------------------------------------------------
 # the worker: one thread runs every model call (in order), batching classify requests when max_batch > 1
 
@@ -554,6 +571,7 @@ class Service:
             else:
                 d.update(classes=m["classes"], finding_tags=m["net"].config.finding_tags, data_dir=(ck.get("meta") or ck.get("data") or {}).get("data_dir"),
                          n_layer=m["net"].config.n_layer, n_embd=m["net"].config.n_embd)
+            d.update(run_model_card(m["path"]))
             out[name] = d
         if self.index is not None:
             ix = self.index

@@ -47,6 +47,8 @@ LAYERS = {
     "tracking.py": ("plumbing", ""),
     "configurator.py": ("leaves", ""),
     "metrics.py": ("leaves", ""),
+    "subgroups.py": ("leaves", ""),
+    "model_card.py": ("leaves", ""),
     "tokenizer.py": ("leaves", "`python tokenizer.py --train / --compare` trains a BPE or compares tokens per caption; "
                                "fusion.py, text_data.py and the CLIP / GPT commands import the tokenizers"),
     "labeler.py": ("leaves", ""),
