@@ -669,8 +669,8 @@ def log_step(log, dist, timer, it, cfg, loss, norm, lr, items, unit, flops=None,
     log.line(f"iter {it:6d} | loss {loss:.4f} | norm {float(norm):6.3f} | lr {lr:.2e} | {1000 * dt:7.1f} ms | "
              f"{rate:9.1f} {unit}/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | eta "
              f"{timer.eta(cfg['max_iters'] - it)}" + "".join(f" | {k} {v:.2f}" for k, v in extra.items()))
-    values = {"loss": loss, "grad_norm": float(norm), "lr": lr, "ms": 1000 * dt, f"{unit}_per_s": rate, "mfu": mfu, **extra,
-              **(scalars or {})}
+    values = {"loss": loss, "grad_norm": float(norm), "lr": lr, "ms": 1000 * dt, f"{unit}_per_s": rate, "mfu": mfu,
+              **extra, **(scalars or {})}
     log.scalars(values, it, "train/")
     if jsonl:
         log.jsonl({"split": "train", "iter": it, **values})

@@ -593,7 +593,7 @@ def adapt_input_conv(w, in_chans):
 def build_model(model, num_classes, in_chans=1, image_size=224, drop_path=0.0, dropout=0.0, grad_checkpoint=False,
                 **vit_shape):
     """vit_shape (ViTs only): n_layer, n_head, n_embd, mlp_ratio, patch_size; 0 or absent = the named size's own.
-    Only the ones set go into model_args, so the default models' model_args (and their checkpoints) stay as they were."""
+    Only the ones set go into model_args: the default models' model_args (and their checkpoints) stay as they were."""
     unknown = set(vit_shape) - set(VIT_SHAPE_KNOBS)
     assert not unknown, f"build_model: unknown arguments {sorted(unknown)}"
     vit_shape = {k: v for k, v in vit_shape.items() if v}

@@ -71,7 +71,7 @@ dist_timeout = 600  # seconds a collective waits for a peer before failing
 model = "convnext_atto"  # convnext_{atto..base} | vit_{tiny,small,base} | vit_cxr | tv:<torchvision name>
 image_size = 64  # must equal the prepared data's image_size
 in_chans = 1  # 1 for X-rays; 3 replicates the gray channel (for RGB-pretrained models loaded as-is)
-drop_path = 0.0  # stochastic depth rate; ~0.1 for tiny, 0.2-0.4 for larger models
+drop_path = 0.0  # stochastic depth rate; ~0.1 for tiny, 0.2-0.4 for larger (tv: models: their StochasticDepth)
 dropout = 0.0  # dropout before the head
 grad_checkpoint = False  # recompute blocks in backward (saves memory, ~30% slower)
 n_layer = 0  # ViTs (vit_*, vit_cxr): blocks; 0 = the named size's (vit_cxr: 10)
@@ -91,7 +91,7 @@ gradient_accumulation_steps = 1  # global micro-steps per optimizer step, divide
 max_iters = 800  # optimizer steps
 max_train_images = 0  # train on a fixed random subset of this many train images (a smoke run on real data); 0 = all
 max_eval_images = 0  # validate on a fixed random subset of this many val images; 0 = all
-train_subset_images = 512  # each eval also scores select_metric on this many fixed train images (overfitting); 0 = off
+train_subset_images = 0  # each eval also scores select_metric on this many fixed train images (overfitting); 0 = off
 # optimizer
 optimizer = "adamw"  # adamw | sgd (momentum; the seed's linear probes: SGD at learning_rate 0.1)
 momentum = 0.9  # sgd only
@@ -348,7 +348,8 @@ def _train(cfg, dist, log):
 
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
             common.log_step(log, dist, timer, iter_num, cfg, loss_sum, norm, lr, global_batch, "img",
-                            flops_per_img * global_batch, peak, jsonl=True, scalars=step_scalars(optimizer, terms_sum, dist))
+                            flops_per_img * global_batch, peak, jsonl=True,
+                            scalars=step_scalars(optimizer, terms_sum, dist))
 
     return common.finish(log, prog, cfg, iter_num, timer, best_auc_worst=prog["best_worst"])
 
@@ -374,7 +375,8 @@ class SplitRows:
     """Some rows of a PreparedSplit, as a split of their own (images in memory: the subsets are small)."""
 
     def __init__(self, split, rows):
-        self.split, self.data_dir, self.meta, self.rows, self._parent = split.split, split.data_dir, split.meta, rows, split
+        self.split, self.data_dir, self.meta, self.rows = split.split, split.data_dir, split.meta, rows
+        self._parent = split
         self.images = np.take(split.images, rows, axis=0)
         self.labels = np.asarray(split.labels)[rows]
         raw = split.labels_raw
@@ -414,8 +416,8 @@ def build_classifier(cfg, ckpt, classes, train_split, val_split, log):
                                      fusion.fusion_args_from_cfg(cfg, len(classes), train_split)))
     else:
         raw = models.build_model(cfg["model"], num_classes=len(classes), in_chans=cfg["in_chans"], image_size=cfg["image_size"],
-                                 drop_path=cfg["drop_path"], dropout=cfg["dropout"], grad_checkpoint=cfg["grad_checkpoint"],
-                                 **{k: cfg[k] for k in models.VIT_SHAPE_KNOBS})
+                                 drop_path=cfg["drop_path"], dropout=cfg["dropout"],
+                                 grad_checkpoint=cfg["grad_checkpoint"], **{k: cfg[k] for k in models.VIT_SHAPE_KNOBS})
     if cfg["init_from"] == "pretrained":
         if not cfg["pretrained_path"]:
             raise ValueError("init_from='pretrained' needs --pretrained_path=<file> or torchvision:<WeightsEnum.NAME>")
@@ -474,7 +476,8 @@ def micro_loss(net, teacher, x, y, idx, k, it, cfg, meta, dist, loss_terms, inpu
         t_logits = t_net(xt)
     a = cfg["distill_alpha"]
     return {**{name: (1 - a) * v for name, v in terms.items()},
-            "distill": a * losses.distill_loss(logits.float(), t_logits.float(), meta["task"], cfg["distill_temperature"])}
+            "distill": a * losses.distill_loss(logits.float(), t_logits.float(), meta["task"],
+                                               cfg["distill_temperature"])}
 
 
 def step_scalars(optimizer, terms, dist):
@@ -492,7 +495,8 @@ def evaluate_and_log(raw, ema, split, cfg, meta, dist, loss_fn, inputs, log, it,
     record, probs = run_eval(raw, split, cfg, meta, dist, loss_fn, inputs["val"])
     key = cfg["select_metric"]
     if train_eval is not None:
-        record[f"train_subset_{key}"] = run_eval(raw, train_eval, cfg, meta, dist, loss_fn, inputs.get("train_eval"))[0].get(key)
+        sub, _ = run_eval(raw, train_eval, cfg, meta, dist, loss_fn, inputs.get("train_eval"))
+        record[f"train_subset_{key}"] = sub.get(key)
     aucs = [v for v in record.get("auc", {}).values() if v is not None and math.isfinite(v)]
     if aucs:
         record["auc_worst"] = min(aucs)  # the worst class's AUC: best_worst.pt keeps its best

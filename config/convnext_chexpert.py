@@ -38,3 +38,4 @@ ema_decay = 0.9998
 compile = True
 channels_last = True
 augment = True  # random affine / crop / contrast / gamma / noise on the device
+train_subset_images = 2000  # each eval: select_metric on 2,000 fixed train images too (the gap to val)

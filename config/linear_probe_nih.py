@@ -24,3 +24,4 @@ learning_rate = 0.1
 min_lr = 1e-3  # learning_rate / 100
 weight_decay = 0.0
 eval_interval = 500
+train_subset_images = 2000  # each eval: select_metric on 2,000 fixed train images too (the gap to val)

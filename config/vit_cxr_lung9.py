@@ -27,3 +27,4 @@ label_smoothing = 0.1
 select_metric = "acc"
 eval_interval = 250
 augment = True  # random affine / crop / contrast / gamma / noise on the device
+train_subset_images = 2000  # each eval: select_metric on 2,000 fixed train images too (the gap to val)

@@ -71,7 +71,8 @@ def doc_studies():
             if arms:  # (a page that only shows the command launches no arms)
                 base = [n for n, a in arms.items() if load_arm(train.DEFAULTS, a)[ablation[2]] == ablation[3]]
                 assert len(base) == 1, f"{page}: {line!r}: baseline arms {base}"
-                pairs += [(os.path.basename(page), base[0], arms[base[0]], n, a) for n, a in arms.items() if n != base[0]]
+                pairs += [(os.path.basename(page), base[0], arms[base[0]], n, a)
+                          for n, a in arms.items() if n != base[0]]
     return pairs
 
 
@@ -94,8 +95,9 @@ def test_doc_studies_arms_differ_only_in_their_treatment():
     pairs = doc_studies()
     found = {(page, a, b) for page, a, _, b, _ in pairs}
     # the parser must find the studies the docs present (a parser that finds nothing cannot fail)
-    assert {("studies.md", "scratch", "pretrained"), ("studies.md", "study_scratch", "study_pretrained"),
-            ("studies.md", "study_pretrained", "study_ft_lowlr"), ("fusion.md", "f64_vision", "f64_text")} <= found, found
+    expected = {("studies.md", "scratch", "pretrained"), ("studies.md", "study_scratch", "study_pretrained"),
+                ("studies.md", "study_pretrained", "study_ft_lowlr"), ("fusion.md", "f64_vision", "f64_text")}
+    assert expected <= found, found
     for page, a, argv_a, b, argv_b in pairs:
         assert_one_treatment(f"docs/{page}: {a} vs {b}", arm_difference(train.DEFAULTS, argv_a, argv_b))
 
@@ -171,7 +173,8 @@ def test_sgd_optimizer_knob_and_the_linear_probe_recipe():
     groups = models.param_groups(net, 0.0)
     opt = common.make_optimizer(groups, 0.1, (0.9, 0.999), "cpu", "sgd", 0.9, True)
     assert isinstance(opt, torch.optim.SGD) and all(g["momentum"] == 0.9 and g["nesterov"] for g in opt.param_groups)
-    assert isinstance(common.make_optimizer(models.param_groups(net, 0.0), 1e-3, (0.9, 0.999), "cpu"), torch.optim.AdamW)
+    adamw = common.make_optimizer(models.param_groups(net, 0.0), 1e-3, (0.9, 0.999), "cpu")
+    assert isinstance(adamw, torch.optim.AdamW)
     with pytest.raises(ValueError, match="optimizer must be adamw or sgd"):
         common.make_optimizer(models.param_groups(net, 0.0), 0.1, (0.9, 0.999), "cpu", "adam")
     with pytest.raises(ValueError, match="nesterov=True needs momentum"):
@@ -236,7 +239,7 @@ def stopped_run(tmp_path_factory, tiny_phantom):
     """LR 0: every eval scores the same, none improves on the first, so patience 2 stops at the second eval after it."""
     out = str(tmp_path_factory.mktemp("recipes") / "stopped")
     final = train.main([f"--data_dir={tiny_phantom}", f"--out_dir={out}", *TINY, "--learning_rate=0", "--min_lr=0",
-                        "--max_iters=10", "--eval_interval=1", "--early_stop_patience=2", "--train_subset_images=0"])
+                        "--max_iters=10", "--eval_interval=1", "--early_stop_patience=2"])
     return out, final
 
 
@@ -254,9 +257,9 @@ def test_step_records_carry_lr_per_group_and_loss_terms(tmp_path, tiny_phantom, 
     the min-LR tail, the train-subset metric, and fixed subsets of train and val."""
     out = str(tmp_path / "run")
     train.main([f"--data_dir={tiny_phantom}", f"--out_dir={out}", *TINY, "--loss=bce+focal", "--layer_decay=0.8",
-                f"--teacher_ckpt={stopped_run[0]}/best.pt", "--distill_alpha=0.4", "--max_iters=3", "--lr_decay_iters=2",
-                "--learning_rate=1e-3", "--min_lr=1e-4", "--eval_interval=3", "--max_train_images=64",
-                "--max_eval_images=40", "--train_subset_images=32"])
+                f"--teacher_ckpt={stopped_run[0]}/best.pt", "--distill_alpha=0.4", "--max_iters=3",
+                "--lr_decay_iters=2", "--learning_rate=1e-3", "--min_lr=1e-4", "--eval_interval=3",
+                "--max_train_images=64", "--max_eval_images=40", "--train_subset_images=32"])
     recs = _records(out)
     steps = [r for r in recs if r.get("split") == "train"]
     assert [r["iter"] for r in steps] == [1, 2, 3]
