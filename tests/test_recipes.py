@@ -32,6 +32,12 @@ TREATMENTS = {
 }
 
 
+def _unroll(var, value, body):
+    """body with $var, ${var} and bash's ${var/pattern/replacement} replaced by value."""
+    body = re.sub(r"\$\{" + var + r"/([^/}]*)/([^}]*)\}", lambda m: value.replace(m[1], m[2], 1), body)
+    return re.sub(r"\$\{?" + var + r"\b\}?", value, body)
+
+
 def _code_lines(text):
     """The shell lines of a page's ``` blocks, continuations joined, `for v in a b; do X; done` unrolled."""
     lines = []
@@ -41,7 +47,7 @@ def _code_lines(text):
             loop = re.match(r"for (\w+) in ([^;]+); do (.*?);? done$", line)
             if loop:
                 var, values, body = loop.groups()
-                lines += [re.sub(r"\$\{?" + var + r"\}?", v, body) for v in values.split()]
+                lines += [_unroll(var, v, body) for v in values.split()]
             else:
                 lines.append(line)
     return lines
@@ -50,7 +56,8 @@ def _code_lines(text):
 def doc_studies():
     """[(page, arm A's name, its train.py argv, arm B's name, its argv)] for every `compare.py --runs A --vs B` and
     every `compare.py --ablation GLOB --group_by=K --baseline=V` arm in docs/*.md whose runs the same page launches
-    (`compare.py --launch --name=X -- <train.py args>`, shell variables of the page expanded)."""
+    (`compare.py --launch --name=X -- <train.py args>`, or `train.py <args> --out_dir=out/X` for an ablation; shell
+    variables and loops of the page expanded)."""
     pairs = []
     for page in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
         variables, launched = {}, {}
@@ -63,6 +70,9 @@ def doc_studies():
             if "compare.py --launch" in line and " -- " in line:
                 name = re.search(r"--name=(\S+)", line)[1]
                 launched[name] = shlex.split(line.split(" -- ", 1)[1])
+            elif re.search(r"\btrain\.py .*--out_dir=out/\S+", line):
+                args = shlex.split(line.split("train.py", 1)[1])
+                launched[next(a for a in args if a.startswith("--out_dir=out/"))[len("--out_dir=out/"):]] = args
             runs = re.search(r"--runs '?out/(\w+)_s\*'? --vs '?out/(\w+)_s\*'?", line)
             if runs and runs[1] in launched and runs[2] in launched:
                 pairs.append((os.path.basename(page), runs[1], launched[runs[1]], runs[2], launched[runs[2]]))
@@ -96,7 +106,8 @@ def test_doc_studies_arms_differ_only_in_their_treatment():
     found = {(page, a, b) for page, a, _, b, _ in pairs}
     # the parser must find the studies the docs present (a parser that finds nothing cannot fail)
     expected = {("studies.md", "scratch", "pretrained"), ("studies.md", "study_scratch", "study_pretrained"),
-                ("studies.md", "study_pretrained", "study_ft_lowlr"), ("fusion.md", "f64_vision", "f64_text")}
+                ("studies.md", "study_pretrained", "study_ft_lowlr"), ("fusion.md", "f64_vision", "f64_text"),
+                ("fusion.md", "fusion_vision_s1337", "fusion_vision+text_s1337")}
     assert expected <= found, found
     for page, a, argv_a, b, argv_b in pairs:
         assert_one_treatment(f"docs/{page}: {a} vs {b}", arm_difference(train.DEFAULTS, argv_a, argv_b))
