@@ -501,6 +501,10 @@ def restore(ckpt, cfg, meta, optimizer, scaler, dist, log, ema=None):
                              f"pass --allow_data_change=True to continue on this data")
         log.line(f"allow_data_change: the data changed ({old} -> {new}); the best metric so far is forgotten")
         prog.update(best_metric=None, best_iter=-1, bad_evals=0, best_worst=None)
+    was = (ckpt.get("config") or {}).get("optimizer", "adamw")  # train.py's knob; the other scripts: AdamW only
+    if was != cfg.get("optimizer", "adamw"):
+        raise ValueError(f"{cfg['out_dir']}/ckpt.pt was trained with optimizer={was!r}, this run asks for "
+                         f"{cfg['optimizer']!r}: resume with --optimizer={was}, or start a new run (another out_dir)")
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])

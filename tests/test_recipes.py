@@ -263,6 +263,16 @@ def test_early_stop_at_the_right_eval_keeps_the_best(stopped_run):
     assert common.load_checkpoint(os.path.join(out, "ckpt.pt"))["iter"] == 2
 
 
+def test_resume_refuses_another_optimizer(tmp_path, tiny_phantom, stopped_run):
+    import shutil
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copy(os.path.join(stopped_run[0], "ckpt.pt"), out / "ckpt.pt")
+    with pytest.raises(ValueError, match="trained with optimizer='adamw', this run asks for 'sgd'"):
+        train.main([f"--data_dir={tiny_phantom}", f"--out_dir={out}", *TINY, "--init_from=resume", "--optimizer=sgd",
+                    "--max_iters=12"])
+
+
 def test_step_records_carry_lr_per_group_and_loss_terms(tmp_path, tiny_phantom, stopped_run):
     """bce + focal + distillation from a teacher (the stopped run's best.pt), layer decay (one LR group per layer),
     the min-LR tail, the train-subset metric, and fixed subsets of train and val."""
