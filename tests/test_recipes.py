@@ -172,6 +172,15 @@ def test_vit_shape_knobs_leave_the_defaults_alone_and_refuse_other_models():
         models.build_model("vit_cxr", 3, 1, 32, patch_size=6)
 
 
+def test_vit_cxr_lung9_is_the_seeds_recipe():
+    """patch_size 4 (3,136 tokens at 224 px) and a prepare command that splits train : val : test 5 : 2 : 1."""
+    cfg = load_arm(train.DEFAULTS, ["config/vit_cxr_lung9.py"])
+    assert (cfg["model"], cfg["image_size"], cfg["patch_size"]) == ("vit_cxr", 224, 4)
+    header = open(os.path.join(ROOT, "config/vit_cxr_lung9.py")).read()
+    val, test = (float(re.search(rf"--{k}=([0-9.]+)", header)[1]) for k in ("val_frac", "test_frac"))
+    assert (1 - val - test) / test == pytest.approx(5) and val / test == pytest.approx(2)
+
+
 # -----------------------------------------------------------------------------
 # the recipe knobs: optimizer, label smoothing, drop path of torchvision models, the min-LR tail
 
