@@ -231,13 +231,20 @@ def set_lr(optimizer, lr):
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def make_optimizer(groups, lr, betas, device):
-    """AdamW over param groups that carry 'lr_scale'; the fused kernel on CUDA (one launch per step)."""
+def make_optimizer(groups, lr, betas, device, kind="adamw", momentum=0.9, nesterov=False):
+    """AdamW (or SGD with momentum: kind='sgd', e.g. for linear probes) over param groups that carry 'lr_scale'; the
+    fused kernel on CUDA (one launch per step). Each group's weight_decay is SGD's L2 term as it is AdamW's decay."""
     groups = [g for g in groups if len(g["params"]) > 0]
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     fused = device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+    if kind == "sgd":
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov=True needs momentum > 0 (e.g. --momentum=0.9)")
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=fused)
+    raise ValueError(f"optimizer must be adamw or sgd, got {kind!r}")
 
 
 def grad_norm(parameters):
@@ -494,6 +501,10 @@ def restore(ckpt, cfg, meta, optimizer, scaler, dist, log, ema=None):
                              f"pass --allow_data_change=True to continue on this data")
         log.line(f"allow_data_change: the data changed ({old} -> {new}); the best metric so far is forgotten")
         prog.update(best_metric=None, best_iter=-1, bad_evals=0, best_worst=None)
+    was = (ckpt.get("config") or {}).get("optimizer", "adamw")  # train.py's knob; the other scripts: AdamW only
+    if was != cfg.get("optimizer", "adamw"):
+        raise ValueError(f"{cfg['out_dir']}/ckpt.pt was trained with optimizer={was!r}, this run asks for "
+                         f"{cfg['optimizer']!r}: resume with --optimizer={was}, or start a new run (another out_dir)")
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -643,10 +654,12 @@ def early_stop(prog, cfg, log):
     return False
 
 
-def log_step(log, dist, timer, it, cfg, loss, norm, lr, items, unit, flops=None, peak=None, extra=None, jsonl=False):
+def log_step(log, dist, timer, it, cfg, loss, norm, lr, items, unit, flops=None, peak=None, extra=None, jsonl=False,
+             scalars=None):
     """The one log line per step, `iter | loss | norm | lr | ms | <unit>/s | mfu | eta`, and the same numbers to
     TensorBoard (and metrics.jsonl with jsonl=True). loss: this rank's loss of the step as a device tensor, reduced
-    here with one all-reduce; items: what one step processes (images, pairs, tokens); flops: per step, all ranks."""
+    here with one all-reduce; items: what one step processes (images, pairs, tokens); flops: per step, all ranks;
+    scalars: more numbers for TensorBoard and metrics.jsonl but not the line (lr/<group>, loss/<term>)."""
     dt = timer.lap()
     loss = float(all_reduce_mean(loss.reshape(1), dist)[0])
     rate = items / dt
@@ -660,7 +673,8 @@ def log_step(log, dist, timer, it, cfg, loss, norm, lr, items, unit, flops=None,
     log.line(f"iter {it:6d} | loss {loss:.4f} | norm {float(norm):6.3f} | lr {lr:.2e} | {1000 * dt:7.1f} ms | "
              f"{rate:9.1f} {unit}/s | mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | eta "
              f"{timer.eta(cfg['max_iters'] - it)}" + "".join(f" | {k} {v:.2f}" for k, v in extra.items()))
-    values = {"loss": loss, "grad_norm": float(norm), "lr": lr, "ms": 1000 * dt, f"{unit}_per_s": rate, "mfu": mfu, **extra}
+    values = {"loss": loss, "grad_norm": float(norm), "lr": lr, "ms": 1000 * dt, f"{unit}_per_s": rate, "mfu": mfu,
+              **extra, **(scalars or {})}
     log.scalars(values, it, "train/")
     if jsonl:
         log.jsonl({"split": "train", "iter": it, **values})

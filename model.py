@@ -381,6 +381,10 @@ def _rename(key, rules):
 # 224 px -> 14x14 = 196 tokens, the token count of ViT/16: attention cost stays that of a standard ViT, while 28x28
 # (8 px patches) would cost 4x the tokens and ~16x the attention. The stem costs ~0.6 GFLOPs at 224 px.
 
+# vit_cxr's shape is a choice, not the seed's: the seed describes tokens at H/4 x W/4 from the stem (3,136 at
+# 224 px, ~16x the attention cost of 196); train.py's n_layer / n_head / n_embd / mlp_ratio / patch_size knobs set any
+# of it (patch_size=4 is the seed's token grid).
+VIT_SHAPE_KNOBS = ("n_layer", "n_head", "n_embd", "mlp_ratio", "patch_size")
 VIT_SIZES = {  # n_layer, n_head, n_embd (timm / torchvision ViT-Ti/S/B)
     "tiny": (12, 3, 192),
     "small": (12, 6, 384),
@@ -559,6 +563,19 @@ class TorchvisionClassifier(Classifier):
         return {"net." + k: v for k, v in sd.items()}, "torchvision"  # timm resnets share torchvision's names
 
 
+def set_stochastic_depth(net, drop_path, model):
+    """drop_path for a torchvision model: its StochasticDepth layers (ConvNeXt, Swin, EfficientNet, MaxViT, ...) get
+    rates rising linearly over depth from 0 to drop_path, as our models' (0 turns off torchvision's own default rate);
+    a model without them refuses drop_path > 0 rather than ignoring it."""
+    from torchvision.ops import StochasticDepth
+    layers = [m for m in net.modules() if isinstance(m, StochasticDepth)]
+    if not layers and drop_path > 0:
+        raise ValueError(f"{model} has no stochastic depth layers for drop_path={drop_path}: use --drop_path=0 (or a "
+                         f"model that has them: tv:convnext_*, tv:swin_*, tv:efficientnet_*, our convnext_* / vit_*)")
+    for m, p in zip(layers, torch.linspace(0, drop_path, len(layers)).tolist()):
+        m.p = p
+
+
 def adapt_input_conv(w, in_chans):
     """(O, 3, kh, kw) RGB filters -> (O, in_chans, kh, kw). Gray: sum the RGB filters, so a gray image gives the
     same activations as the RGB model fed the gray image in all three channels (what timm does)."""
@@ -573,10 +590,19 @@ def adapt_input_conv(w, in_chans):
 # build_model: name -> network; every model carries .model_args so a checkpoint can rebuild it
 
 
-def build_model(model, num_classes, in_chans=1, image_size=224, drop_path=0.0, dropout=0.0, grad_checkpoint=False):
+def build_model(model, num_classes, in_chans=1, image_size=224, drop_path=0.0, dropout=0.0, grad_checkpoint=False,
+                **vit_shape):
+    """vit_shape (ViTs only): n_layer, n_head, n_embd, mlp_ratio, patch_size; 0 or absent = the named size's own.
+    Only the ones set go into model_args: the default models' model_args (and their checkpoints) stay as they were."""
+    unknown = set(vit_shape) - set(VIT_SHAPE_KNOBS)
+    assert not unknown, f"build_model: unknown arguments {sorted(unknown)}"
+    vit_shape = {k: v for k, v in vit_shape.items() if v}
     model_args = dict(model=model, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
-                      drop_path=drop_path, dropout=dropout, grad_checkpoint=grad_checkpoint)
+                      drop_path=drop_path, dropout=dropout, grad_checkpoint=grad_checkpoint, **vit_shape)
     family, _, size = model.partition("_")
+    if vit_shape and not (family == "vit" and (size in VIT_SIZES or size == "cxr")):
+        raise ValueError(f"{', '.join(f'{k}={v}' for k, v in vit_shape.items())} shape a ViT (vit_*, vit_cxr), not "
+                         f"{model!r}: leave them at 0")
     if family == "convnext" and size in CONVNEXT_SIZES:
         depths, dims = CONVNEXT_SIZES[size]
         net = ConvNeXt(ConvNeXtConfig(depths, dims, in_chans, num_classes, drop_path, dropout, grad_checkpoint=grad_checkpoint))
@@ -586,6 +612,12 @@ def build_model(model, num_classes, in_chans=1, image_size=224, drop_path=0.0, d
         else:
             n_layer, n_head, n_embd = VIT_SIZES[size]
             arch = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        arch.update(vit_shape)
+        if arch["n_embd"] % arch["n_head"]:
+            raise ValueError(f"{model}: n_embd={arch['n_embd']} must be a multiple of n_head={arch['n_head']}")
+        if "stem_chans" in arch and arch.get("patch_size", 16) % 4:
+            raise ValueError(f"vit_cxr: patch_size={arch['patch_size']} must be a multiple of 4 (the conv stem "
+                             f"downsamples 4x; 4 = one token per stem pixel, H/4 x W/4 tokens)")
         net = ViT(ViTConfig(image_size=image_size, in_chans=in_chans, num_classes=num_classes, dropout=dropout,
                             drop_path=drop_path, grad_checkpoint=grad_checkpoint, **arch))
     elif model.startswith("tv:"):
@@ -594,10 +626,10 @@ def build_model(model, num_classes, in_chans=1, image_size=224, drop_path=0.0, d
         valid = torchvision.models.list_models(module=torchvision.models)
         if name not in valid:
             raise ValueError(f"unknown torchvision classifier {model!r}; valid: " + ", ".join("tv:" + v for v in valid))
-        if drop_path or dropout:
-            print(f"build_model: {model} keeps torchvision's own dropout / stochastic depth; "
-                  f"drop_path={drop_path} dropout={dropout} are ignored")
+        if dropout:
+            print(f"build_model: {model} keeps torchvision's own dropout; dropout={dropout} is ignored")
         net = TorchvisionClassifier(name, num_classes, in_chans, image_size, grad_checkpoint)
+        set_stochastic_depth(net, drop_path, model)
     else:
         valid = [f"convnext_{s}" for s in CONVNEXT_SIZES] + [f"vit_{s}" for s in VIT_SIZES] + ["vit_cxr", "tv:<name>"]
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(valid)} (tv:densenet121, tv:resnet50, ...)")

@@ -71,9 +71,14 @@ dist_timeout = 600  # seconds a collective waits for a peer before failing
 model = "convnext_atto"  # convnext_{atto..base} | vit_{tiny,small,base} | vit_cxr | tv:<torchvision name>
 image_size = 64  # must equal the prepared data's image_size
 in_chans = 1  # 1 for X-rays; 3 replicates the gray channel (for RGB-pretrained models loaded as-is)
-drop_path = 0.0  # stochastic depth rate; ~0.1 for tiny, 0.2-0.4 for larger models
+drop_path = 0.0  # stochastic depth rate; ~0.1 for tiny, 0.2-0.4 for larger (tv: models: their StochasticDepth)
 dropout = 0.0  # dropout before the head
 grad_checkpoint = False  # recompute blocks in backward (saves memory, ~30% slower)
+n_layer = 0  # ViTs (vit_*, vit_cxr): blocks; 0 = the named size's (vit_cxr: 10)
+n_head = 0  # ViTs: attention heads; 0 = the size's (vit_cxr: 3)
+n_embd = 0  # ViTs: token width; 0 = the size's (vit_cxr: 192)
+mlp_ratio = 0.0  # ViTs: MLP hidden width / n_embd; 0 = 4
+patch_size = 0  # ViTs: pixels per token side; 0 = 16 (vit_cxr: 4 = tokens at H/4 x W/4, 3,136 at 224 px, the seed's)
 # init
 init_from = "scratch"  # scratch | pretrained | resume
 pretrained_path = ""  # .pth/.pt/.safetensors (torchvision/timm/nanorad layout) or torchvision:ConvNeXt_Tiny_Weights.IMAGENET1K_V1
@@ -84,13 +89,19 @@ freeze_iters = 0  # two_stage: iterations that train the head only
 batch_size = 64  # micro-batch per process
 gradient_accumulation_steps = 1  # global micro-steps per optimizer step, divided across ranks
 max_iters = 800  # optimizer steps
+max_train_images = 0  # train on a fixed random subset of this many train images (a smoke run on real data); 0 = all
+max_eval_images = 0  # validate on a fixed random subset of this many val images; 0 = all
+train_subset_images = 0  # each eval also scores select_metric on this many fixed train images (overfitting); 0 = off
 # optimizer
+optimizer = "adamw"  # adamw | sgd (momentum; the seed's linear probes: SGD at learning_rate 0.1)
+momentum = 0.9  # sgd only
+nesterov = False  # sgd only
 learning_rate = 8e-3  # peak LR for the head; AdamW (quick start: 8e-3 beat 4e-3, 0.876 vs 0.866 at 400 iterations)
 lr_backbone_mult = 1.0  # backbone LR = learning_rate * lr_backbone_mult (discriminative LRs, e.g. 0.1)
 layer_decay = 1.0  # layer-wise LR decay (BEiT/ConvNeXt fine-tuning use 0.65-0.8); 1.0 = off
 weight_decay = 0.05
-beta1 = 0.9
-beta2 = 0.999
+beta1 = 0.9  # adamw only
+beta2 = 0.999  # adamw only
 grad_clip = 1.0  # max global grad norm; 0 = off
 ema_decay = 0.0  # EMA of the weights (0 = off; 0.999-0.9999 typical); evaluated next to the raw weights
 # schedule: linear warmup -> plateau -> cosine decay
@@ -103,7 +114,7 @@ loss = "auto"  # auto (bce for multilabel, ce for multiclass) | bce | focal | bc
 bce_weight = 0.7  # bce+focal: loss = bce_weight * bce + (1 - bce_weight) * focal
 focal_alpha = 0.25
 focal_gamma = 2.0
-label_smoothing = 0.0  # ce only
+label_smoothing = 0.0  # ce: over the classes; bce / focal: each label toward 1/2 (1 -> 1 - eps/2, 0 -> eps/2)
 pos_weight = "none"  # none | auto (negatives/positives per class, from the train split)
 mixup_alpha = 0.0  # 0 = off; 0.2-0.4 typical
 augment = False  # on-device random affine / crop / contrast / gamma / noise (real-data configs turn it on; the quick
@@ -220,8 +231,8 @@ def _train(cfg, dist, log):
     # --- data
     meta = data.load_run_data(cfg, dist, log)
     task, classes = meta["task"], meta["classes"]
-    train_split = data.PreparedSplit(cfg["data_dir"], "train")
-    val_split = data.PreparedSplit(cfg["data_dir"], "val")
+    train_split = subset(data.PreparedSplit(cfg["data_dir"], "train"), cfg["max_train_images"], "max_train_images", log)
+    val_split = subset(data.PreparedSplit(cfg["data_dir"], "val"), cfg["max_eval_images"], "max_eval_images", log)
     accum, global_batch, note = common.batch_plan(cfg["batch_size"], cfg["gradient_accumulation_steps"], dist.world_size)
     if note:
         log.line(note)
@@ -232,11 +243,16 @@ def _train(cfg, dist, log):
     if val_split.labels_raw is not None:
         log.line(f"val metrics on {scored_on} (eval_uncertain={cfg['eval_uncertain']}); the loss on the policy labels")
     pos_w = pos_weights(cfg, task, np.asarray(train_split.labels), dist.device)
-    loss_fn = losses.make_loss_fn(cfg, task, pos_w)
+    loss_terms = losses.make_loss_terms(cfg, task, pos_w)
     eval_loss_fn = losses.make_loss_fn(cfg, task, None if pos_w is None else pos_w.cpu())
 
     # --- model, teacher, optimizer (over every parameter; the fine-tune mode then freezes some: AdamW skips them)
     raw, inputs = build_classifier(cfg, ckpt, classes, train_split, val_split, log)
+    # the overfitting check: select_metric on fixed train images (another draw than max_train_images'), at each eval
+    train_eval = (subset(train_split, cfg["train_subset_images"], "train_subset_images", log, seed=1)
+                  if cfg["train_subset_images"] > 0 else None)
+    if train_eval is not None and inputs["train"] is not None:
+        inputs["train_eval"] = fusion.split_inputs(train_eval, raw.model_args)
     raw.to(dist.device)
     if cfg["channels_last"]:
         raw = raw.to(memory_format=torch.channels_last)
@@ -254,7 +270,8 @@ def _train(cfg, dist, log):
     if mode not in ("full", "linear_probe", "two_stage"):
         raise ValueError(f"finetune_mode must be full, linear_probe or two_stage, got {mode!r}")
     groups = models.param_groups(raw, cfg["weight_decay"], cfg["layer_decay"], cfg["lr_backbone_mult"])
-    optimizer = common.make_optimizer(groups, cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), dist.device)
+    optimizer = common.make_optimizer(groups, cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), dist.device,
+                                      cfg["optimizer"], cfg["momentum"], cfg["nesterov"])
     scaler = torch.amp.GradScaler("cuda", enabled=cfg["dtype"] == "float16")
     ema = common.make_ema(raw, cfg["ema_decay"])
     ckpt_meta = common.checkpoint_meta(meta, cfg["data_dir"], ("classes", "task", "mean", "std"),
@@ -286,8 +303,8 @@ def _train(cfg, dist, log):
         # evaluate, log and checkpoint
         if common.eval_due(iter_num, cfg, last_step, resumed_at):
             with timer.paused():
-                record, probs = evaluate_and_log(raw, ema, val_split, cfg, meta, dist, eval_loss_fn, inputs["val"], log,
-                                                 iter_num, prog)
+                record, probs = evaluate_and_log(raw, ema, val_split, cfg, meta, dist, eval_loss_fn, inputs, log,
+                                                 iter_num, prog, train_eval)
                 improved = common.select(prog, record, cfg, common.higher_is_better(cfg["select_metric"]), iter_num)
                 worst_improved = "auc_worst" in record and (prog["best_worst"] is None or record["auc_worst"] > prog["best_worst"])
                 if worst_improved:
@@ -312,13 +329,15 @@ def _train(cfg, dist, log):
 
         # TRAINING SECTION: micro-steps with the gradient sync on the last one, then the optimizer step
         micro = loader.get(iter_num)
-        loss_sum = torch.zeros((), device=dist.device)
+        loss_sum, terms_sum = torch.zeros((), device=dist.device), {}
         for k, (x, y, idx) in enumerate(micro):
             with common.grad_sync(net, k == len(micro) - 1):
-                loss = micro_loss(net, teacher, x, y, idx, k, iter_num, cfg, meta, dist, loss_fn, inputs["train"])
-                loss = loss / len(micro)
+                terms = micro_loss(net, teacher, x, y, idx, k, iter_num, cfg, meta, dist, loss_terms, inputs["train"])
+                loss = sum(terms.values()) / len(micro)
                 scaler.scale(loss).backward()
             loss_sum += loss.detach()
+            for name, v in terms.items():  # loss/<term> in the step record: the terms add up to the loss
+                terms_sum[name] = terms_sum.get(name, 0) + v.detach() / len(micro)
         common.check_finite(loss_sum, iter_num, cfg["out_dir"])
         norm = common.optimizer_step(optimizer, scaler, [p for p in raw.parameters() if p.requires_grad], cfg["grad_clip"])
         if ema is not None:
@@ -329,7 +348,8 @@ def _train(cfg, dist, log):
 
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
             common.log_step(log, dist, timer, iter_num, cfg, loss_sum, norm, lr, global_batch, "img",
-                            flops_per_img * global_batch, peak)
+                            flops_per_img * global_batch, peak, jsonl=True,
+                            scalars=step_scalars(optimizer, terms_sum, dist))
 
     return common.finish(log, prog, cfg, iter_num, timer, best_auc_worst=prog["best_worst"])
 
@@ -351,6 +371,35 @@ def pos_weights(cfg, task, labels, device):
     return torch.tensor(neg / np.maximum(pos, 1), dtype=torch.float32, device=device)
 
 
+class SplitRows:
+    """Some rows of a PreparedSplit, as a split of their own (images in memory: the subsets are small)."""
+
+    def __init__(self, split, rows):
+        self.split, self.data_dir, self.meta, self.rows = split.split, split.data_dir, split.meta, rows
+        self._parent = split
+        self.images = np.take(split.images, rows, axis=0)
+        self.labels = np.asarray(split.labels)[rows]
+        raw = split.labels_raw
+        self.labels_raw = None if raw is None else raw[rows]
+
+    @property
+    def index(self):  # read only when asked (fusion's text and clinical columns): a real train split's CSV is large
+        return [self._parent.index[i] for i in self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+
+def subset(split, n, knob, log, seed=0):
+    """A fixed random subset of n rows of split (sorted: memmap reads go forward), or split itself when n is 0 or
+    covers it."""
+    if n <= 0 or n >= len(split):
+        return split
+    rows = np.sort(np.random.default_rng(seed).choice(len(split), n, replace=False))
+    log.line(f"{knob}={n}: a fixed subset of the {len(split)} {split.split} images")
+    return SplitRows(split, rows)
+
+
 def build_classifier(cfg, ckpt, classes, train_split, val_split, log):
     """The image classifier (or fusion model) from the checkpoint, pretrained weights or scratch; with the
     per-split modality arrays a fusion model reads by the batch's indices ({"train": None, "val": None} image-only)."""
@@ -367,7 +416,8 @@ def build_classifier(cfg, ckpt, classes, train_split, val_split, log):
                                      fusion.fusion_args_from_cfg(cfg, len(classes), train_split)))
     else:
         raw = models.build_model(cfg["model"], num_classes=len(classes), in_chans=cfg["in_chans"], image_size=cfg["image_size"],
-                                 drop_path=cfg["drop_path"], dropout=cfg["dropout"], grad_checkpoint=cfg["grad_checkpoint"])
+                                 drop_path=cfg["drop_path"], dropout=cfg["dropout"],
+                                 grad_checkpoint=cfg["grad_checkpoint"], **{k: cfg[k] for k in models.VIT_SHAPE_KNOBS})
     if cfg["init_from"] == "pretrained":
         if not cfg["pretrained_path"]:
             raise ValueError("init_from='pretrained' needs --pretrained_path=<file> or torchvision:<WeightsEnum.NAME>")
@@ -401,9 +451,10 @@ def stage_lr(optimizer, it, cfg):
     return common.schedule_lr(optimizer, it, cfg)
 
 
-def micro_loss(net, teacher, x, y, idx, k, it, cfg, meta, dist, loss_fn, inputs):
-    """One micro-batch's loss: augmentation on [0, 1] pixels, a pure function of (seed, iter, rank, micro-step), mixup,
-    normalization, forward, task loss, mixed with the distillation loss when a teacher is set."""
+def micro_loss(net, teacher, x, y, idx, k, it, cfg, meta, dist, loss_terms, inputs):
+    """One micro-batch's loss terms ({name: weighted term}, their sum the loss): augmentation on [0, 1] pixels, a pure
+    function of (seed, iter, rank, micro-step), mixup, normalization, forward, the task loss's terms, mixed with the
+    distillation loss when a teacher is set."""
     x01 = x.float() / 255.0
     gen = torch.Generator(device=x01.device)
     gen.manual_seed(((cfg["seed"] * 1_000_003 + it) * 1009 + dist.rank) * 131 + k)
@@ -416,33 +467,51 @@ def micro_loss(net, teacher, x, y, idx, k, it, cfg, meta, dist, loss_fn, inputs)
         x = x.contiguous(memory_format=torch.channels_last)
     with common.autocast(dist.device, cfg["dtype"]):
         logits = net(x, **fusion.batch_inputs(inputs, idx, dist.device))  # {} for an image-only model
-    loss = loss_fn(logits.float(), y)
+    terms = loss_terms(logits.float(), y)
     if teacher is None:
-        return loss
+        return terms
     t_net, t_meta = teacher
     xt = data.to_float(x01, t_meta["mean"], t_meta["std"], t_net.model_args["in_chans"], t_meta["imagenet_norm"])
     with torch.no_grad(), common.autocast(dist.device, cfg["dtype"]):
         t_logits = t_net(xt)
     a = cfg["distill_alpha"]
-    return (1 - a) * loss + a * losses.distill_loss(logits.float(), t_logits.float(), meta["task"], cfg["distill_temperature"])
+    return {**{name: (1 - a) * v for name, v in terms.items()},
+            "distill": a * losses.distill_loss(logits.float(), t_logits.float(), meta["task"],
+                                               cfg["distill_temperature"])}
 
 
-def evaluate_and_log(raw, ema, split, cfg, meta, dist, loss_fn, inputs, log, it, prog):
-    """The eval record at this iter (val metrics, the worst class's AUC, the EMA weights' metrics) and its lines."""
-    record, probs = run_eval(raw, split, cfg, meta, dist, loss_fn, inputs)
+def step_scalars(optimizer, terms, dist):
+    """lr/<group> of each optimizer group and loss/<term> of each loss term (all-reduced like the loss), for the step
+    record in metrics.jsonl and TensorBoard."""
+    out = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
+    names = sorted(terms)
+    values = common.all_reduce_mean(torch.stack([terms[n] for n in names]), dist) if names else []
+    return {**out, **{f"loss/{n}": float(v) for n, v in zip(names, values)}}
+
+
+def evaluate_and_log(raw, ema, split, cfg, meta, dist, loss_fn, inputs, log, it, prog, train_eval=None):
+    """The eval record at this iter (val metrics, the worst class's AUC, the EMA weights' metrics, select_metric on the
+    fixed train images train_eval as train_subset_<metric>) and its lines."""
+    record, probs = run_eval(raw, split, cfg, meta, dist, loss_fn, inputs["val"])
+    key = cfg["select_metric"]
+    if train_eval is not None:
+        sub, _ = run_eval(raw, train_eval, cfg, meta, dist, loss_fn, inputs.get("train_eval"))
+        record[f"train_subset_{key}"] = sub.get(key)
     aucs = [v for v in record.get("auc", {}).values() if v is not None and math.isfinite(v)]
     if aucs:
         record["auc_worst"] = min(aucs)  # the worst class's AUC: best_worst.pt keeps its best
     record = {"iter": it, "split": "val", **record}
     if ema is not None:
-        ema_record, _ = run_eval(ema.module, split, cfg, meta, dist, loss_fn, inputs)
+        ema_record, _ = run_eval(ema.module, split, cfg, meta, dist, loss_fn, inputs["val"])
         record["ema"] = {k: ema_record[k] for k in ("loss", "auc_macro", "ap_macro", "acc") if k in ema_record}
     nan = float("nan")
     log.line(f"eval iter {it} | val loss {record['loss']:.4f} | auc_macro {record.get('auc_macro', nan):.4f}"
              f"{common.macro_note(record, 'auc_macro')} | ap_macro {record.get('ap_macro', nan):.4f}"
              + (f" | acc {record['acc']:.4f}" if "acc" in record else "")
              + (f" | ema auc_macro {record['ema'].get('auc_macro', nan):.4f}" if "ema" in record else "")
-             + (f" | auc_worst {record['auc_worst']:.4f}" if "auc_worst" in record else ""))
+             + (f" | auc_worst {record['auc_worst']:.4f}" if "auc_worst" in record else "")
+             + (f" | train_subset {key} {record[f'train_subset_{key}']:.4f}"
+                if isinstance(record.get(f"train_subset_{key}"), float) else ""))
     per_class = " ".join(f"{c[:12]}={v:.3f}" for c, v in record.get("auc", {}).items())
     if per_class:
         log.line(f"  per-class AUC: {per_class}")

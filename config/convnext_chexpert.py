@@ -1,5 +1,10 @@
 # ConvNeXt-Tiny fine-tuned from ImageNet on CheXpert (the seeds' recipe: AdamW, warmup + cosine,
-# BCE, selection on validation macro AUC).
+# BCE, selection on validation macro AUC); the "pretrained" arm of the pretraining study (docs/studies.md).
+# The arms differ only in the initialisation and what follows from it: init_from / pretrained_path, norm
+# (ImageNet statistics for ImageNet weights), learning_rate and min_lr (same min_lr / learning_rate = 1/100);
+# tests/test_recipes.py checks it. Both take loss = "bce" and ema_decay = 0.9998 (EMA is only evaluated beside the
+# raw weights, never selected); neither takes layer decay, a fine-tuning device that would slow the scratch arm's
+# first layers: the layer-decayed fine-tune is config/two_stage_chexpert.py.
 # Hardware: 4 GPUs (A100/H100 class), bf16. Time: not measured here (no GPU in the session that wrote it).
 # Expected: CheXpert 5-task (Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion) mean AUC
 #   ~0.90 on the official validation set (Irvin et al. 2019 report 0.907 for their best single-policy model).
@@ -25,7 +30,6 @@ lr_decay_iters = 6000
 warmup_iters = 300
 learning_rate = 2e-4
 min_lr = 2e-6
-layer_decay = 0.8
 weight_decay = 0.05
 loss = "bce"
 eval_interval = 500
@@ -34,3 +38,4 @@ ema_decay = 0.9998
 compile = True
 channels_last = True
 augment = True  # random affine / crop / contrast / gamma / noise on the device
+train_subset_images = 2000  # each eval: select_metric on 2,000 fixed train images too (the gap to val)

@@ -22,3 +22,4 @@ weight_decay = 1e-4
 eval_interval = 500
 channels_last = True
 augment = True  # random affine / crop / contrast / gamma / noise on the device
+train_subset_images = 2000  # each eval: select_metric on 2,000 fixed train images too (the gap to val)

@@ -5,7 +5,8 @@
 # Hardware: one GPU.
 # Time:     ~10 min on one A100 (2000 steps).
 # Expected: not yet measured in this repository; the pretrained start should beat config/gpt_roco.py's val
-#           bits-per-byte (bpb, not loss: the tokenizers differ) after far fewer steps.
+#           bits-per-byte (bpb, not loss: the tokenizers differ) after far fewer steps. That is not a controlled
+#           study: the model (12x768 from the pretraining vs 6x384), tokenizer, batch and dropout differ too.
 out_dir = "out/gpt_roco_finetune"
 dataset = "roco_pubmedtok"
 init_from = "pretrained"  # weights of pretrained_path, fresh optimizer, step 0

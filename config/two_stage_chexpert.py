@@ -27,3 +27,4 @@ compile = True
 channels_last = True
 augment = True  # random affine / crop / contrast / gamma / noise on the device
 select_metric = "auc_comp5"  # the 5-task CheXpert competition mean AUC (issue 15)
+train_subset_images = 2000  # each eval: select_metric on 2,000 fixed train images too (the gap to val)

@@ -62,8 +62,10 @@ def test_ray_equals_torchrun(tmp_path, tiny_phantom, ray_run):
     assert cfg["world_size"] == 2 and cfg["trackers"] == "tensorboard,ray"
     # every metrics.jsonl record was reported to Ray: Result.metrics_dataframe has one row per record
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert list(metrics["step"]) == [r.get("iter", r.get("iters")) for r in recs] == [0, 10, 20, 20]
-    assert list(metrics["val/auc_macro"][:3]) == pytest.approx([r["auc_macro"] for r in recs[:3]])
+    # (the step records of log_interval=5 and the eval records of eval_interval=10, then the final one)
+    assert list(metrics["step"]) == [r.get("iter", r.get("iters")) for r in recs] == [0, 5, 10, 10, 15, 20, 20, 20]
+    evals = [i for i, r in enumerate(recs) if r.get("split") == "val" and not r.get("final")]
+    assert list(metrics["val/auc_macro"].iloc[evals]) == pytest.approx([recs[i]["auc_macro"] for i in evals])
     assert metrics["final/best_metric"].iloc[-1] == pytest.approx(recs[-1]["best_metric"])
 
 

@@ -39,7 +39,9 @@ def test_run_folder_explains_itself(tmp_path, tiny_phantom):
         assert os.path.exists(os.path.join(out, f)), f
     assert len([f for f in os.listdir(out) if f.startswith("ckpt_")]) == 1  # keep_last=1 deleted the older one
     recs = records(out)
-    assert [r["iter"] for r in recs if not r.get("final")] == [0, 3, 6]
+    # the eval records, and a step record per log line (log_interval=5 and the last step)
+    assert [(r["split"], r["iter"]) for r in recs if not r.get("final")] == \
+        [("val", 0), ("val", 3), ("train", 5), ("train", 6), ("val", 6)]
     assert recs[-1]["final"] and recs[-1]["best_iter"] in (0, 3, 6)
     assert set(recs[0]["auc"]) == set(json.load(open(os.path.join(tiny_phantom, "meta.json")))["classes"])
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)  # plain types only
