@@ -457,17 +457,24 @@ def test_clip_phantom_learns(clip_phantom_run, learning):
     learning("zs_neg_auc_macro", rec["zs_neg_auc_macro"], 0.8)
     learning("lab_i2t_r5", rec["lab_i2t_r5"], 0.5)
     learning("lab_i2t_r5 - chance", rec["lab_i2t_r5"] - rec["lab_chance_r5"], 0.1)
-    # --query in a finding's own wording, ranked against "No <query>." (CheXzero's negation-aware score): the top 20
-    # validation images hold effusions (by their labels, not by the word: "No pleural effusion." has it too) at >= 3x
-    # the base rate (measured: P@20 0.90 and 0.80, base 0.16; plain cosine 0.10 and 0.25, issue 21)
+    # --query in the reports' own wording, ranked against "No <query>." (CheXzero's negation-aware score): the top 20
+    # validation images hold effusions (by their labels, not by the word: "No pleural effusion." has it too). One
+    # query's top 20 is a coin on another CPU (issue 30: "Small left pleural effusion." 0.90 here, 0.30 on an Intel
+    # Xeon): this small text tower keeps every sentence within cosine ~0.92-0.95 of every other and its temperature at
+    # its initial value, so a single ranking rests on differences of a few hundredths. The check is the mean P@20 over
+    # all nine wordings the reports use (severity x side), at >= 3x the base rate; its spread is in docs/tests.md.
     labels = np.asarray(data.PreparedSplit(clip_phantom_run["data_dir"], "val").labels)[:1000]
     eff = labels[:, phantom.CLASSES.index("Pleural Effusion")] == 1
-    for query in ("Small left pleural effusion.", "Moderate left pleural effusion."):
-        res = train_clip.main([f"--data_dir={clip_phantom_run['data_dir']}", f"--out_dir={clip_phantom_run['out_dir']}",
-                               "--eval_only=True", f"--query={query}", "--top_k=20"])
-        precision = float(np.mean([eff[i] for i, _, _ in res["images"]]))
-        print(f"{query!r}: effusions in the top 20 {precision:.2f} (base rate {eff.mean():.3f})")
-        learning(f"P@20 / base rate, {query!r}", precision / eff.mean(), 3)
+    hits = {}
+    for sev in ("Small", "Moderate", "Large"):
+        for side in ("left", "right", "bilateral"):
+            query = f"{sev} {side} pleural effusion{'s' if side == 'bilateral' else ''}."
+            res = train_clip.main([f"--data_dir={clip_phantom_run['data_dir']}",
+                                   f"--out_dir={clip_phantom_run['out_dir']}", "--eval_only=True", f"--query={query}",
+                                   "--top_k=20"])
+            hits[query] = float(np.mean([eff[i] for i, _, _ in res["images"]]))
+    print(f"effusions in the top 20 (base rate {eff.mean():.3f}): {hits}")
+    learning("mean P@20 / base rate, 9 effusion wordings", np.mean(list(hits.values())) / eff.mean(), 3)
 
 
 @pytest.mark.slow
