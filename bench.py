@@ -55,6 +55,7 @@ import data
 import model as models
 import model_clip
 import model_gpt
+import tracking
 
 # -----------------------------------------------------------------------------
 # config
@@ -297,10 +298,7 @@ def classify_rows(cfg, cleanup):
         if cfg["compare"]:
             if name not in TIMM_NAMES:
                 raise ValueError(f"--compare: timm has no counterpart of {name!r}; it knows {', '.join(TIMM_NAMES)}")
-            try:
-                import timm
-            except ImportError as e:
-                raise ImportError("--compare=True with task=classify needs timm: pip install timm") from e
+            timm = tracking.require("timm", "timm", "bench.py --compare=True with task=classify")
             extra = {"img_size": S} if name.startswith("vit") else {}  # timm's ViT is built for one image size
             ref = timm.create_model(TIMM_NAMES[name], num_classes=n_classes, in_chans=C, **extra)
             ref.set_grad_checkpointing(cfg["grad_checkpoint"])
@@ -331,10 +329,7 @@ def gpt_rows(cfg, cleanup):
     schemes = list(lib.POS_SCHEMES) if cfg["compare"] else [cfg["pos"]]
     nets = [(f"nanorad GPT {p}", ours(p), loss_ours) for p in schemes]
     if cfg["compare"]:
-        try:
-            import transformers
-        except ImportError as e:
-            raise ImportError("--compare=True with task=gpt needs transformers: pip install transformers") from e
+        transformers = tracking.require("transformers", "transformers", "bench.py --compare=True with task=gpt")
         hf_cfg = transformers.GPT2Config(n_positions=T, n_embd=cfg["n_embd"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
                                          vocab_size=V, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                          bos_token_id=V - 1, eos_token_id=V - 1)

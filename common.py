@@ -6,6 +6,7 @@ each script still shows its own loop.
 
 import contextlib
 import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -271,10 +272,17 @@ def plain(obj):
     return obj
 
 
+def temp_path(path):
+    """path's temp file for an atomic write, named after this process: two processes writing the same file never
+    share (and truncate) one temp file."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
 def save_checkpoint(obj, path):
-    """torch.save to path.tmp, fsync it, os.replace onto path, fsync the folder: after a crash or power loss path is
-    the old checkpoint or the new one, never a mix. A full disk removes the partial temp file and says so."""
-    tmp = f"{path}.tmp"
+    """torch.save to a temp file, fsync it, os.replace onto path, fsync the folder: after a crash or power loss path is
+    the old checkpoint or the new one, never a mix. A failed write (a full disk: OSError from the file, RuntimeError
+    from torch's zip writer) removes the partial temp file and raises one sentence naming the folder and the bytes."""
+    tmp = temp_path(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         with open(tmp, "wb") as f:
@@ -282,16 +290,19 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         written = os.path.getsize(tmp) if os.path.isfile(tmp) else 0
+        # measured before the partial file is removed: a full disk shows (almost) nothing free. torch's zip writer
+        # reports a failed write as RuntimeError ("unexpected pos"), without an errno.
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(e, OSError) else free is not None and free < 2**20
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(folder).free
-            raise OSError(e.errno, f"no space left on {folder} while writing {path} ({written / 2**20:.1f} MiB written "
-                                   f"before the disk filled, {free / 2**20:.1f} MiB free now; the partial {tmp} was "
-                                   f"removed): free space there or point out_dir at a larger disk") from e
-        raise
+        if not full:
+            raise
+        raise OSError(errno.ENOSPC, f"no space left on {folder} while writing {path} ({written:,} bytes written before "
+                                    f"the disk filled, {free:,} bytes free now; the partial {tmp} was removed): free "
+                                    f"space there or point out_dir at a larger disk") from e
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself reaches the disk
@@ -299,32 +310,114 @@ def save_checkpoint(obj, path):
         os.close(fd)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True): no code runs. A truncated or empty file is one sentence naming it and the
-    files next to it that may hold the run (an interrupted save's .tmp, older periodic checkpoints, best.pt)."""
+def load_checkpoint(path, map_location="cpu", flag=None, wants=()):
+    """torch.load(weights_only=True): no code runs. A file that is not torch's format (text, an image, a CSV), a
+    truncated or empty file, or a pickle of Python objects is one sentence naming it (and, for a damaged one, the
+    files next to it that may hold the run: an interrupted save's temp file, older checkpoints, best.pt). With flag
+    and wants (the knob that named the file, the scripts whose checkpoints it reads), a checkpoint of another family
+    is one sentence too (check_checkpoint_kind)."""
+    check_torch_file(path)
     try:
         with warnings.catch_warnings():  # torch's own rebuild of int8 (quantized) tensors uses the old TypedStorage
             warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
+            ck = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
             raise ValueError(f"{path} holds Python objects other than tensors and plain types, which nanorad does not "
                              f"unpickle (no code runs from a checkpoint): load it only if you trust it, and save its "
                              f"state dict with torch.save(model.state_dict(), ...)") from e
-        size = os.path.getsize(path)
-        reason = (str(e).strip().splitlines() or ["end of file"])[0].split(". ")[0][:120]
-        raise ValueError(f"{path} is corrupt or truncated ({size} bytes; torch.load: {reason}): "
-                         f"{_checkpoint_alternatives(path)}") from e
+        raise damaged_file_error(path, e) from e
+    if wants:
+        check_checkpoint_kind(ck, path, flag, wants)
+    return ck
+
+
+# which commands read each family's checkpoints, for the sentence a checkpoint of the wrong family gets
+READ_BY = {"train.py": ("evaluate.py", "export.py", "cam.py", "serve.py"),
+           "export.py": ("evaluate.py", "export.py", "cam.py", "serve.py"),
+           "train_clip.py": ("train_clip.py", "train.py", "train_gpt.py"),  # teacher, text_init, image_init
+           "train_gpt.py": ("sample.py",)}
+
+READ_WITH = {  # the flags that take each family's checkpoints
+    "train.py": "evaluate.py --ckpt, export.py --ckpt, serve.py --classifier, train.py --teacher_ckpt / "
+                "--pretrained_path",
+    "export.py": "evaluate.py --ckpt, export.py --ckpt, serve.py --classifier",
+    "train_clip.py": "train_clip.py --teacher_ckpt, train.py --vision_init / --text_init (with --modalities), "
+                     "serve.py --clip",
+    "train_gpt.py": "sample.py --ckpt_path, train_gpt.py --pretrained_path, serve.py --gpt"}
+
+
+def checkpoint_script(ck):
+    """The script that wrote a checkpoint: its `script` key, or inferred from model_args for older files."""
+    if ck.get("script"):
+        return ck["script"]
+    if ck.get("export"):
+        return "export.py"
+    args = ck.get("model_args") or {}
+    if "text_model" in args or "embed_dim" in args:
+        return "train_clip.py"
+    if "model" not in args and ("n_layer" in args or "vocab_size" in args):  # a GPT config has no 'model' name
+        return "train_gpt.py"
+    return "train.py"
+
+
+def check_checkpoint_kind(ck, path, flag, wants):
+    """A checkpoint of a family the flag does not read (a CLIP as --teacher_ckpt of train.py) is one sentence naming
+    the script that wrote it, the script whose checkpoint the flag needs, and the commands that read this one."""
+    script = checkpoint_script(ck) if isinstance(ck, dict) else None
+    if script in wants:
+        return
+    what = f"a {script} checkpoint" if script else f"a {type(ck).__name__}, not a nanorad checkpoint"
+    readers = f" (a {script} checkpoint goes to {READ_WITH[script]})" if script in READ_WITH else ""
+    raise ValueError(f"{flag}={path} is {what}; {flag} needs a {' or '.join(wants)} checkpoint{readers}")
+
+
+ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's zip archive (torch >= 1.6); the older raw pickle
+
+
+def check_torch_file(path, run_file=True):
+    """Refuse, before torch.load, a file that torch.save did not write (its unpickler turns text into KeyError: 101)
+    and a zip archive cut short (no central directory): one sentence each, naming the file (damaged_file_error)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise damaged_file_error(path, EOFError("the file is empty"), run_file)
+    if head.startswith(ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            raise damaged_file_error(path, zipfile.BadZipFile("the zip archive has no central directory: cut short"),
+                                     run_file)
+        with zipfile.ZipFile(path) as z:
+            if any(n.endswith("data.pkl") for n in z.namelist()):
+                return
+        looks = "a zip archive without torch's data.pkl"
+    elif head.startswith(PICKLE_MAGIC):
+        return
+    else:
+        text = head[:32].decode("utf-8", "replace").splitlines()[0]
+        looks = (f"a text file starting {text!r}" if all(c.isprintable() or c == "\t" for c in text)
+                 else f"its first bytes are {head[:8]!r}")
+    raise ValueError(f"{path} is not a checkpoint, not a file torch.save wrote ({looks}): pass a .pt / .pth file that "
+                     f"torch.save wrote, e.g. out/<run>/best.pt")
+
+
+def damaged_file_error(path, e, run_file=True):
+    """The sentence for a torch file that does not read back (truncated, empty, corrupt), with what to try: for a run's
+    checkpoint (run_file) the files next to it that may hold the run, for weights from elsewhere a fresh copy."""
+    size = os.path.getsize(path)
+    reason = (str(e).strip().splitlines() or ["end of file"])[0].split(". ")[0][:120]
+    fix = _checkpoint_alternatives(path) if run_file else "copy or download it again"
+    return ValueError(f"{path} is corrupt or truncated ({size} bytes; {reason}): {fix}")
 
 
 def _checkpoint_alternatives(path):
-    """Where the run may still be: path.tmp (a save interrupted before its rename), then the other .pt files of the
-    folder (periodic ckpt_<iter>.pt, best.pt), newest first."""
+    """Where the run may still be: path's temp files (a save interrupted before its rename), then the other .pt files
+    of the folder (periodic ckpt_<iter>.pt, best.pt), newest first."""
     folder = os.path.dirname(os.path.abspath(path))
     others = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".pt")]
     others = sorted((p for p in others if os.path.abspath(p) != os.path.abspath(path) and os.path.getsize(p) > 0),
                     key=os.path.getmtime, reverse=True)
-    tmp = [f"{path}.tmp"] if os.path.isfile(f"{path}.tmp") and os.path.getsize(f"{path}.tmp") > 0 else []
+    tmp = sorted((t for t in glob.glob(glob.escape(path) + ".*tmp") if os.path.getsize(t) > 0),
+                 key=os.path.getmtime, reverse=True)
     if not tmp and not others:
         return "no other checkpoint is next to it; start the run again (--init_from=scratch) or restore the file from a copy"
     hint = (f"try {tmp[0]} (a save interrupted before its rename; copy it over {os.path.basename(path)} if it loads)"
@@ -380,40 +473,86 @@ def unwrap(model):
 
 def launch(script_train, cfg, trackers=None):
     """Processes, device, precision and the Logger around script_train(cfg, dist, log), cleaned up however it ends.
-    A fresh run into a folder that already holds a run is refused first; a start that fails before its first
-    checkpoint removes the run folder it created, so no empty run shows up in compare.py."""
-    check_run_dir(cfg)
-    fresh = not os.path.exists(cfg["out_dir"])
-    dist = setup_distributed(cfg["device"], cfg["backend"], timeout_s=cfg["dist_timeout"])
-    log = tracking.Logger(cfg["out_dir"], cfg if trackers is None else {**cfg, "trackers": trackers}, dist.master)
+    The master holds the run folder's lock for the run's life (lock_run_dir); a fresh run into a folder that already
+    holds a run is refused first; a start that fails before its first checkpoint removes the run folder it created,
+    so no empty run shows up in compare.py."""
+    out = cfg["out_dir"]
+    fresh = not os.path.exists(out)
+    lock = lock_run_dir(out) if int(os.environ.get("RANK", 0)) == 0 else None
+    log = None
     try:
+        check_run_dir(cfg)
+        dist = setup_distributed(cfg["device"], cfg["backend"], timeout_s=cfg["dist_timeout"])
+        log = tracking.Logger(out, cfg if trackers is None else {**cfg, "trackers": trackers}, dist.master)
         cfg["dtype"] = resolve_dtype(cfg["dtype"], dist.device)
         return script_train(cfg, dist, log)
     except BaseException:
-        log.close()
-        if fresh and dist.master and not glob.glob(os.path.join(cfg["out_dir"], "*.pt")):
-            shutil.rmtree(cfg["out_dir"], ignore_errors=True)
+        if log is not None:
+            log.close()
+        if fresh and lock is not None and not glob.glob(os.path.join(out, "*.pt")):
+            shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
-        log.close()
-        cleanup_distributed()
+        if log is not None:
+            log.close()
+        try:
+            cleanup_distributed()
+        finally:
+            if lock is not None:
+                lock.close()  # releases the lock
+
+
+LOCK_FILE = ".run.lock"  # in out_dir; holds the pid of the run that has the folder
+
+
+def lock_run_dir(out_dir):
+    """An exclusive fcntl lock on out_dir/.run.lock, held until the returned file is closed (or the process dies, so
+    no stale lock outlives a crash): a second run into the same folder at the same time is refused, naming the pid
+    of the first, instead of interleaving metrics.jsonl and replacing the first run's checkpoints."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise FileExistsError(f"out_dir {out_dir} is in use by another run (pid {pid}): wait for it to end, or choose "
+                              f"another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+# What a train script writes into out_dir: any of them means the folder holds a run. (A save's temp file, *.tmp,
+# holds nothing by itself; --overwrite removes those too.)
+RUN_FILES = ("*.pt", "metrics.jsonl", "train.log", "config.json", "tb")
+
+
+def run_files(out_dir, patterns=RUN_FILES):
+    return sorted(os.path.basename(f) for p in patterns for f in glob.glob(os.path.join(glob.escape(out_dir), p)))
 
 
 def check_run_dir(cfg):
-    """A fresh run (not init_from='resume', not eval_only) into an out_dir that holds ckpt.pt or metrics.jsonl is
-    refused unless overwrite=True, which removes that run's files first."""
+    """A fresh run (not init_from='resume', not eval_only) into an out_dir that holds any file a run writes
+    (RUN_FILES) is refused unless overwrite=True, which removes that run's files first."""
     out = cfg["out_dir"]
-    used = [f for f in ("ckpt.pt", "metrics.jsonl") if os.path.exists(os.path.join(out, f))]
+    used = run_files(out)
     if not used or cfg["init_from"] == "resume" or cfg["eval_only"]:
         return
     if not cfg["overwrite"]:
-        raise FileExistsError(f"{out} already holds a run ({', '.join(used)}): continue it with --init_from=resume, "
+        shown = ", ".join(used[:6]) + (f" and {len(used) - 6} more" if len(used) > 6 else "")
+        raise FileExistsError(f"{out} already holds a run ({shown}): continue it with --init_from=resume, "
                               f"replace it with --overwrite=True, or choose another --out_dir")
     if int(os.environ.get("RANK", 0)) == 0:
-        for pattern in ("*.pt", "metrics.jsonl", "train.log", "config.json"):
-            for f in glob.glob(os.path.join(out, pattern)):
+        for name in run_files(out, RUN_FILES + ("*.tmp",)):
+            f = os.path.join(out, name)
+            if os.path.isdir(f):
+                shutil.rmtree(f)
+            else:
                 os.remove(f)
-        shutil.rmtree(os.path.join(out, "tb"), ignore_errors=True)
 
 
 def check_init_from(cfg):
@@ -514,23 +653,49 @@ def restore(ckpt, cfg, meta, optimizer, scaler, dist, log, ema=None):
         set_rng_state(ckpt["rng"][min(dist.rank, len(ckpt["rng"]) - 1)])
     log.resume(ckpt.get("trackers"))  # the same MLflow / W&B run continues, before any metric is logged
     if dist.master:
-        truncate_metrics(cfg["out_dir"], prog["iter"])
+        remove_stale_temp_files(cfg["out_dir"], log)
+        truncate_metrics(cfg["out_dir"], prog["iter"], log)
     log.line(f"resumed from {cfg['out_dir']}/ckpt.pt at iter {prog['iter']} "
              f"(best {cfg['select_metric']} {prog['best_metric']} @ {prog['best_iter']})")
     return prog
 
 
-def truncate_metrics(out_dir, it):
-    """A resumed run repeats the steps after its checkpoint: drop their records (and the final one) first."""
+def truncate_metrics(out_dir, it, log):
+    """A resumed run repeats the steps after its checkpoint: drop their records (and the final one) first. A line cut
+    short (the disk filled, or the process was killed, while it was appended) is dropped too, with a line saying so."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
+    records, bad = [], 0
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    if bad:
+        log.line(f"{path}: dropped {bad} unreadable line(s) (a record cut short by a full disk or a killed process)")
     keep = [r for r in records if not r.get("final") and r.get("iter", r.get("step", 0)) <= it]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(path + ".tmp", path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed (a full disk): leave no partial copy behind
+            os.remove(tmp)
+
+
+def remove_stale_temp_files(out_dir, log):
+    """Temp files of saves that never reached their rename (a process killed, a disk that filled): with the run's
+    lock held no other process writes them, and the checkpoint they were meant to replace has loaded."""
+    stale = glob.glob(os.path.join(glob.escape(out_dir), "*.tmp"))
+    for f in stale:
+        os.remove(f)
+    if stale:
+        log.line(f"removed {len(stale)} temp file(s) of interrupted saves: {', '.join(map(os.path.basename, stale))}")
 
 
 def make_ema(raw, decay):

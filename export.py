@@ -51,6 +51,7 @@ import losses as classifier_losses
 import metrics
 import model as models
 import runs
+import tracking
 from runs import HeadPrunedAttention, quantize, set_module  # noqa: F401 (quantize: export.quantize in tests)
 
 # -----------------------------------------------------------------------------
@@ -173,26 +174,22 @@ def times_word(before, after, less, more):
 def export_onnx(pre, x, path, cfg):
     """torch -> ONNX with a dynamic batch axis. The TorchScript-based exporter by default: the torch.export-based
     one needs onnxscript, which is often absent (and is not a nanorad dependency)."""
-    if cfg["onnx_dynamo"]:
-        try:
-            import onnxscript  # noqa: F401
-        except ImportError as e:
-            raise ImportError("onnx_dynamo=True needs onnxscript: pip install onnxscript, or use --onnx_dynamo=False") from e
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings on shape ifs
-        try:
-            torch.onnx.export(pre, (x,), path, input_names=["image"], output_names=["logits"], opset_version=cfg["opset"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=cfg["onnx_dynamo"])
-        except ModuleNotFoundError as e:
-            raise ImportError(f"ONNX export needs {e.name}: pip install onnx onnxruntime") from e
+        torch.onnx.export(pre, (x,), path, input_names=["image"], output_names=["logits"], opset_version=cfg["opset"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=cfg["onnx_dynamo"])
+
+
+def require_onnx(cfg):
+    """The packages the ONNX export needs, checked before any work (tracking.require: one sentence + pip command)."""
+    tracking.require("onnx", "onnx onnxruntime", "export.py --to=onnx")
+    if cfg["onnx_dynamo"]:
+        tracking.require("onnxscript", "onnxscript", "export.py --onnx_dynamo=True (or use --onnx_dynamo=False)")
 
 
 def add_onnx_metadata(path, meta, model_args):
-    """Classes, task and the input convention in the file itself (needs the onnx package; skipped without it)."""
-    try:
-        import onnx
-    except ImportError:
-        return False
+    """Classes, task and the input convention in the file itself."""
+    onnx = tracking.require("onnx", "onnx onnxruntime", "export.py --to=onnx")
     m = onnx.load(path)
     info = {"classes": json.dumps(meta["classes"]), "task": meta["task"], "model": model_args["model"],
             "input": "image: (B,1,H,W) float32 pixels in [0,1]; normalization is inside the graph",
@@ -201,7 +198,6 @@ def add_onnx_metadata(path, meta, model_args):
         p = m.metadata_props.add()
         p.key, p.value = k, v
     onnx.save(m, path)
-    return True
 
 # -----------------------------------------------------------------------------
 # int8 quantization
@@ -430,6 +426,14 @@ def main(argv=None):
     kinds = ["onnx", "int8", "pruned"] if cfg["to"] == "all" else [cfg["to"]]
     if any(k not in ("onnx", "int8", "pruned") for k in kinds):
         raise ValueError(f"to must be onnx, int8, pruned or all, got {cfg['to']!r}")
+    if "onnx" in kinds:
+        try:
+            require_onnx(cfg)
+        except ImportError as e:
+            if cfg["to"] != "all":
+                raise
+            print(f"onnx: skipped, {e}; the other exports go on", flush=True)
+            kinds.remove("onnx")
     cfg["out_dir"] = cfg["out_dir"] or os.path.dirname(os.path.abspath(cfg["ckpt"]))
     os.makedirs(cfg["out_dir"], exist_ok=True)
     if cfg["threads"] > 0:
@@ -449,6 +453,7 @@ def main(argv=None):
     base = Preprocessed(net, meta, in_chans).eval()
     xb = torch.from_numpy(np.array(eval_split.images[: cfg["latency_batch"]])).unsqueeze(1).float() / 255.0
     base_logits = eval_logits(base, eval_split, cfg["eval_batch_size"], cfg["max_eval_images"])
+    runs.check_finite_outputs(base_logits.numpy(), net)  # a diverged run: say so, not scikit-learn's NaN error
     before = {"size_mb": saved_size_mb({"model": net.state_dict(), "model_args": model_args, "meta": meta}),
               "metric": metric_of(base_logits, eval_split, meta, cfg["metric"]), "params": models.get_num_params(net)}
     print(f"export.py | {cfg['ckpt']} | {model_args['model']} | {before['params'] / 1e6:.2f}M params | "
@@ -459,35 +464,27 @@ def main(argv=None):
 
     # --- ONNX
     if "onnx" in kinds:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            ort = None
         path = os.path.join(cfg["out_dir"], "model.onnx")
+        export_onnx(base, xb[:2], path, cfg)  # batch 2 at export; the checks below use other batch sizes
+        add_onnx_metadata(path, meta, model_args)
         try:
-            export_onnx(base, xb[:2], path, cfg)  # batch 2 at export; the checks below use other batch sizes
+            ort = tracking.require("onnxruntime", "onnxruntime", "checking model.onnx against torch")
         except ImportError as e:
-            if cfg["to"] != "all":
-                raise
-            print(f"onnx: skipped ({e})")
+            print(f"onnx: wrote {path}; not verified: {e}", flush=True)
         else:
-            add_onnx_metadata(path, meta, model_args)
-            if ort is None:
-                print(f"onnx: wrote {path}; not verified: onnxruntime is not installed (pip install onnxruntime)")
-            else:
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = torch.get_num_threads()
-                # ORT's threads otherwise busy-wait after each run and slow the torch forward timed next to it
-                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-                run_ort = lambda x: torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])  # noqa: E731
-                onnx_logits = eval_logits(run_ort, eval_split, cfg["eval_batch_size"], cfg["max_eval_images"])
-                after = {"size_mb": os.path.getsize(path) / 1e6,
-                         "metric": metric_of(onnx_logits, eval_split, meta, cfg["metric"])}
-                pending["onnx"] = (path, after, {
-                    "max_abs_diff": float((onnx_logits - base_logits).abs().max()), "opset": cfg["opset"],
-                    "exporter": "dynamo" if cfg["onnx_dynamo"] else "torchscript", "onnxruntime": ort.__version__},
-                    run_ort)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = torch.get_num_threads()
+            # ORT's threads otherwise busy-wait after each run and slow the torch forward timed next to it
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            run_ort = lambda x: torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])  # noqa: E731
+            onnx_logits = eval_logits(run_ort, eval_split, cfg["eval_batch_size"], cfg["max_eval_images"])
+            after = {"size_mb": os.path.getsize(path) / 1e6,
+                     "metric": metric_of(onnx_logits, eval_split, meta, cfg["metric"])}
+            pending["onnx"] = (path, after, {
+                "max_abs_diff": float((onnx_logits - base_logits).abs().max()), "opset": cfg["opset"],
+                "exporter": "dynamo" if cfg["onnx_dynamo"] else "torchscript", "onnxruntime": ort.__version__},
+                run_ort)
 
     # --- int8
     if "int8" in kinds:

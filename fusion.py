@@ -48,6 +48,7 @@ import model as models
 import model_bert
 import model_clip
 import tokenizer
+import tracking
 
 MODALITIES = ("vision", "text", "clinical")
 MISSING = ("", "nan", "none", "na", "n/a", "null", "unknown")  # lower-cased cell values read as missing
@@ -182,11 +183,7 @@ class HFTokens:
         f = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(f):
             raise FileNotFoundError(f"text_tokenizer_path={path!r}: no tokenizer.json (the ModernBERT folder holds one)")
-        try:
-            import tokenizers
-        except ImportError as e:
-            raise ImportError("text_encoder='modernbert' reads tokenizer.json with Hugging Face tokenizers: "
-                              "pip install tokenizers") from e
+        tokenizers = tracking.require("tokenizers", "tokenizers", "text_encoder='modernbert' (its tokenizer.json)")
         self.tok, self.pad_id = tokenizers.Tokenizer.from_file(f), pad_id
         self.tok.no_padding()
         self.tok.no_truncation()

@@ -391,6 +391,19 @@ def choose_thresholds(val_probs, val_labels, rule="youden", target=0.9):
     return np.array(out)
 
 
+# A bootstrap CI of an AUC on fewer positives, negatives or patients than this is flagged as unreliable: the
+# percentile bootstrap's nominal 95% CI covered the true AUC (0.85, binormal) in 54% of 300 simulated test sets with
+# 3 positives + 3 negatives, 79% with 5 + 5, 90% with 10 + 10 and 91% with 20 + 20 (96% with 40 + 40).
+MIN_CI_COUNT = 20
+
+
+def ci_warning(n_pos, n_neg, n_patients):
+    """'' or the sentence saying which count is under MIN_CI_COUNT, for a bootstrap CI that rests on too few."""
+    few = [f"{n} {what}" for n, what in ((n_pos, "positives"), (n_neg, "negatives"), (n_patients, "patients"))
+           if n is not None and n < MIN_CI_COUNT]
+    return f"only {', '.join(few)} (< {MIN_CI_COUNT}): the CI is unreliable" if few else ""
+
+
 def evaluation_report(probs, labels, classes, task, groups, thresholds=None, n_bootstrap=1000, seed=0, n_bins=15):
     """Everything evaluate.py prints for one split, as a dict of plain types (NaN -> None when saved)."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -426,6 +439,8 @@ def evaluation_report(probs, labels, classes, task, groups, thresholds=None, n_b
             "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
         }
         per_class[name]["precision"], per_class[name]["recall"] = per_class[name]["ppv"], per_class[name]["sensitivity"]
+        n_patients = int(np.unique(np.asarray(groups)[known].astype(str)).size) if len(groups) else 0
+        per_class[name]["ci_warning"] = ci_warning(tp + fn, tn + fp, n_patients) if n_bootstrap > 0 else ""
     known = ~np.isnan(onehot)
     yk, pk = onehot[known], probs[known]
     auc_micro = fast_auc(yk, pk) if yk.size else float("nan")
@@ -446,6 +461,7 @@ def evaluation_report(probs, labels, classes, task, groups, thresholds=None, n_b
         "excluded_from_macro": [n for n in classes if n not in scored],
         "n_bootstrap": n_bootstrap, "bootstrap_seed": seed,
     }
+    out["auc_macro_ci_warning"] = ci_warning(None, None, out["n_patients"]) if n_bootstrap > 0 else ""
     if "auc_comp5" in rep:
         out["auc_comp5"] = rep["auc_comp5"]
     if task == "multilabel":  # the same decisions' accuracies at the thresholds, and every decision metric at 0.5
@@ -466,11 +482,12 @@ def format_report(rep):
     lines = [f"{'class':<20} {'n_pos':>6} {'n_neg':>6}  {'AUC':>5} {'[95% CI]':>15}  {'AP':>5}  {'thr':>5} "
              f"{'sens':>5} {'spec':>5} {'F1':>5}"]
     for name, r in rep["per_class"].items():
-        ci = f"[{f(r['auc_ci'][0])}, {f(r['auc_ci'][1])}]"
-        lines.append(f"{name[:20]:<20} {r['n_pos']:>6} {r['n_neg']:>6}  {f(r['auc'])} {ci:>15}  {f(r['ap'])}  "
+        ci, mark = f"[{f(r['auc_ci'][0])}, {f(r['auc_ci'][1])}]", "*" if r.get("ci_warning") else " "
+        lines.append(f"{name[:20]:<20} {r['n_pos']:>6} {r['n_neg']:>6}  {f(r['auc'])} {ci:>15}{mark} {f(r['ap'])}  "
                      f"{f(r['threshold'])} {f(r['sensitivity'])} {f(r['specificity'])} {f(r['f1'])}")
     ci = f"[{f(rep['auc_macro_ci'][0])}, {f(rep['auc_macro_ci'][1])}]"
-    lines.append(f"{'macro':<20} {'':>6} {'':>6}  {f(rep['auc_macro'])} {ci:>15}  {f(rep['ap_macro'])}  {'':>5} "
+    mark = "*" if rep.get("auc_macro_ci_warning") else " "
+    lines.append(f"{'macro':<20} {'':>6} {'':>6}  {f(rep['auc_macro'])} {ci:>15}{mark} {f(rep['ap_macro'])}  {'':>5} "
                  f"{f(rep['sensitivity_macro'])} {f(rep['specificity_macro'])} {f(rep['f1_macro'])}")
     lines.append(f"{'micro':<20} {'':>6} {'':>6}  {f(rep['auc_micro'])} {'':>15}  {f(rep['ap_micro'])}  {'':>5} "
                  f"{f(rep['sensitivity_micro'])} {f(rep['specificity_micro'])} {f(rep['f1_micro'])}")
@@ -486,6 +503,12 @@ def format_report(rep):
         lines.append("confusion matrix (rows = true, columns = predicted):")
         lines += ["  " + " ".join(f"{v:>6d}" for v in row) for row in rep["confusion_matrix"]]
     lines.append(f"calibration: ECE {f(rep['ece'])} over {len(rep['reliability'])} bins")
+    flagged = [(n, r["ci_warning"]) for n, r in rep["per_class"].items() if r.get("ci_warning")]
+    if rep.get("auc_macro_ci_warning"):
+        flagged.append(("macro", rep["auc_macro_ci_warning"]))
+    if flagged:
+        lines.append(f"* small sample: a bootstrap CI on fewer than {MIN_CI_COUNT} positives, negatives or patients "
+                     f"covers the true AUC far less often than 95%: " + "; ".join(f"{n}: {w}" for n, w in flagged))
     if rep["excluded_from_macro"]:
         lines.append(f"not scored (one label value only), left out of the macro: {', '.join(rep['excluded_from_macro'])}")
     return "\n".join(lines)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
 from torch.utils.checkpoint import checkpoint
 
+import common
+
 # -----------------------------------------------------------------------------
 # shared building blocks: drop path, the pre-LN transformer Block (ViT here; text towers and GPT reuse it)
 
@@ -666,8 +668,11 @@ def read_weights(path):
 def _load_file(path):
     if path.endswith(".safetensors"):
         return load_safetensors(path)
+    common.check_torch_file(path, run_file=False)  # text, a zip cut short: a sentence naming the file, not torch's
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as e:
+        raise common.damaged_file_error(path, e, run_file=False) from e
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds Python objects other than tensors and plain types, and nanorad runs no code "
                          f"from a weights file (torch.load weights_only=True refused it: "

@@ -32,6 +32,7 @@ import sys
 import uuid
 
 import configurator
+import tracking
 
 # -----------------------------------------------------------------------------
 # config: the launcher's own knobs (the script's come from its config files and the rest of the command line)
@@ -91,12 +92,10 @@ def main(argv=None):
     trackers = [t for t in run_cfg["trackers"].split(",") if t.strip()]
     rest = rest + [f"--trackers={','.join(trackers + ['ray'])}"]  # each metrics.jsonl record is reported to Ray too
     out_dir = os.path.abspath(run_cfg["out_dir"])
-    try:
-        import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-    except ImportError:
-        raise ImportError('ray_train.py needs Ray Train, which is not installed: pip install "ray[train]"') from None
+    ray = tracking.require("ray", '"ray[train]"', "ray_train.py")
+    train_api = tracking.require("ray.train", '"ray[train]"', "ray_train.py")
+    FailureConfig, RunConfig, ScalingConfig = train_api.FailureConfig, train_api.RunConfig, train_api.ScalingConfig
+    TorchTrainer = tracking.require("ray.train.torch", '"ray[train]"', "ray_train.py").TorchTrainer
 
     if not ray.is_initialized():
         # the workers import this file and the script from the repository (a shared path on a cluster)

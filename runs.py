@@ -28,27 +28,8 @@ from model_gpt import GPT, gpt_config_from_dict
 # plain classifier and fusion model (train.py), pruned / int8 export (export.py), CLIP (train_clip.py), GPT
 # (train_gpt.py); each rebuilt from its model_args, so a checkpoint never pickles code
 
-# which commands read each family's checkpoints, for the sentence a wrong-family checkpoint gets
-READ_BY = {"train.py": ("evaluate.py", "export.py", "cam.py", "serve.py"),
-           "export.py": ("evaluate.py", "export.py", "cam.py", "serve.py"),
-           "train_clip.py": ("train_clip.py", "train.py", "train_gpt.py"),  # teacher, text_init, image_init
-           "train_gpt.py": ("sample.py",)}
 RUN_INFO_KEYS = ("script", "iter", "iter_num", "best_metric", "export", "quant_mode", "pruned_shapes", "source",
                  "tokenizer")
-
-
-def checkpoint_script(ck):
-    """The script that wrote a checkpoint: its `script` key, or inferred from model_args for older files."""
-    if ck.get("script"):
-        return ck["script"]
-    if ck.get("export"):
-        return "export.py"
-    args = ck.get("model_args", {})
-    if "text_model" in args:
-        return "train_clip.py"
-    if "model" not in args and ("n_layer" in args or "vocab_size" in args):  # a GPT config has no 'model' name
-        return "train_gpt.py"
-    return "train.py"
 
 
 def load_run(path, device="cpu", weights="model", reader=None):
@@ -61,9 +42,9 @@ def load_run(path, device="cpu", weights="model", reader=None):
         raise FileNotFoundError(f"checkpoint {path} not found: train one first (python train.py ...) or point at "
                                 f"out/<run>/best.pt")
     ck = common.load_checkpoint(path)
-    script = checkpoint_script(ck)
-    if reader is not None and reader not in READ_BY.get(script, ()):
-        readers = READ_BY.get(script, ())
+    script = common.checkpoint_script(ck)
+    if reader is not None and reader not in common.READ_BY.get(script, ()):
+        readers = common.READ_BY.get(script, ())
         verb = "reads" if len(readers) == 1 else "read"
         raise ValueError(f"{path} is a {script} checkpoint; {', '.join(readers) or 'no command'} {verb} it, "
                          f"{reader} does not")
@@ -84,7 +65,7 @@ def load_run(path, device="cpu", weights="model", reader=None):
         state._metadata = net.state_dict()._metadata
     net.load_state_dict(state)
     net.model_args = dict(ck["model_args"])
-    net.run_info = {"script": script, **{k: ck[k] for k in RUN_INFO_KEYS if k in ck and k != "script"}}
+    net.run_info = {"script": script, "path": path, **{k: ck[k] for k in RUN_INFO_KEYS if k in ck and k != "script"}}
     meta = ck.get("meta") or ck.get("data") or {}
     return net.to(device).eval(), meta, ck.get("config", {})
 
@@ -92,7 +73,7 @@ def load_run(path, device="cpu", weights="model", reader=None):
 def build_from_checkpoint(ck, script=None):
     """The untrained module a checkpoint's weights fit: its family's builder on model_args, then the export
     surgery (pruned widths, int8 structure). load_run loads the weights into it."""
-    script = script or checkpoint_script(ck)
+    script = script or common.checkpoint_script(ck)
     args = ck["model_args"]
     if script == "train_gpt.py":
         return GPT(gpt_config_from_dict(args))
@@ -247,7 +228,23 @@ def predict(net, images, meta, batch_size=64, tta=0, tta_seed=0, device="cpu", i
             p /= tta + 1
         out.append(p.cpu().numpy())
     C = len(meta["classes"])
-    return np.concatenate(out) if out else np.zeros((0, C), np.float32)
+    probs = np.concatenate(out) if out else np.zeros((0, C), np.float32)
+    check_finite_outputs(probs, net)
+    return probs
+
+
+def check_finite_outputs(probs, net):
+    """NaN / inf probabilities come from a run that diverged (or a float16 overflow): one sentence naming the
+    checkpoint, the iteration it was saved at and what to try, instead of scikit-learn's "Input contains NaN"."""
+    bad = ~np.isfinite(probs).all(axis=1)
+    if not bad.any():
+        return
+    info = getattr(net, "run_info", {})
+    it = info.get("iter", info.get("iter_num"))
+    where = f"{info['path']} (saved at iter {it})" if info.get("path") else "the model"
+    raise ValueError(f"{where} outputs NaN or inf for {int(bad.sum())} of {len(bad)} images: the run diverged. "
+                     f"Train it again with a lower --learning_rate, --grad_clip=1.0 (or lower) and --dtype=float32, "
+                     f"from a checkpoint before the loss in its metrics.jsonl became NaN")
 
 
 # -----------------------------------------------------------------------------

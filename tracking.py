@@ -76,11 +76,18 @@ KNOBS = dict(
 _ARTIFACTS = ("config.json", "metrics.jsonl", "train.log", "eval_*.json", "predictions_*.csv", "*.png")
 
 
-def _require(module, pip_name, tracker):
+def require(module, pip, needed_by):
+    """The one way nanorad imports an optional package (onnx, onnxruntime, mlflow, wandb, ray, fastapi, pydicom,
+    timm, transformers, ...): when the feature that needs it runs. A missing package is an ImportError with one
+    sentence, what needs it and the pip command (exit code 2 on the command line); a package that is installed but
+    fails to import (a broken dependency of its own) says that instead. needed_by: 'export.py --to=onnx'."""
     try:
         return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"trackers includes {tracker!r} but {module} is not installed: pip install {pip_name}") from None
+    except ImportError as e:
+        if e.name is not None and (module == e.name or module.startswith(f"{e.name}.")):  # it, or a package above it
+            raise ImportError(f"{needed_by} needs {module}, which is not installed: pip install {pip}") from None
+        raise ImportError(f"{needed_by} needs {module}, which is installed but does not import ({type(e).__name__}: "
+                          f"{e}): reinstall it (pip install --force-reinstall {pip})") from e
 
 
 def parse_trackers(cfg):
@@ -134,7 +141,7 @@ class Logger:
         self.ids, self.tags, self.started, self.last_step = {}, {}, False, {}
         names = parse_trackers(cfg)
         if "ray" in names:
-            self.ray = _require("ray.train", '"ray[train]"', "ray")
+            self.ray = require("ray.train", '"ray[train]"', "trackers includes 'ray'")
         if not master:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -147,9 +154,9 @@ class Logger:
             else:
                 self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
         if "mlflow" in names:
-            self.mlflow = _require("mlflow", "mlflow", "mlflow")
+            self.mlflow = require("mlflow", "mlflow", "trackers includes 'mlflow'")
         if "wandb" in names:
-            self.wandb = _require("wandb", "wandb", "wandb")
+            self.wandb = require("wandb", "wandb", "trackers includes 'wandb'")
 
     def set_tags(self, **tags):
         """script, git commit, data hash, world size...: tags of the MLflow run (W&B: its config has them)."""

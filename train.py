@@ -161,7 +161,11 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 
 def load_teacher(path, device, classes):
-    ckpt = common.load_checkpoint(path)
+    models.require_weights(path, "teacher_ckpt", "--teacher_ckpt='' to train without distillation")
+    ckpt = common.load_checkpoint(path, flag="--teacher_ckpt", wants=("train.py",))
+    if ckpt["model_args"].get("model") == "fusion":  # its forward needs the text / clinical inputs of its own data
+        raise ValueError(f"--teacher_ckpt={path} is a fusion model (train.py --modalities="
+                         f"{ckpt['model_args'].get('modalities')!r}); the teacher must be an image classifier")
     if ckpt["meta"]["classes"] != classes:
         raise ValueError(f"teacher {path} was trained on classes {ckpt['meta']['classes']}, this data has {classes}")
     teacher = models.build_model(**ckpt["model_args"])
@@ -226,6 +230,7 @@ def main(argv=None):
 def _train(cfg, dist, log):
     common.check_init_from(cfg)
     ckpt = common.resume_checkpoint(cfg, "train.py", log)
+    check_probe_weights(cfg, ckpt)
     common.start_run("train.py", cfg, dist, log, DEFAULTS, save_config=ckpt is None)
 
     # --- data
@@ -356,6 +361,21 @@ def _train(cfg, dist, log):
 
 # -----------------------------------------------------------------------------
 # the pieces of _train: loss weights, the model, the LR of each stage, one micro-step, an eval
+
+
+def check_probe_weights(cfg, ckpt):
+    """A linear probe trains the head on frozen features: from random weights (init_from=scratch, or resume with no
+    checkpoint yet) they stay random. A fusion run whose encoders start from vision_init / text_init has features."""
+    if cfg["finetune_mode"] != "linear_probe" or ckpt is not None or cfg["init_from"] == "pretrained":
+        return
+    if cfg["modalities"] and (cfg["vision_init"] or cfg["text_init"]):
+        return
+    start = ("init_from='scratch'" if cfg["init_from"] == "scratch" else
+             f"init_from='resume' with no {cfg['out_dir']}/ckpt.pt yet")
+    raise ValueError(f"finetune_mode='linear_probe' trains only the head on a frozen backbone, but {start} starts it "
+                     f"from random weights, which would stay random: pass "
+                     f"--init_from=pretrained --pretrained_path=<weights> (e.g. torchvision:ConvNeXt_Tiny_Weights."
+                     f"IMAGENET1K_V1 or out/<run>/best.pt), or use --finetune_mode=full")
 
 
 def pos_weights(cfg, task, labels, device):

@@ -448,9 +448,7 @@ class Teacher:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"teacher_ckpt={path!r} does not exist: train the teacher first (python train_clip.py "
                                     f"config/clip_phantom.py writes out/clip_phantom/best.pt) or set --teacher_ckpt=''")
-        ck = common.load_checkpoint(path)
-        if "model_args" not in ck or "logit_scale" not in ck.get("model", {}):
-            raise ValueError(f"teacher_ckpt={path!r} is not a train_clip.py checkpoint (no CLIP model_args / logit_scale)")
+        ck = common.load_checkpoint(path, flag="--teacher_ckpt", wants=("train_clip.py",))
         self.cfg = {**ck["config"], "dtype": cfg["dtype"]}
         self.meta, self.student_cfg, self.student_meta = ck["meta"], cfg, meta
         self.net = model_clip.build_clip(**ck["model_args"])

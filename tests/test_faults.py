@@ -182,11 +182,11 @@ def test_full_disk_save_says_so_and_removes_the_temp_file(tmp_path):
     file is gone, and the previous checkpoint is untouched."""
     path = tmp_path / "ckpt.pt"
     common.save_checkpoint({"iter": 1, "model": {"w": torch.ones(3)}}, str(path))
-    os.symlink("/dev/full", tmp_path / "ckpt.pt.tmp")
+    os.symlink("/dev/full", common.temp_path(str(path)))
     with pytest.raises(OSError) as e:
         common.save_checkpoint({"iter": 2, "model": {"w": torch.zeros(100_000)}}, str(path))
     assert f"no space left on {tmp_path} while writing {path}" in str(e.value), str(e.value)
-    assert not os.path.lexists(tmp_path / "ckpt.pt.tmp")
+    assert not os.path.lexists(common.temp_path(str(path)))
     assert common.load_checkpoint(str(path))["iter"] == 1
 
 
