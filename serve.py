@@ -519,7 +519,10 @@ class Service:
                 "probabilities": [float(p) for p in probs], "thresholds": thr, "threshold_source": m["threshold_source"],
                 "findings": rows, "positive": [r["finding"] for r in rows if r["positive"]],
                 "heatmap_method": m["cam"][0], "image": png_base64(u8),
-                "heatmaps": [{"finding": classes[int(c)], "probability": float(probs[int(c)]), "png": png_base64(overlay(u8, maps[j]))}
+                "heatmaps": [{"finding": classes[int(c)], "probability": float(probs[int(c)]),
+                              # drawn at the class's probability, as evaluate.py --image does: a map of a finding
+                              # the model rules out is not a saturated overlay
+                              "png": png_base64(overlay(u8, maps[j], strength=float(probs[int(c)])))}
                              for j, c in enumerate(top)]}
 
     def _search(self, req):
