@@ -46,6 +46,7 @@ import data
 import fusion
 import metrics
 import model_card as card_lib  # the modules; `model_card` and `subgroups` are config knobs below
+import readers
 import runs
 import subgroups as subgroups_lib
 
@@ -153,11 +154,7 @@ def _one_image(cfg, net, meta, out_dir, dev):
 def _predict_csv(cfg, net, meta, out_dir, dev):
     """The challenge's input: a CSV with a Path column, images decoded exactly as prepare stores them."""
     _image_only(net, "--predict_csv")
-    with open(cfg["predict_csv"], newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "Path" not in rows[0]:
-        raise ValueError(f"{cfg['predict_csv']} needs a 'Path' column (the CheXpert challenge layout); "
-                         f"columns: {list(rows[0]) if rows else 'none (empty file)'}")
+    rows = [r for _, r in readers.read_csv_dicts(cfg["predict_csv"], ["Path"])]  # BOM, encoding, short rows: named
     root = cfg["root"] or os.path.dirname(os.path.abspath(cfg["predict_csv"]))
     size = net.model_args.get("image_size", 224)
     paths = [r["Path"] for r in rows]
