@@ -42,6 +42,8 @@ max_failures = 0  # restarts after a failed worker (-1 = unlimited); each restar
 ray_address = ""  # "" = a local Ray runtime on this machine; auto = the cluster `ray start` joined; ray://host:10001
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(max_failures="[-1, inf)", num_workers="[1, 1024]")
 SCRIPTS = ("train.py", "train_clip.py", "train_gpt.py")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
