@@ -272,6 +272,20 @@ def check(cfg, defaults, ranges=None, checks=None, origin=None):
             raise ConfigError(error if where == "--" else f"{where}: {error}")
 
 
+def parse_args(parser, argv=None, ranges=None, checks=None):
+    """argparse for the commands that use it (phantom.py, text_data.py, tokenizer.py, compare.py), with the knobs'
+    rules: a parser error is a ConfigError (one line, exit code 2 under cli) and the numeric arguments are checked by
+    `check` (CONVENTIONS, then `ranges` and `checks` as a command's RANGES and CHECKS) before any work starts."""
+    def error(message):
+        raise ConfigError(f"{parser.prog}: {message} (--help lists the arguments)")
+    parser.error = error
+    args = parser.parse_args(argv)
+    cfg = vars(args)
+    defaults = {k: parser.get_default(k) for k in cfg}
+    check(cfg, defaults, ranges, checks, {k: "--" for k in cfg if cfg[k] != defaults[k]})
+    return args
+
+
 def format_config(cfg, defaults=None):
     """One `key = value` line per knob; with defaults, only the knobs that differ from them."""
     items = [(k, v) for k, v in cfg.items() if defaults is None or defaults.get(k, object()) != v]

@@ -16,17 +16,53 @@ import configurator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ("train", "train_clip", "train_gpt", "evaluate", "sample", "export", "serve", "sweep", "data", "bench",
             "ray_train")
+ARGPARSE = {"phantom": [], "text_data": ["--dataset=phantom_reports"], "tokenizer": ["--train=docs.txt"],
+            "compare": []}  # the commands on argparse (configurator.parse_args), with their required arguments
 
 
-def configure(command, argv, capsys):
-    """`python <command>.py argv` up to its first piece of work: (exit code, stderr lines); 0 when the check passes."""
-    defaults = importlib.import_module(command).DEFAULTS
+class Parsed(Exception):
+    """Raised after configurator.parse_args has parsed and checked, so that the command does no work."""
+
+
+def argparse_main(command, argv, monkeypatch):
+    """An argparse command's main(required arguments + argv) up to configurator.parse_args: (parser, args)."""
+    parse_args = configurator.parse_args
+
+    def parse_and_stop(parser, argv, *rules):
+        raise Parsed(parser, parse_args(parser, argv, *rules))
+    with monkeypatch.context() as m:
+        m.setattr(configurator, "parse_args", parse_and_stop)
+        try:
+            importlib.import_module(command).main(ARGPARSE[command] + argv)
+        except Parsed as e:
+            return e.args
+    raise AssertionError(f"{command}.main returned without configurator.parse_args")
+
+
+def configure(command, argv, capsys, monkeypatch):
+    """`python <command>.py argv` up to its first piece of work: (exit code, stderr lines); 0 when the check passes.
+    A configurator command loads its DEFAULTS (the first thing its main() does); an argparse one runs main() up to
+    configurator.parse_args. Anything but a user error (a traceback) fails the test."""
     capsys.readouterr()
+    if command in ARGPARSE:
+        main = lambda: argparse_main(command, argv, monkeypatch)  # noqa: E731
+    else:
+        main = lambda: configurator.load(importlib.import_module(command).DEFAULTS, argv)  # noqa: E731
     try:
-        configurator.cli(lambda: configurator.load(defaults, argv))
+        configurator.cli(main)
     except SystemExit as e:
         return e.code, capsys.readouterr().err.strip().splitlines()
     return 0, []
+
+
+def numeric_knobs(command, monkeypatch):
+    """{name: default} of the command's int and float knobs (of an argparse command: its arguments)."""
+    if command in ARGPARSE:
+        parser, args = argparse_main(command, [], monkeypatch)
+        defaults = {k: parser.get_default(k) for k in vars(args)}
+    else:
+        defaults = importlib.import_module(command).DEFAULTS
+    return {k: v for k, v in defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def assert_error(rc, lines, *names):
@@ -43,21 +79,19 @@ def typed(default, value):
     return str(value)
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_numeric_knob_passes_or_is_a_one_line_error(command, capsys):
+@pytest.mark.parametrize("command", [*COMMANDS, *ARGPARSE])
+def test_every_numeric_knob_passes_or_is_a_one_line_error(command, capsys, monkeypatch):
     """0 and a huge value may pass; NaN never does, nor -1 where the knob's range does not go below 0."""
-    mod = importlib.import_module(command)
-    defaults = mod.DEFAULTS
-    knobs = [k for k, v in defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    assert knobs, command
-    for key in knobs:
+    defaults, ranges = numeric_knobs(command, monkeypatch), getattr(importlib.import_module(command), "RANGES", {})
+    assert defaults, command
+    for key, default in defaults.items():
+        negative_ok = configurator.range_of(key, default, ranges).startswith("[-")
         for value in (0, -1, "nan", "huge"):
-            text = typed(defaults[key], value)
-            rc, lines = configure(command, [f"--{key}={text}"], capsys)
-            negative_ok = configurator.range_of(key, defaults[key], getattr(mod, "RANGES", {})).startswith("[-")
+            text = typed(default, value)
+            rc, lines = configure(command, [f"--{key}={text}"], capsys, monkeypatch)
             assert rc or not (value == "nan" or value == -1 and not negative_ok), f"--{key}={text} passed the check"
             if rc:
-                shown = (text, repr(float(text))) if isinstance(defaults[key], float) else (text,)
+                shown = (text, repr(float(text))) if isinstance(default, float) else (text,)
                 assert_error(rc, lines, key)
                 assert any(s in lines[0] for s in shown), f"value {text} not named in {lines[0]!r}"
 
@@ -82,29 +116,35 @@ def test_every_numeric_knob_passes_or_is_a_one_line_error(command, capsys):
      ["batch_size * gradient_accumulation_steps <= 1048576", "--gradient_accumulation_steps=64"]),
     ("train", ["--device=gpu"], ["device='gpu'", "cpu, cuda, cuda:N"]),
     ("serve", ["--device=auto"], ["device='auto'", "cpu, cuda, cuda:N"]),  # serve does not resolve auto
+    ("text_data", ["--val_frac=0.5", "--test_frac=0.5"], ["val_frac + test_frac < 1", "--test_frac=0.5"]),
+    ("tokenizer", ["--vocab_size=0"], ["--vocab_size=0", "[257, 1048576]"]),
+    ("phantom", ["--n_images=-1"], ["--n_images=-1", "[1, inf)"]),
+    ("compare", ["--alpha=1.5"], ["--alpha=1.5", "(0, 1)"]),
+    ("compare", ["--seeds=nan"], ["--seeds", "invalid int value: 'nan'"]),  # argparse's own error, on one line
 ])
-def test_issue_examples_name_the_knob_the_value_and_the_range(command, argv, names, capsys):
-    assert_error(*configure(command, argv, capsys), *names)
+def test_issue_examples_name_the_knob_the_value_and_the_range(command, argv, names, capsys, monkeypatch):
+    assert_error(*configure(command, argv, capsys, monkeypatch), *names)
 
 
-def test_a_range_error_in_a_config_file_names_the_file(tmp_path, capsys):
+def test_a_range_error_in_a_config_file_names_the_file(tmp_path, capsys, monkeypatch):
     recipe = tmp_path / "recipe.py"
     recipe.write_text("eval_interval = 0\n")
-    assert_error(*configure("train", [str(recipe)], capsys), f"{recipe}: eval_interval=0", "[1, inf)")
+    assert_error(*configure("train", [str(recipe)], capsys, monkeypatch), f"{recipe}: eval_interval=0", "[1, inf)")
 
 
 def test_mps_without_mps_says_so_and_lists_the_devices(capsys, monkeypatch):
     import torch
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert_error(*configure("train", ["--device=mps"], capsys), "device='mps'", "no MPS", "cpu, cuda, cuda:N")
+    rc, lines = configure("train", ["--device=mps"], capsys, monkeypatch)
+    assert_error(rc, lines, "device='mps'", "no MPS", "cpu, cuda, cuda:N")
 
 
 def test_cuda_index_past_the_gpus_is_an_error(capsys, monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert configure("train", ["--device=cuda:1"], capsys)[0] == 0
-    assert_error(*configure("train", ["--device=cuda:2"], capsys), "device='cuda:2'", "2 CUDA GPU(s)")
+    assert configure("train", ["--device=cuda:1"], capsys, monkeypatch)[0] == 0
+    assert_error(*configure("train", ["--device=cuda:2"], capsys, monkeypatch), "device='cuda:2'", "2 CUDA GPU(s)")
 
 
 def recipe_keys(path):
@@ -113,7 +153,7 @@ def recipe_keys(path):
     return {k for k, v in ns.items() if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
 
 
-def test_every_recipe_passes_the_check_of_its_command(capsys):
+def test_every_recipe_passes_the_check_of_its_command(capsys, monkeypatch):
     """A recipe belongs to the commands that have all its knobs (config/clip_phantom.py: train_clip.py)."""
     defaults = {c: importlib.import_module(c).DEFAULTS for c in COMMANDS}
     recipes = sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))
@@ -124,13 +164,14 @@ def test_every_recipe_passes_the_check_of_its_command(capsys):
         owners = [c for c in COMMANDS if names <= set(defaults[c])]
         assert owners, f"{path}: no command has all of its knobs"
         for command in owners:
-            rc, lines = configure(command, [path], capsys)
+            rc, lines = configure(command, [path], capsys, monkeypatch)
             assert rc == 0, f"{command}.py {path}: {lines}"
 
 
-def test_values_the_tests_give_the_commands_pass_the_check(capsys):
+def test_values_the_tests_give_the_commands_pass_the_check(capsys, monkeypatch):
     """Each `<command>.main([...])` call in tests/ (outside `pytest.raises`): the check passes its literal --knob=value
-    items together (but --device: a GPU test names cuda on a machine without one, and skips)."""
+    items together (up to compare.py's `--`, after which come train.py's; not --device: a GPU test names cuda on a
+    machine without one, and skips)."""
     calls = []
     for path in sorted(glob.glob(os.path.join(ROOT, "tests", "*.py"))):
         tree = ast.parse(open(path).read())
@@ -141,14 +182,15 @@ def test_values_the_tests_give_the_commands_pass_the_check(capsys):
                 continue
             f = node.func
             if (isinstance(f, ast.Attribute) and f.attr == "main" and isinstance(f.value, ast.Name)
-                    and f.value.id in COMMANDS and isinstance(node.args[0], ast.List)):
-                items = node.args[0].elts
-                calls.append((path, node.lineno, f.value.id, [e.value for e in items if isinstance(e, ast.Constant)
-                                                             and isinstance(e.value, str) and e.value.startswith("--")
-                                                             and not e.value.startswith("--device=")]))
+                    and f.value.id in (*COMMANDS, *ARGPARSE) and isinstance(node.args[0], ast.List)):
+                items = [e.value if isinstance(e, ast.Constant) else None for e in node.args[0].elts]
+                items = items[:items.index("--")] if "--" in items else items
+                calls.append((path, node.lineno, f.value.id, [a for a in items if isinstance(a, str) and
+                                                              a.startswith("--") and "=" in a and
+                                                              not a.startswith("--device=")]))
     assert len(calls) > 50, len(calls)
     for path, line, command, argv in calls:
-        rc, lines = configure(command, argv, capsys)
+        rc, lines = configure(command, argv, capsys, monkeypatch)
         assert rc == 0, f"{os.path.basename(path)}:{line} {command}.main({argv}): {lines}"
 
 
