@@ -131,8 +131,9 @@ def _owner(defaults):
     return owner[0] if owner else sys.modules["__main__"]
 
 
-def load(defaults, argv=None):
-    """Return a new dict: `defaults` updated by config files and --key=value arguments in argv, checked (`check`).
+def load(defaults, argv=None, here=True):
+    """Return a new dict: `defaults` updated by config files and --key=value arguments in argv, checked (`check`;
+    here=False: a device is checked for its form, not for being on this machine, e.g. a Ray head node without GPUs).
     `--help` (or -h) prints the usage of the command whose DEFAULTS these are (its docstring and knobs) and exits."""
     if any(a in ("--help", "-h") for a in (argv or [])):
         print(usage(defaults, _owner(defaults)))
@@ -170,7 +171,7 @@ def load(defaults, argv=None):
             print(f"{key}={old!r} is deprecated, use {key}={new!r}")
             cfg[key] = new
     owner = _owner(defaults)
-    check(cfg, defaults, getattr(owner, "RANGES", {}), getattr(owner, "CHECKS", {}), origin)
+    check(cfg, defaults, getattr(owner, "RANGES", {}), getattr(owner, "CHECKS", {}), origin, here)
     return cfg
 
 
@@ -220,21 +221,24 @@ def range_of(key, default, ranges):
     return next((rule for pattern, rule in CONVENTIONS if fnmatch.fnmatchcase(key, pattern)), "[0, inf)")
 
 
-def _device_error(value, default):
+def _device_error(value, default, here=True):
     """The sentence for a device that is not one or that this machine does not have (None when it has it): auto where
-    the command resolves it (its default is auto), cpu, cuda, cuda:N for a GPU torch sees, mps on a Mac with Metal."""
+    the command resolves it (its default is auto), cpu, cuda, cuda:N for a GPU torch sees, mps on a Mac with Metal.
+    here=False: any device of those forms passes (the run goes to other machines)."""
     import torch  # a command with a device knob has imported torch already
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     auto = ["auto"] * (default == "auto")
-    here = [*auto, "cpu", *["cuda", f"cuda:0 to cuda:{n - 1}"] * (n > 0), *["mps"] * mps]
+    has = [*auto, "cpu", *["cuda", f"cuda:0 to cuda:{n - 1}"] * (n > 0), *["mps"] * mps]
     valid = f"valid devices: {', '.join([*auto, 'cpu', 'cuda', 'cuda:N (N = the GPU index)', 'mps'])}; " \
-            f"this machine has {', '.join(here)}"
-    if value == "auto" and default == "auto" or value == "cpu" or value == "mps" and mps:
+            f"this machine has {', '.join(has)}"
+    m = re.fullmatch(r"cuda(?::(\d+))?", value)
+    if value == "auto" and default == "auto" or value == "cpu" or (value == "mps" or m) and not here:
+        return None
+    if value == "mps" and mps:
         return None
     if value == "mps":
         return f"device='mps' but this machine has no MPS (Apple GPU) backend; {valid}"
-    m = re.fullmatch(r"cuda(?::(\d+))?", value)
     if not m:
         return f"device={value!r} is not a device{' this command takes' * (value == 'auto')}; {valid}"
     if n == 0:
@@ -245,7 +249,7 @@ def _device_error(value, default):
     return None
 
 
-def check(cfg, defaults, ranges=None, checks=None, origin=None):
+def check(cfg, defaults, ranges=None, checks=None, origin=None, here=True):
     """Raise ConfigError naming the knob, its value and its range for the first numeric knob outside its range,
     the first cross-knob rule (checks: {"val_frac + test_frac < 1": "why"}) that fails, or a device this machine does
     not have. `origin` (knob -> "--" or the config file that set it) makes the sentence name where it was set."""
@@ -266,7 +270,7 @@ def check(cfg, defaults, ranges=None, checks=None, origin=None):
             values = ", ".join(said(n) for n in code.co_names)
             raise ConfigError(f"{expr} is required ({why}), got {values}")
     if isinstance(defaults.get("device"), str):
-        error = _device_error(cfg["device"], defaults["device"])
+        error = _device_error(cfg["device"], defaults["device"], here)
         if error:  # the sentence names device='...' itself
             where = origin.get("device", "--")
             raise ConfigError(error if where == "--" else f"{where}: {error}")

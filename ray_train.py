@@ -89,7 +89,8 @@ def main(argv=None):
         configurator.load(DEFAULTS, ["--help"])
     script, own, rest = split_argv(argv)
     cfg = configurator.load(DEFAULTS, own)
-    run_cfg = configurator.load(importlib.import_module(script).DEFAULTS, rest)  # a bad key fails here, not on the cluster
+    # a bad key or value fails here, not on the cluster (whose workers may have the GPUs this machine lacks)
+    run_cfg = configurator.load(importlib.import_module(script).DEFAULTS, rest, here=False)
     trackers = [t for t in run_cfg["trackers"].split(",") if t.strip()]
     rest = rest + [f"--trackers={','.join(trackers + ['ray'])}"]  # each metrics.jsonl record is reported to Ray too
     out_dir = os.path.abspath(run_cfg["out_dir"])

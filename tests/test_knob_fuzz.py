@@ -147,6 +147,14 @@ def test_cuda_index_past_the_gpus_is_an_error(capsys, monkeypatch):
     assert_error(*configure("train", ["--device=cuda:2"], capsys, monkeypatch), "device='cuda:2'", "2 CUDA GPU(s)")
 
 
+def test_ray_train_checks_the_script_s_device_by_its_form_only():
+    """The Ray head node may have no GPU while its workers do: --device=cuda passes there, --device=gpu does not."""
+    import ray_train
+    assert configurator.load(importlib.import_module("train").DEFAULTS, ["--device=cuda:3"], here=False)
+    with pytest.raises(configurator.ConfigError, match="device='gpu' is not a device"):
+        ray_train.main(["train.py", "--device=gpu", "--num_workers=1"])
+
+
 def recipe_keys(path):
     ns = {}
     exec(compile(open(path).read(), path, "exec"), ns)
