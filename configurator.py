@@ -119,10 +119,14 @@ def usage(defaults, module):
                           and os.path.isfile(f))
         paths = [own, *project_files(vars(module).values()), *project_files(list(sys.modules.values()))]
         comments = _knob_comments(dict.fromkeys(paths), set(defaults))  # the command, its imports, the rest
-    width = max(len(k) for k in defaults)
-    rows = [f"  --{k:<{width}} = {defaults[k]!r:<12}  {comments.get(k, '')}".rstrip() for k in defaults]
-    return "\n".join([(module.__doc__ or "").strip(), "",
-                      "knobs, set in config files and as --knob=value (later ones win); default, then meaning:", *rows])
+    ranges = {k: range_of(k, v, getattr(module, "RANGES", {})) or "" for k, v in defaults.items()}
+    width, rwidth = max(len(k) for k in defaults), max(len(r) for r in ranges.values())
+    rows = [f"  --{k:<{width}} = {defaults[k]!r:<12}  {ranges[k]:<{rwidth}}  {comments.get(k, '')}".rstrip()
+            for k in defaults]
+    checks = [f"  {expr}  ({why})" for expr, why in getattr(module, "CHECKS", {}).items()]
+    return "\n".join([(module.__doc__ or "").strip(), "", "knobs, set in config files and as --knob=value (later ones "
+                      "win); default, range (numbers: checked before the run starts), meaning:", *rows,
+                      *(["", "and across knobs:", *checks] if checks else [])])
 
 
 def _owner(defaults):

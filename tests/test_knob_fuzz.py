@@ -155,6 +155,15 @@ def test_ray_train_checks_the_script_s_device_by_its_form_only():
         ray_train.main(["train.py", "--device=gpu", "--num_workers=1"])
 
 
+def test_help_shows_each_knob_s_range_and_the_rules_across_knobs():
+    import data
+    import train
+    lines = {ln.split()[0]: ln for ln in configurator.usage(train.DEFAULTS, train).splitlines() if ln.startswith("  --")}
+    assert "[1, inf)" in lines["--log_interval"] and "(0, 1]" in lines["--learning_rate"]
+    assert "[" not in lines["--model"]  # a string knob has no range
+    assert "  val_frac + test_frac < 1  (" in configurator.usage(data.DEFAULTS, data)
+
+
 def recipe_keys(path):
     ns = {}
     exec(compile(open(path).read(), path, "exec"), ns)
