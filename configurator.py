@@ -8,12 +8,12 @@ namespace; its module-level names become overrides), then each `--key=value`. Ev
 already exist in `defaults` and keep its type (an int may become a float; bools take
 True/False/true/false/1/0). A mistake is an error that names the key and the closest valid ones.
 `--help` (or -h) prints the command's docstring and every knob with its default and source comment.
-Then, before any work starts, every numeric knob is checked against its range (`check`, RANGES below) and the
-`device` knob against the devices this machine has: an out-of-range value is an error that names the knob, the value
-and the range, never a traceback later in the run.
+Then, before any work starts, every numeric knob is checked against its range (`check`: the command's RANGES and
+CHECKS beside its knobs, else CONVENTIONS below) and the `device` knob against the devices this machine has: a value
+out of range is an error that names the knob, the value and the range, never a traceback later in the run.
 
 Scripts call it as `cfg = configurator.load(defaults, argv)` where `defaults` is the dict of their
-module-level knobs, then read everything from `cfg`.
+module-level knobs, then read everything from `cfg`. The scripts on argparse call `parse_args(parser, argv, ...)`.
 
 One vocabulary for the three train scripts: `tensorboard`, `init_from` = scratch | pretrained | resume and
 `pretrained_path`. The older names still load, with a one-line deprecation message (ALIASES, VALUE_ALIASES).
@@ -70,7 +70,7 @@ def _coerce(key, value, default, source):
 def _parse_literal(text, default):
     if isinstance(default, bool) and text.lower() in ("true", "false", "1", "0"):
         return text.lower() in ("true", "1")
-    if isinstance(default, float) and not isinstance(default, bool):
+    if isinstance(default, float):
         try:  # nan and inf too, which literal_eval does not read: check() then names their knob and its range
             return float(text)
         except ValueError:
@@ -237,9 +237,8 @@ def _device_error(value, default, here=True):
     valid = f"valid devices: {', '.join([*auto, 'cpu', 'cuda', 'cuda:N (N = the GPU index)', 'mps'])}; " \
             f"this machine has {', '.join(has)}"
     m = re.fullmatch(r"cuda(?::(\d+))?", value)
-    if value == "auto" and default == "auto" or value == "cpu" or (value == "mps" or m) and not here:
-        return None
-    if value == "mps" and mps:
+    if (value == "cpu" or value == "auto" and default == "auto" or value == "mps" and mps
+            or (value == "mps" or m) and not here):
         return None
     if value == "mps":
         return f"device='mps' but this machine has no MPS (Apple GPU) backend; {valid}"
