@@ -119,7 +119,8 @@ def usage(defaults, module):
                           and os.path.isfile(f))
         paths = [own, *project_files(vars(module).values()), *project_files(list(sys.modules.values()))]
         comments = _knob_comments(dict.fromkeys(paths), set(defaults))  # the command, its imports, the rest
-    ranges = {k: range_of(k, v, getattr(module, "RANGES", {})) or "" for k, v in defaults.items()}
+    ranges = {k: range_of(k, v, getattr(module, "RANGES", {})) for k, v in defaults.items()}
+    ranges = {k: _shown(r, defaults[k]) if r else "" for k, r in ranges.items()}
     width, rwidth = max(len(k) for k in defaults), max(len(r) for r in ranges.values())
     rows = [f"  --{k:<{width}} = {defaults[k]!r:<12}  {ranges[k]:<{rwidth}}  {comments.get(k, '')}".rstrip()
             for k in defaults]
@@ -183,7 +184,9 @@ def load(defaults, argv=None, here=True):
 # Ranges: every int and float knob of every command is checked before any work starts. A range is an interval
 # ("[1, inf)": 1 or more; "(0, 1]": above 0, at most 1); NaN is in none, inf only where a bound says "inf]". A knob
 # takes the range its command declares beside its knobs (RANGES = dict(knob="[lo, hi]")), else the first of these
-# conventions its name matches, else "[0, inf)". Cross-knob rules: the command's CHECKS = {"expression": "why"}.
+# conventions its name matches, else "[0, inf)". A knob's default is valid too, so that a default outside the range
+# keeps its documented meaning (train.py n_layer = 0: "0 = the named size's"; --help shows "0 or [1, 65536]").
+# Cross-knob rules: the command's CHECKS = {"expression": "why"}.
 CONVENTIONS = [
     # the train loops mix seed, iteration and rank into one signed 64-bit generator seed (seed * ~1.3e11 + ...)
     ("seed", "[0, 9999999]"), ("*_seed", "[0, 9999999]"),
@@ -223,6 +226,11 @@ def range_of(key, default, ranges):
     if key in ranges:
         return ranges[key]
     return next((rule for pattern, rule in CONVENTIONS if fnmatch.fnmatchcase(key, pattern)), "[0, inf)")
+
+
+def _shown(rule, default):
+    """The range as --help and the errors show it: with the default in front when the range leaves it out."""
+    return rule if _interval(rule)(default) else f"{default!r} or {rule}"
 
 
 def _device_error(value, default, here=True):
@@ -265,8 +273,8 @@ def check(cfg, defaults, ranges=None, checks=None, origin=None, here=True):
     assert not unknown, f"RANGES names knobs that are not knobs: {sorted(unknown)}"
     for key, default in defaults.items():
         rule, value = range_of(key, default, ranges), cfg[key]
-        if rule is not None and not _interval(rule)(value):
-            raise ConfigError(f"{said(key)} is out of range: {key} must be in {rule}")
+        if rule is not None and value != default and not _interval(rule)(value):
+            raise ConfigError(f"{said(key)} is out of range: {key} must be in {_shown(rule, default)}")
     for expr, why in checks.items():
         code = compile(expr, "CHECKS", "eval")
         if not eval(code, {"__builtins__": {}}, dict(cfg)):

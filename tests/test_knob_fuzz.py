@@ -127,6 +127,17 @@ def test_issue_examples_name_the_knob_the_value_and_the_range(command, argv, nam
     assert_error(*configure(command, argv, capsys, monkeypatch), *names)
 
 
+def test_a_default_outside_the_range_keeps_its_meaning(capsys, monkeypatch):
+    """A knob whose default is a special value outside its range (0 = the model's size) takes the default, and only
+    it, beside the range; the error and --help show both."""
+    import train
+    monkeypatch.setitem(train.DEFAULTS, "patch_size", 0)  # as a ViT knob that says "0 = the size's"
+    assert configure("train", ["--patch_size=0"], capsys, monkeypatch)[0] == 0
+    assert_error(*configure("train", ["--patch_size=-1"], capsys, monkeypatch), "patch_size must be in 0 or [1, 65536]")
+    usage = configurator.usage(train.DEFAULTS, train).splitlines()
+    assert "0 or [1, 65536]" in next(ln for ln in usage if ln.startswith("  --patch_size "))
+
+
 def test_a_range_error_in_a_config_file_names_the_file(tmp_path, capsys, monkeypatch):
     recipe = tmp_path / "recipe.py"
     recipe.write_text("eval_interval = 0\n")
