@@ -203,7 +203,7 @@ CONVENTIONS = [
     ("*dropout*", "[0, 1)"), ("drop_path", "[0, 1)"), ("*_frac", "[0, 1)"), ("label_smoothing", "[0, 1)"),
     ("beta1", "[0, 1)"), ("beta2", "[0, 1)"), ("ema_decay", "[0, 1)"), ("layer_decay*", "(0, 1]"),
     # AdamW: a step of more than 1 per weight, or a decay of more than all of it (lr * weight_decay > 1), diverges
-    ("learning_rate", "(0, 1]"), ("*_lr", "[0, 1]"), ("weight_decay", "[0, 1]"),
+    ("learning_rate", "[0, 1]"), ("*_lr", "[0, 1]"), ("weight_decay", "[0, 1]"),  # LR 0: a frozen run (tests)
     ("bce_weight", "[0, 1]"), ("focal_alpha", "[0, 1]"), ("distill_alpha", "[0, 1]"),
     ("distill_temperature", "(0, 100]"),  # the distillation term is scaled by T^2; Hinton et al. use 1-20
     ("temperature", "(0, inf)"), ("top_p", "(0, 1]"), ("target_sensitivity", "(0, 1]"),

@@ -104,7 +104,7 @@ def test_every_numeric_knob_passes_or_is_a_one_line_error(command, capsys, monke
     ("train", ["--eval_batch_size=0"], ["--eval_batch_size=0", "[1, 65536]"]),
     ("train", ["--max_iters=-5"], ["--max_iters=-5", "[0, inf)"]),
     ("train", ["--drop_path=1.5"], ["--drop_path=1.5", "[0, 1)"]),
-    ("train", ["--learning_rate=nan"], ["--learning_rate=nan", "(0, 1]"]),
+    ("train", ["--learning_rate=nan"], ["--learning_rate=nan", "[0, 1]"]),
     ("train_clip", ["--min_lr=inf"], ["--min_lr=inf", "[0, 1]"]),
     ("train_gpt", ["--dropout=1e30"], ["--dropout=1e+30", "[0, 1)"]),
     ("train", ["--seed=10000000000"], ["--seed=10000000000", "[0, 9999999]"]),  # overflowed the step generator
@@ -172,7 +172,7 @@ def test_help_shows_each_knob_s_range_and_the_rules_across_knobs():
     import train
     usage = configurator.usage(train.DEFAULTS, train).splitlines()
     lines = {ln.split()[0]: ln for ln in usage if ln.startswith("  --")}
-    assert "[1, inf)" in lines["--log_interval"] and "(0, 1]" in lines["--learning_rate"]
+    assert "[1, inf)" in lines["--log_interval"] and "[0, 1]" in lines["--learning_rate"]
     assert "[" not in lines["--model"]  # a string knob has no range
     assert "  val_frac + test_frac < 1  (" in configurator.usage(data.DEFAULTS, data)
 
