@@ -117,10 +117,19 @@ def test_bad_config_key_names_the_key(tmp_path, tiny_phantom):
 
 
 def test_nan_guard_stops_and_keeps_checkpoint(tmp_path, tiny_phantom, monkeypatch):
-    # the loss turns NaN from iteration 1 on, as a diverging run's does (no knob makes one now: learning_rate=1e30 is
-    # refused before the run, issue 31)
-    real = train.micro_loss
-    monkeypatch.setattr(train, "micro_loss", lambda *a: real(*a) * (float("nan") if a[6] >= 1 else 1.0))  # a[6]: it
+    # the first optimizer step leaves NaN weights, as a diverging run's do, so the loss of iteration 1 is NaN (no knob
+    # makes a run diverge now: learning_rate=1e30 is refused before the run, issue 31)
+    import common
+    step = common.optimizer_step
+
+    def diverging_step(optimizer, *args):
+        norm = step(optimizer, *args)
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.fill_(float("nan"))
+        return norm
+    monkeypatch.setattr(common, "optimizer_step", diverging_step)
     with pytest.raises(FloatingPointError, match="iter 1"):
         run(tmp_path, tiny_phantom, "--max_iters=50", "--eval_interval=1000", "--warmup_iters=0", "--grad_clip=0")
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", map_location="cpu", weights_only=True)
