@@ -97,6 +97,8 @@ profile = False  # write a torch.profiler trace of a few timed iterations to out
 out_dir = "out/bench"
 seed = 1337
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(iters="[1, inf)", data_images="[1, inf)")
 
 TASKS = ("classify", "gpt", "clip", "data")
 OPTIMIZERS = ("auto", "fused", "foreach", "none")

@@ -34,6 +34,7 @@ import warnings
 import numpy as np
 from scipy import stats
 
+import configurator
 import metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -427,6 +428,10 @@ def launch(name, seeds, seed_start, train_args, out_root="out", nproc=1, evaluat
 # -----------------------------------------------------------------------------
 
 
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per argument; CHECKS: across)
+RANGES = dict(alpha="(0, 1)", seeds="[1, inf)", seed_start="[0, 9999999]", nproc="[1, 1024]")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = []
@@ -451,7 +456,7 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="> 1: torchrun --standalone --nproc_per_node=N")
     p.add_argument("--evaluate", action="store_true", help="launch: run evaluate.py --split=test after each seed")
     p.add_argument("--eval_args", default="", help="launch: extra evaluate.py arguments, space-separated")
-    a = p.parse_args(argv)
+    a = configurator.parse_args(p, argv, RANGES)
     if a.launch:
         if not train_args:
             p.error("--launch needs the train.py arguments after --, e.g. -- config/quickstart.py --max_iters=200")
@@ -480,5 +485,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import configurator
     configurator.cli(main)

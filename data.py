@@ -99,6 +99,9 @@ DEFAULTS = dict(
     batch_size=64,             # --bench batch size
     _stop_after_chunks=0,      # test hook: stop (as if killed) after this many chunks
 )
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(image_size="[0, 65536]")  # 0: the automatic choice
+CHECKS = {"val_frac + test_frac < 1": "the patients left over are the train split"}
 
 SPLITS = ("train", "val", "test")
 INDEX_COLUMNS = ["row", "path", "patient_id", "study_id", "view", "age", "sex", "text", "indication"]

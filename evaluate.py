@@ -79,6 +79,8 @@ figures = True            # PNG curves with matplotlib
 tensorboard = True        # curves + figures to <out_dir>/tb_eval
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(n_bootstrap="[0, inf)", n_bins="[1, 10000]")
 
 def split_inputs(net, split):
     """The text / clinical arrays a fusion model reads beside the image ({} for an image-only model)."""

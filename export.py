@@ -87,6 +87,8 @@ batch_size = 32  # taylor / fine-tune micro-batch
 seed = 1337
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(opset="[17, 23]", prune_amount="[0, 1)", latency_batch="[1, inf)", latency_iters="[1, inf)")
 # train.py's defaults of the knobs the fine-tune reads, for a checkpoint saved without its config
 FINETUNE_DEFAULTS = dict(weight_decay=0.05, beta1=0.9, beta2=0.999, augment=False, hflip=False)
 

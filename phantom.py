@@ -67,6 +67,7 @@ import time
 
 import numpy as np
 
+import configurator
 import labeler
 
 CLASSES = ["Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Consolidation", "Lung Opacity",
@@ -667,7 +668,7 @@ def main(argv=None):
     ap.add_argument("--image_size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--png", default="", help="save a grid of the first 32 images here (e.g. phantom.png)")
-    args = ap.parse_args(argv)
+    args = configurator.parse_args(ap, argv)  # n_images, image_size, seed: CONVENTIONS
     t0, c0 = time.perf_counter(), time.process_time()
     d = generate(args.n_images, args.image_size, args.seed)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -688,5 +689,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import configurator
     configurator.cli(main)

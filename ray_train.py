@@ -43,6 +43,8 @@ max_failures = 0  # restarts after a failed worker (-1 = unlimited); each restar
 ray_address = ""  # "" = a local Ray runtime on this machine; auto = the cluster `ray start` joined; ray://host:10001
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(max_failures="[-1, inf)", num_workers="[1, 1024]")
 SCRIPTS = ("train.py", "train_clip.py", "train_gpt.py")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -88,7 +90,8 @@ def main(argv=None):
         configurator.load(DEFAULTS, ["--help"])
     script, own, rest = split_argv(argv)
     cfg = configurator.load(DEFAULTS, own)
-    run_cfg = configurator.load(importlib.import_module(script).DEFAULTS, rest)  # a bad key fails here, not on the cluster
+    # a bad key or value fails here, not on the cluster (whose workers may have the GPUs this machine lacks)
+    run_cfg = configurator.load(importlib.import_module(script).DEFAULTS, rest, here=False)
     trackers = [t for t in run_cfg["trackers"].split(",") if t.strip()]
     rest = rest + [f"--trackers={','.join(trackers + ['ray'])}"]  # each metrics.jsonl record is reported to Ray too
     out_dir = os.path.abspath(run_cfg["out_dir"])

@@ -43,6 +43,8 @@ device = "auto"
 dtype = "auto"
 
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(temperature="[0, inf)")
 
 # -----------------------------------------------------------------------------
 

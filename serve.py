@@ -79,6 +79,9 @@ threads = 0               # torch CPU threads for inference (0 = torch's default
 device = "cpu"            # cpu | cuda
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(index_size="[0, inf)", top_k="[1, 50]", max_new_tokens="[1, inf)", max_batch="[1, inf)",
+              max_pixels="[1, inf)", max_upload_mb="(0, inf)", batch_wait_ms="[0, 60000]")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -56,6 +56,8 @@ objective = "train"       # train (a train.py subprocess) | module:function (par
 train_script = "train.py"  # the script a trial runs (tests point it at a stand-in)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, dict))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(n_init="[0, inf)", grid_points="[1, inf)")
 
 # -----------------------------------------------------------------------------
 # the search space: sampling, a grid, and an encoding into [0, 1]^d for the GP

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+import configurator
 import data
 import phantom
 import tokenizer as tok_lib
@@ -364,6 +365,11 @@ def prepare(args):
     return write_text_bins(out_dir, {s: d for s, d in docs.items() if d}, tok, meta)
 
 
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per argument; CHECKS: across)
+RANGES = dict(vocab_size="[257, 1048576]", max_tokens="[0, 65536]")  # bpe: 256 bytes + eot at least
+CHECKS = {"val_frac + test_frac < 1": "the patients left over are the train split"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="prepare text / (image, report) data for train_gpt.py")
     ap.add_argument("--dataset", required=True, help="phantom_reports | phantom_pairs | roco_text | iu_xray | text")
@@ -382,7 +388,7 @@ def main(argv=None):
     ap.add_argument("--val_frac", type=float, default=0.15, help="phantom/text: validation fraction (by patient / document)")
     ap.add_argument("--test_frac", type=float, default=0.15, help="phantom_pairs: test fraction (by patient)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = configurator.parse_args(ap, argv, RANGES, CHECKS)
     if args.label_eval:
         if args.dataset != "iu_xray" or not args.root:
             raise ValueError("--label_eval needs --dataset=iu_xray --root=<folder with ecgen-radiology/ or the .tgz>")
@@ -643,5 +649,4 @@ def report_metrics(hypotheses, references, labels, classes=FINDINGS):
 
 
 if __name__ == "__main__":
-    import configurator
     configurator.cli(main)

@@ -58,6 +58,8 @@ import re
 import unicodedata
 from collections import Counter
 
+import configurator
+
 try:  # exact \p{L} / \p{N} classes for CLIP when the `regex` package is present (open_clip depends on it)
     import regex as _re
     _CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -678,6 +680,10 @@ def compare(lines, bpe_vocab_size=8192, wordpiece_vocab="", clip_path=""):
     return rows
 
 
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per argument; CHECKS: across)
+RANGES = dict(vocab_size="[257, 1048576]", bpe_vocab_size="[257, 1048576]")  # 256 bytes + eot at least
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="--train: train a byte-level BPE and compare tokens per line with char-level "
                                              "(and GPT-2); --compare: tokens per caption, CLIP BPE vs WordPiece vs our BPE")
@@ -691,7 +697,7 @@ def main(argv=None):
     ap.add_argument("--bpe_vocab_size", type=int, default=8192, help="--compare: vocabulary of our BPE, trained on the same captions")
     ap.add_argument("--wordpiece_vocab", default="", help="--compare: a BERT vocab.txt (PubMedBERT's for BiomedCLIP)")
     ap.add_argument("--clip_bpe", default="", help="--compare: open_clip merges .gz or a HF CLIP folder (default: open_clip's file)")
-    args = ap.parse_args(argv)
+    args = configurator.parse_args(ap, argv, RANGES)
     if args.compare is not None:
         return _main_compare(args)
     docs = read_lines(args.train)
@@ -722,5 +728,4 @@ def _main_compare(args):
 
 
 if __name__ == "__main__":
-    import configurator
     configurator.cli(main)

@@ -154,6 +154,11 @@ head_dropout2 = 0.2  # before the head's last Linear
 stage2_lr = 0.0  # two_stage: peak LR of fusion + head after freeze_iters (encoders: x lr_backbone_mult); 0 = one schedule
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(phantom_images="[1, inf)")
+CHECKS = {"min_lr <= learning_rate": "the cosine decays from learning_rate down to min_lr",
+          "learning_rate * lr_backbone_mult <= 1": "the peak LR of the backbone",
+          "batch_size * gradient_accumulation_steps <= 1048576": "a global batch of at most 2**20 samples"}
 
 
 # -----------------------------------------------------------------------------

@@ -163,6 +163,14 @@ distill_temperature = 1.0  # softens both similarity distributions (the KL is sc
 distill_feature = 0.0  # + this x mean(1 - cos(student, teacher)) per embedding (needs equal embed_dim)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(phantom_images="[1, inf)", val_size="[0, inf)", top_k="[1, inf)", max_logit_scale="(0, inf)",
+              bpe_vocab_size="[257, 1048576]",  # the 256 bytes + end-of-text at least
+              margin="[0, 1]", critical_margin="[0, 1]", critical_weight="[0, 1000]", distill_feature="[0, 1000]")
+CHECKS = {"min_lr <= learning_rate": "the cosine decays from learning_rate down to min_lr",
+          "learning_rate * lr_mult_image <= 1": "the peak LR of the image tower",
+          "learning_rate * lr_mult_text <= 1": "the peak LR of the text tower",
+          "batch_size * gradient_accumulation_steps <= 1048576": "a global batch of at most 2**20 samples"}
 
 
 # how a class name reads in a prompt (others: the lower-cased name)

@@ -124,6 +124,11 @@ dist_timeout = 600  # seconds a collective waits for a peer before failing
 seed = 1337
 
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# ranges beyond configurator.CONVENTIONS, checked before any work starts (an interval per knob; CHECKS: across knobs)
+RANGES = dict(tag_forcing="[0, 1]", aux_cls_weight="[0, 1000]")
+CHECKS = {"min_lr <= learning_rate": "the cosine decays from learning_rate down to min_lr",
+          "learning_rate * prefix_lr_mult <= 1": "the peak LR of the image encoder",
+          "batch_size * gradient_accumulation_steps <= 1048576": "a global batch of at most 2**20 samples"}
 
 # -----------------------------------------------------------------------------
 # helpers: data preparation, evaluation, report generation
