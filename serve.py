@@ -252,7 +252,7 @@ def _decode_file(path, size, dicom_ts):
 # the CLIP input and caption encoder of runs.py, model_gpt.py
 
 
-# the flag that reads each checkpoint family (runs.checkpoint_script names a file's family), and how to make one
+# the flag that reads each checkpoint family (common.checkpoint_script names a file's family), and how to make one
 FLAGS = {"--classifier": (("train.py", "export.py"), "python train.py config/quickstart.py and point --classifier at "
                                                      "out/<run>/best.pt"),
          "--clip": (("train_clip.py",), "python train_clip.py config/clip_phantom.py and point --clip at "
@@ -268,7 +268,7 @@ def read_checkpoint(flag, path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}={path} not found: train one ({how})")
     ck = common.load_checkpoint(path)
-    script = runs.checkpoint_script(ck)
+    script = common.checkpoint_script(ck)
     if script not in families:
         other = next((f for f, (fam, _) in FLAGS.items() if script in fam), None)
         raise ValueError(f"{flag}: {path} is a {script} checkpoint; " +
