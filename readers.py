@@ -998,10 +998,18 @@ def _read_dicom(path):
     return u8
 
 
+def _is_dicom(path):
+    """A DICOM file by its content, 'DICM' after the 128-byte preamble (PS3.10 7.1): a PACS export often names its
+    files IM0001 or by their UID (1.2.840.113619...), without .dcm."""
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
 def load_gray(path, draft_size=None):
     """Full-resolution grayscale uint8 (H, W). 16-bit/int/float images are min-max scaled: their data often
     spans 12 bits, so dividing by 65535 would make them nearly black."""
-    if Path(path).suffix.lower() in (".dcm", ".dicom"):
+    suffix = Path(path).suffix.lower()
+    if suffix in (".dcm", ".dicom") or suffix not in IMAGE_EXTS and _is_dicom(path):
         return _read_dicom(path)
     with Image.open(path, formats=IMAGE_FORMATS) as img:
         if draft_size and img.format == "JPEG":

@@ -1,9 +1,10 @@
 """Issue 34, "Your own data": `python data.py --dataset=csv` reads a lab's own CSV or TSV (one row per image) and an
-image root. Two tiny labs in tmp_path: a multi-label CSV (1 / 0 / -1 / blank cells, PNG, JPEG, TIFF and a DICOM
-written here with pydicom, an official split column, clinical columns kept for fusion) and a multi-class TSV (a
-class-name column, the patient-level random split); each is prepared, trained 2 steps with train.main and scored on
-its test split with evaluate.main. A CSV without a patient column is refused unless --patient_col=none says so (then
-the leakage warning); every other mistake is one sentence naming file:line or the column, and the fix."""
+image root. Two tiny labs in tmp_path: a multi-label CSV (1 / 0 / -1 / blank cells; PNG, JPEG, TIFF and two DICOMs
+written here with pydicom, one named without .dcm; an official split column; clinical columns kept for fusion) and a
+multi-class TSV (a class-name column, the patient-level random split); each is prepared, trained 2 steps with
+train.main and scored on its test split with evaluate.main. A CSV without a patient column is refused unless
+--patient_col=none says so (then the leakage warning); every other mistake is one sentence naming file:line or the
+column, and the fix."""
 
 import re
 import sys
@@ -50,7 +51,7 @@ def write_image(path, bright):
     a = np.full((40, 48), 30, np.uint8)
     a[10:30, 12:36] = 220 if bright else 90
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".dcm":
+    if path.suffix in (".dcm", ""):
         write_dicom(path, a)
     else:
         Image.fromarray(a).save(path)
@@ -64,7 +65,7 @@ def lab_rows():
         split = "train" if k < 8 else "val" if k < 10 else "test"
         for part, effusion, nodule in (("a", "1" if k % 2 == 0 else "0", "0" if k % 2 == 0 else "1"),
                                        ("b", ["", "-1", "0"][k % 3], ["1.0", "", "0.0", "-1.0"][k % 4])):
-            ext = ".dcm" if (k, part) == (0, "a") else [".png", ".jpg", ".tif"][(2 * k + (part == "b")) % 3]
+            ext = {(0, "a"): ".dcm", (1, "b"): ""}.get((k, part), [".png", ".jpg", ".tif"][(2 * k + (part == "b")) % 3])
             rows.append([f"images/p{k:02d}_{part}{ext}", f"p{k:02d}", effusion, nodule, split, ["PA", "AP"][k % 2],
                          f"{50 + k:03d}Y", ["Male", "F"][k % 2], "effusion" if effusion == "1" else "clear",
                          str(60 + k), ["yes", "no"][k % 2]])
@@ -104,6 +105,8 @@ def test_multilabel_csv_with_dicom_prepares_trains_and_evaluates(tmp_path):
         ("PA", "50", "M", "effusion", "60", "yes")
     dicom = splits["train"].images[int(row["row"])]
     assert dicom.max() > 200 and dicom[16, 16] > dicom[16, 4] + 100  # the bright box decoded, not a blank image
+    row = next(r for r in index if r["path"].endswith("p01_b"))  # a DICOM named without .dcm, as PACS exports are
+    assert splits["train"].images[int(row["row"])].max() > 80
     spec = fusion.clinical_spec(index, "age,sex,view,heart_rate,smoker")  # fusion reads the kept columns by name
     assert np.isfinite(fusion.clinical_features(splits["test"].index, spec)).all()
 
