@@ -10,11 +10,12 @@ training with batches that are a pure function of (seed, step).
     python data.py --dataset=covidx --root=/data/covidx                # train.txt / test.txt + train/ test/
     python data.py --dataset=roco --root=/data/roco-dataset/data       # {train,validation,test}/radiology/
     python data.py --dataset=mimic_cxr --root=/data/mimic-cxr-jpg/2.0.0 --clinical_root=/data/mimiciv  # + hosp/, ed/
+    python data.py --dataset=csv --csv=/data/lab/labels.csv --patient_col=patient --label_cols=Effusion,Nodule  # yours
     python data.py --bench --image_size=224 --batch_size=64            # memmap loader vs torchvision+PIL
 
 Writes out_dir (default data/<dataset>): meta.json, {split}_images.u8 (N x H x W uint8),
 {split}_labels.npy, {split}_index.csv for split in train/val/test, and {split}_labels_raw.npy where
-the dataset has raw label codes (CheXpert, MIMIC-CXR: 1, 0, -1 = uncertain, NaN = blank).
+the dataset has raw label codes (CheXpert, MIMIC-CXR, csv --label_cols: 1, 0, -1 = uncertain, NaN = blank).
 Splits are patient-level (asserted disjoint) and stratified by label; meta.json says where the
 patient ids came from (patient_id_source: a folder set without ids in its file names gets a loud
 warning, see readers.read_folder); every prepare prints the patient count, the rule and three
@@ -69,8 +70,8 @@ import phantom
 # config: python data.py --key=value overrides these (configurator.load)
 
 DEFAULTS = dict(
-    dataset="phantom",         # phantom | chexpert | nih | vinbigdata | folder | covidx | roco | mimic_cxr
-    root="",                   # raw dataset folder (chexpert/nih/vinbigdata also accept the csv itself)
+    dataset="phantom",         # phantom | chexpert | nih | vinbigdata | folder | covidx | roco | mimic_cxr | csv
+    root="",                   # raw dataset folder (chexpert/nih/vinbigdata: or the csv itself; csv: the image root)
     out_dir="",                # "" -> data/<dataset>
     image_size=0,              # output side in pixels; 0 -> 64 for phantom, 256 for real data, 224 for --bench
     resize_mode="pad",         # pad: whole image, black borders | center_crop: fill the square, cut the long side
@@ -78,8 +79,8 @@ DEFAULTS = dict(
     test_frac=0.15,            # same for test
     seed=0,                    # split seed (and phantom seed)
     official_split=True,       # use the dataset's own split (CheXpert valid.csv, NIH test_list.txt, COVIDx test.txt, ...)
-    uncertain_policy="ignore", # CheXpert -1: ignore (NaN, masked) | zeros | ones  (U-Ignore/U-Zeros/U-Ones, Irvin et al. 2019)
-    blank_policy="zeros",      # CheXpert empty cell: zeros (the paper: not mentioned = negative) | ignore (NaN, torchxrayvision)
+    uncertain_policy="ignore", # CheXpert/csv -1: ignore (NaN, masked) | zeros | ones (U-Ones etc., Irvin et al. 2019)
+    blank_policy="zeros",      # CheXpert/csv blank: zeros (the paper: not mentioned = negative) | ignore (NaN, xrv)
     test_source="auto",        # chexpert: valid (test = exactly valid.csv, val carved from train patients) | carve (valid.csv
                                #   = val, test carved) | auto: valid when valid.csv exists (papers report on it), else carve
     test_csv="",               # chexpert: the 500-study test labels CSV (Path + 14 columns) = the test split; valid.csv = val
@@ -89,6 +90,18 @@ DEFAULTS = dict(
     binary=False,              # vinbigdata: one 'Abnormal' label instead of 14 findings + No finding
     patient_pattern="",        # folder: regex on the file stem; group 1 (or the match) is the patient id; "" -> stem
     n_images=12000,            # phantom: number of generated images
+    csv="",                    # csv: your CSV (TSV: .tsv or --sep=tab), one row per image; --root: the image folder
+    path_col="path",           # csv: column of image paths (png/jpg/tif/dcm), relative to --root (default: its folder)
+    patient_col="",            # csv: column of patient ids (required); none: each image its own patient (leak warning)
+    label_cols="",             # csv: comma list of multi-label columns, cells 1/0/-1/blank (uncertain/blank_policy)
+    class_col="",              # csv: one column of class names -> multi-class (instead of label_cols)
+    split_col="",              # csv: column of train/val/test; "" -> patients dealt by val_frac/test_frac
+    view_col="",               # csv: column -> the index's view (e.g. PA, AP, lateral); "" -> none
+    age_col="",                # csv: column -> age in years (leading digits: 58, 058Y); "" -> none
+    sex_col="",                # csv: column -> sex (M/F; male/female are mapped to M/F); "" -> none
+    text_col="",               # csv: column -> the index's text (report or caption, fusion's text_column=text)
+    keep_cols="",              # csv: comma list of extra columns kept by name in the index (fusion clinical_columns)
+    sep="",                    # csv: field separator, one character or tab; "" -> tab for .tsv/.tab, else comma
     phantom_disparity="",      # phantom: "" (off) | findings subtler in one group, e.g. sex=F:0.4, age>=70:0.5
     on_bad_image="error",      # error: stop naming the file | skip: drop it from its split, count it, list it in meta.json
     overwrite=False,           # re-prepare an out_dir that was prepared from other inputs

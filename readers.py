@@ -1,6 +1,7 @@
 """Real-format dataset readers and image decoding; data.py prepares, samples and loads."""
 
 import csv
+import difflib
 import gzip
 import io
 import operator
@@ -30,6 +31,8 @@ READER_KNOBS = {
     "roco": ["official_split"],
     "mimic_cxr": ["uncertain_policy", "blank_policy", "views", "official_split", "mimic_labeler", "clinical_root"],
     "phantom": ["n_images"],
+    "csv": ["csv", "path_col", "patient_col", "label_cols", "class_col", "split_col", "view_col", "age_col", "sex_col",
+            "text_col", "keep_cols", "sep", "uncertain_policy", "blank_policy"],
 }
 
 # -----------------------------------------------------------------------------
@@ -122,13 +125,14 @@ def _error_line(reader, e):
     return reader.line_num if isinstance(e, csv.Error) else reader.line_num + 1
 
 
-def read_csv(path, need=()):
-    """-> (header, rows) of a dataset CSV (plain or .gz, UTF-8 with or without a BOM); rows yields (line number,
-    cells) for each non-blank row. The header must hold every column in `need`; each row must have as many fields
-    as the header, and at least one row must follow it: otherwise a sentence names the file, the line and the fix."""
+def read_csv(path, need=(), sep=","):
+    """-> (header, rows) of a dataset CSV (plain or .gz, UTF-8 with or without a BOM; sep: the field separator, tab
+    for a TSV); rows yields (line number, cells) for each non-blank row. The header must hold every column in `need`;
+    each row must have as many fields as the header, and at least one row must follow it: otherwise a sentence names
+    the file, the line and the fix."""
     name = shown(path)
     f = _open_text(path)
-    reader = csv.reader(f)
+    reader = csv.reader(f, delimiter=sep)
     try:
         header = next((row for row in reader if row), None)
     except _READ_ERRORS as e:
@@ -200,6 +204,44 @@ def _parse_views(views):
 
 def _keep_view(wanted, *names):
     return wanted is None or any(n.lower() in wanted for n in names if n)
+
+
+# -----------------------------------------------------------------------------
+# multi-label cells as CheXpert writes them (1 positive, 0 negative, -1 uncertain, blank = not mentioned) and the two
+# policies that turn them into training labels: one parser for every reader of such cells (CheXpert, the csv reader)
+
+UNCERTAIN_POLICIES = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}  # U-Ignore / U-Zeros / U-Ones, Irvin et al. 2019
+BLANK_POLICIES = {"zeros": 0.0, "ignore": np.nan}
+
+
+def check_label_policies(uncertain_policy, blank_policy):
+    if uncertain_policy not in UNCERTAIN_POLICIES or blank_policy not in BLANK_POLICIES:
+        raise ValueError(f"uncertain_policy={uncertain_policy!r} must be one of {list(UNCERTAIN_POLICIES)}; "
+                         f"blank_policy={blank_policy!r} must be one of {list(BLANK_POLICIES)}")
+
+
+def label_cells(cells, where, classes, uncertain_policy, blank_policy, kind="CheXpert label cells"):
+    """cells: one sequence of cell strings per row (a column per class); where: (file, line number) per row.
+    -> (labels after the policies, raw codes 1/0/-1/NaN), both (N, C) float32. A cell that is not 1, 0, -1 (or 1.0,
+    0.0, -1.0) or blank is a sentence naming its file:line, its column and the cell."""
+    check_label_policies(uncertain_policy, blank_policy)
+    cells = np.array(cells, dtype=str).reshape(-1, len(classes))
+    blank = cells == ""
+    cells[blank] = "nan"
+    try:
+        raw = cells.astype(np.float32)
+        bad = ~blank & ~np.isin(raw, (1.0, 0.0, -1.0))
+    except ValueError:  # a cell that is not a number: find it by its text
+        bad = ~blank & ~np.isin(cells, ("1.0", "1", "0.0", "0", "-1.0", "-1"))
+    if bad.any():
+        i, c = np.argwhere(bad)[0]
+        path, line_no = where[i]
+        raise ValueError(f"{shown(path)}:{line_no}: {classes[c]} is {str(cells[i, c])!r}; {kind} are 1.0, 0.0, "
+                         f"-1.0 (uncertain) or blank: fix that cell ({int(bad.sum())} such cells)")
+    labels = raw.copy()
+    labels[raw == -1.0] = UNCERTAIN_POLICIES[uncertain_policy]
+    labels[blank] = BLANK_POLICIES[blank_policy]
+    return labels, raw
 
 
 # -----------------------------------------------------------------------------
@@ -286,11 +328,7 @@ def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="
                                     f"CheXpert-v1.0-small/ or its train.csv>")
         train_csv = _first_file(folder, ["train.csv"])
     valid_csv = _first_file(folder, ["valid.csv"]) if official_split else None
-    u_map = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}
-    b_map = {"zeros": 0.0, "ignore": np.nan}
-    if uncertain_policy not in u_map or blank_policy not in b_map:
-        raise ValueError(f"uncertain_policy={uncertain_policy!r} must be one of {list(u_map)}; "
-                         f"blank_policy={blank_policy!r} must be one of {list(b_map)}")
+    check_label_policies(uncertain_policy, blank_policy)
     if test_source not in _CHEXPERT_TEST_SOURCES:
         raise ValueError(f"test_source={test_source!r} must be one of {list(_CHEXPERT_TEST_SOURCES)}")
     if test_csv:
@@ -326,22 +364,7 @@ def read_chexpert(root, uncertain_policy="ignore", blank_policy="zeros", views="
             raise ValueError(f"patients {sorted(both)[:5]} are in {train_csv} and in the held-out CSV "
                              f"({valid_csv if not test_csv else test_csv}); CheXpert's splits are patient-disjoint: "
                              f"fix the CSVs or pass --official_split=False")
-    cells = np.array(cells, dtype=str).reshape(-1, len(CHEXPERT_CLASSES))
-    blank = cells == ""
-    cells[blank] = "nan"
-    try:
-        raw = cells.astype(np.float32)
-        bad = ~blank & ~np.isin(raw, (1.0, 0.0, -1.0))
-    except ValueError:  # a cell that is not a number: find it by its text
-        bad = ~blank & ~np.isin(cells, ("1.0", "1", "0.0", "0", "-1.0", "-1"))
-    if bad.any():
-        i, c = np.argwhere(bad)[0]
-        csv_path, line_no = where[i]
-        raise ValueError(f"{shown(csv_path)}:{line_no}: {CHEXPERT_CLASSES[c]} is {str(cells[i, c])!r}; CheXpert label "
-                         f"cells are 1.0, 0.0, -1.0 (uncertain) or blank: fix that cell ({int(bad.sum())} such cells)")
-    labels = raw.copy()
-    labels[raw == -1.0] = u_map[uncertain_policy]
-    labels[blank] = b_map[blank_policy]
+    labels, raw = label_cells(cells, where, CHEXPERT_CLASSES, uncertain_policy, blank_policy)
     official_test = {"valid": "valid.csv", "test_csv": str(test_csv), "carve": None}[resolved]
     policy = dict(uncertain=uncertain_policy, blank=blank_policy, views=views,
                   official_val="valid.csv" if valid_csv and resolved != "valid" else None,
@@ -660,14 +683,11 @@ def read_mimic_cxr(root, uncertain_policy="ignore", blank_policy="zeros", views=
     if missing:
         raise FileNotFoundError(f"{missing} not under {root}: pass --root=<the MIMIC-CXR-JPG folder "
                                 f"(physionet.org/files/mimic-cxr-jpg/2.0.0)>")
-    u_map, b_map = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}, {"zeros": 0.0, "ignore": np.nan}
-    if uncertain_policy not in u_map or blank_policy not in b_map:
-        raise ValueError(f"uncertain_policy={uncertain_policy!r} must be one of {list(u_map)}; "
-                         f"blank_policy={blank_policy!r} must be one of {list(b_map)}")
+    check_label_policies(uncertain_policy, blank_policy)
     wanted = _parse_views(views)
     study_cells = {}
-    for _, row in read_csv_dicts(names[mimic_labeler], CHEXPERT_CLASSES + ["subject_id", "study_id"]):
-        study_cells[row["subject_id"], row["study_id"]] = [row[c] for c in CHEXPERT_CLASSES]
+    for line_no, row in read_csv_dicts(names[mimic_labeler], CHEXPERT_CLASSES + ["subject_id", "study_id"]):
+        study_cells[row["subject_id"], row["study_id"]] = ([row[c] for c in CHEXPERT_CLASSES], line_no)
     split_of = {}
     if official_split:
         for line_no, row in read_csv_dicts(names["split"], ["dicom_id", "split"]):
@@ -687,7 +707,7 @@ def read_mimic_cxr(root, uncertain_policy="ignore", blank_policy="zeros", views=
         times[key] = min(times.get(key, t), t)
         images.append((row["dicom_id"], key, vp, t))
     patients, triage, clinical_files = _mimic_clinical(clinical_root or root, times)
-    records, cells, reports, subject_split = [], [], {}, {}
+    records, cells, where, reports, subject_split = [], [], [], {}, {}
     for dicom_id, (subject, study), vp, t in images:
         folder = root / "files" / f"p{subject[:2]}" / f"p{subject}"
         if (subject, study) not in reports:
@@ -710,16 +730,10 @@ def read_mimic_cxr(root, uncertain_policy="ignore", blank_policy="zeros", views=
         tri = triage.get((subject, study), {})
         rec.update(findings=findings, impression=impression, **{c: tri.get(c, "") for c in MIMIC_TRIAGE})
         records.append(rec)
-        cells.append(study_cells.get((subject, study), [""] * len(CHEXPERT_CLASSES)))
-    cells = np.array(cells, dtype=str).reshape(-1, len(CHEXPERT_CLASSES))
-    blank = cells == ""
-    try:
-        raw = np.where(blank, "nan", cells).astype(np.float32)
-    except ValueError:
-        raise ValueError(f"{names[mimic_labeler]}: label cells must be 1.0/0.0/-1.0/blank") from None
-    labels = raw.copy()
-    labels[raw == -1.0] = u_map[uncertain_policy]
-    labels[blank] = b_map[blank_policy]
+        study_row, line_no = study_cells.get((subject, study), ([""] * len(CHEXPERT_CLASSES), None))
+        cells.append(study_row)
+        where.append((names[mimic_labeler], line_no))  # a study the labeler skipped: all blank, never named
+    labels, raw = label_cells(cells, where, CHEXPERT_CLASSES, uncertain_policy, blank_policy)
     n_unlabelled = sum((s, st) not in study_cells for s, st in {r[1] for r in images})
     policy = dict(uncertain=uncertain_policy, blank=blank_policy, views=views, labeler=mimic_labeler,
                   official_split="mimic-cxr-2.0.0-split.csv.gz" if official_split else None,
@@ -727,6 +741,156 @@ def read_mimic_cxr(root, uncertain_policy="ignore", blank_policy="zeros", views=
     return Source(records, labels, list(CHEXPERT_CLASSES), "multilabel", policy,
                   [p for p in names.values() if p] + clinical_files, f"mimic_cxr:{root}", labels_raw=raw,
                   patient_id_source="subject_id", root=str(root), extra_columns=list(MIMIC_COLUMNS))
+
+
+# -----------------------------------------------------------------------------
+# reader: a lab's own CSV or TSV, one row per image, + an image root; the --*_col knobs say which column is what
+
+
+def _csv_sep(path, sep):
+    """The field separator: --sep as given (one character, or tab / \\t), else tab for .tsv / .tab, else comma."""
+    if sep in ("tab", "\\t", "\t"):
+        return "\t"
+    if len(sep) > 1:
+        raise ValueError(f"--sep={sep!r} must be one character (such as ; or |) or tab; leave it out for comma "
+                         f"(tab for a .tsv file)")
+    return sep or ("\t" if os.fsdecode(path).lower().removesuffix(".gz").endswith((".tsv", ".tab")) else ",")
+
+
+def _csv_column(path, header, knob, name):
+    """The position of column `name` (given as --knob=name) in the header, or a sentence naming the file, the column,
+    the columns it has, and the fix."""
+    if name in header:
+        return header.index(name)
+    near = difflib.get_close_matches(name, header, n=1, cutoff=0.6)
+    columns = f"{header[:12]}{' ...' if len(header) > 12 else ''}"
+    if len(header) == 1 and any(c in header[0] for c in "\t;|"):
+        columns += " (one column: the file is not separated by commas; pass --sep=tab, --sep=';' or --sep='|')"
+    raise ValueError(f"{shown(path)}: no column {name!r} (--{knob}={name}); its header has {columns}: "
+                     + (f"did you mean --{knob}={near[0]}?" if near else f"pass --{knob}=<one of those columns>"))
+
+
+# the index columns a csv knob fills, so that --keep_cols does not name one of them twice
+_CSV_FIELD_KNOBS = {"path": "path_col", "patient_id": "patient_col", "view": "view_col", "age": "age_col",
+                    "sex": "sex_col", "text": "text_col"}
+_CSV_SPLITS = {"train": "", "val": "val", "valid": "val", "validation": "val", "validate": "val", "test": "test"}
+_SEX_CODES = {"m": "M", "male": "M", "f": "F", "female": "F"}
+
+
+def read_csv_dataset(root, csv="", path_col="path", patient_col="", label_cols="", class_col="", split_col="",
+                     view_col="", age_col="", sex_col="", text_col="", keep_cols="", sep="",
+                     uncertain_policy="ignore", blank_policy="zeros"):
+    """A lab's own data: `csv` (a CSV, or a TSV by its extension or sep), one row per image; root: the folder the
+    paths in path_col are relative to ("" -> the CSV's folder; absolute paths must lie inside it too).
+
+    patient_col is required, since splits are by patient; patient_col='none' says the CSV has no patient ids: each
+    image is then its own patient, with a warning (one patient's images can land in train and test). Labels come
+    from label_cols (comma list; multi-label cells 1/0/-1/blank under uncertain_policy and blank_policy, as CheXpert's;
+    labels_raw keeps the codes) or from class_col (one column of class names -> multi-class), never both. split_col
+    (train/val/test) gives the splits; else prepare deals patients by --val_frac / --test_frac. view_col, age_col,
+    sex_col, text_col fill those index columns; keep_cols (comma list) are kept under their own names in
+    {split}_index.csv, where fusion's clinical_columns and text_column read them."""
+    check_label_policies(uncertain_policy, blank_policy)
+    if not csv:
+        raise ValueError("--dataset=csv needs --csv=<your CSV or TSV file, one row per image> (docs/data.md, 'Your own "
+                         "data (CSV)')")
+    if not Path(csv).is_file():
+        raise FileNotFoundError(f"--csv={csv} is not a file: pass the path of your CSV or TSV file")
+    image_root = Path(root) if root else Path(csv).parent
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"--root={root} is not a folder: pass the folder the paths in the CSV's {path_col!r} "
+                                f"column are relative to (default: the CSV's folder)")
+    label_list = list(dict.fromkeys(c.strip() for c in label_cols.split(",") if c.strip()))
+    if not label_list and not class_col:
+        raise ValueError("--dataset=csv needs the labels: --label_cols=<comma list of columns with 1/0/-1/blank cells> "
+                         "(multi-label) or --class_col=<one column of class names> (multi-class)")
+    if label_list and class_col:
+        raise ValueError(f"--label_cols={label_cols} and --class_col={class_col} both say where the labels are: pass "
+                         f"one (--label_cols: multi-label 1/0/-1/blank columns; --class_col: a column of class names)")
+    header, rows = read_csv(csv, sep=_csv_sep(csv, sep))
+    if not patient_col:
+        raise ValueError(f"--dataset=csv needs --patient_col=<the column of patient ids> (splits are by patient; "
+                         f"{shown(csv)} has {header[:12]}); if the CSV has no patient ids, pass --patient_col=none: "
+                         f"each image is then its own patient, and one patient's images can land in train and test")
+    no_patient = patient_col.lower() == "none"
+    keep = list(dict.fromkeys(c.strip() for c in keep_cols.split(",") if c.strip()))
+    for name in keep:
+        if name in _CSV_FIELD_KNOBS or name in ("row", "study_id", "indication", "split"):
+            fix = (f"pass --{_CSV_FIELD_KNOBS[name]}={name} instead" if name in _CSV_FIELD_KNOBS else
+                   "rename that column in the CSV")
+            raise ValueError(f"--keep_cols={keep_cols}: {name!r} is a column {{split}}_index.csv has already: {fix}")
+    col = {knob: _csv_column(csv, header, knob, name) for knob, name in
+           (("path_col", path_col), ("patient_col", "" if no_patient else patient_col), ("class_col", class_col),
+            ("split_col", split_col), ("view_col", view_col), ("age_col", age_col), ("sex_col", sex_col),
+            ("text_col", text_col)) if name}
+    ilabels = [_csv_column(csv, header, "label_cols", c) for c in label_list]
+    ikeep = [(name, _csv_column(csv, header, "keep_cols", name)) for name in keep]
+
+    def cell(row, knob):  # the stripped cell of the column a knob names; "" when the knob names none
+        return row[col[knob]].strip() if knob in col else ""
+    records, cells, names, where, missing, split_of = [], [], [], [], [], {}
+    for line_no, row in rows:
+        rel = cell(row, "path_col")
+        if not rel:
+            raise ValueError(f"{shown(csv)}:{line_no}: the {path_col!r} cell is empty: every row needs its image's "
+                             f"path; fill it or delete the row")
+        path = os.path.join(image_root, rel)  # an absolute path stays as it is
+        if not os.path.isfile(path):
+            missing.append((line_no, rel))
+        pid = rel if no_patient else cell(row, "patient_col")
+        if not pid:
+            raise ValueError(f"{shown(csv)}:{line_no}: the {patient_col!r} cell is empty: fill in the patient id "
+                             f"(or pass --patient_col=none if the CSV has no patient ids)")
+        hint = ""
+        if split_col:
+            value = cell(row, "split_col")
+            if value.lower() not in _CSV_SPLITS:
+                raise ValueError(f"{shown(csv)}:{line_no}: {split_col} is {value!r}; split cells are train, val or "
+                                 f"test: fix that cell (or leave --split_col out to split patients by --val_frac / "
+                                 f"--test_frac)")
+            hint = _CSV_SPLITS[value.lower()]
+            first, first_line = split_of.setdefault(pid, (hint, line_no))
+            if first != hint:
+                raise ValueError(f"{shown(csv)}:{line_no}: patient {pid!r} is in the {hint or 'train'} split here and "
+                                 f"in the {first or 'train'} split on line {first_line}: a patient's rows must share "
+                                 f"one split (patients never cross splits); fix those {split_col} cells")
+        if class_col:
+            names.append(cell(row, "class_col"))
+            if not names[-1]:
+                raise ValueError(f"{shown(csv)}:{line_no}: the {class_col!r} cell is empty: every row needs its class "
+                                 f"name; fill it or delete the row")
+        else:
+            cells.append([row[i].strip() for i in ilabels])
+            where.append((csv, line_no))
+        sex = cell(row, "sex_col")
+        rec = index_record(path, pid, view=cell(row, "view_col"), age=_age(cell(row, "age_col")),
+                           sex=_SEX_CODES.get(sex.lower(), sex), text=cell(row, "text_col"), split=hint)
+        rec.update((name, row[i].strip()) for name, i in ikeep)
+        records.append(rec)
+    if missing:
+        line_no, rel = missing[0]
+        raise ValueError(f"{shown(csv)}:{line_no}: image {rel!r} (column {path_col!r}) is not a file under "
+                         f"{image_root} ({len(missing)} of {len(records)} rows name a missing file): fix the paths, "
+                         f"or pass --root=<the folder the paths are relative to>")
+    policy = dict(csv=str(csv), split=f"column {split_col}" if split_col else "patients dealt by val_frac/test_frac")
+    warns = []
+    if no_patient:
+        warns.append(f"{shown(csv)}: --patient_col=none, so every IMAGE is its own patient and images of one patient "
+                     f"can land in both train and test (the test metrics then come out optimistic); pass "
+                     f"--patient_col=<column> if the CSV has patient ids")
+        warnings.warn(warns[0], stacklevel=2)
+    common = dict(patient_id_source="none (--patient_col=none): each image its own patient" if no_patient else
+                  f"csv column {patient_col}", root=str(image_root), warnings=warns, extra_columns=keep)
+    if class_col:
+        classes = sorted(set(names))
+        code = {c: j for j, c in enumerate(classes)}
+        return Source(records, np.array([code[n] for n in names], np.int64), classes, "multiclass",
+                      dict(policy, class_col=class_col), [csv], f"csv:{csv}", **common)
+    labels, raw = label_cells(cells, where, label_list, uncertain_policy, blank_policy,
+                              kind="--label_cols cells (multi-label)")
+    return Source(records, labels, label_list, "multilabel",
+                  dict(policy, label_cols=label_list, uncertain=uncertain_policy, blank=blank_policy), [csv],
+                  f"csv:{csv}", labels_raw=raw, **common)
 
 
 # -----------------------------------------------------------------------------
@@ -766,10 +930,11 @@ def read_dataset(cfg):
     if name == "phantom":
         return read_phantom(cfg["n_images"], cfg["image_size"], cfg["seed"], cfg.get("phantom_disparity", ""))
     readers = dict(chexpert=read_chexpert, nih=read_nih, vinbigdata=read_vinbigdata, folder=read_folder,
-                   covidx=read_covidx, roco=read_roco, rocov2=read_rocov2, mimic_cxr=read_mimic_cxr)
+                   covidx=read_covidx, roco=read_roco, rocov2=read_rocov2, mimic_cxr=read_mimic_cxr,
+                   csv=read_csv_dataset)
     if name not in readers:
         raise ValueError(f"--dataset={name}: unknown; choose one of phantom, {', '.join(readers)}")
-    if not root:
+    if not root and name != "csv":  # csv: the image root defaults to the CSV's folder
         raise ValueError(f"--dataset={name} needs --root=<the raw dataset folder>")
     src = readers[name](root, **{k: cfg[k] for k in READER_KNOBS[name]})
     check_inside_root(src, root, cfg.get("allow_outside_root", False))
@@ -833,10 +998,18 @@ def _read_dicom(path):
     return u8
 
 
+def _is_dicom(path):
+    """A DICOM file by its content, 'DICM' after the 128-byte preamble (PS3.10 7.1): a PACS export often names its
+    files IM0001 or by their UID (1.2.840.113619...), without .dcm."""
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
 def load_gray(path, draft_size=None):
     """Full-resolution grayscale uint8 (H, W). 16-bit/int/float images are min-max scaled: their data often
     spans 12 bits, so dividing by 65535 would make them nearly black."""
-    if Path(path).suffix.lower() in (".dcm", ".dicom"):
+    suffix = Path(path).suffix.lower()
+    if suffix in (".dcm", ".dicom") or suffix not in IMAGE_EXTS and _is_dicom(path):
         return _read_dicom(path)
     with Image.open(path, formats=IMAGE_FORMATS) as img:
         if draft_size and img.format == "JPEG":
