@@ -89,17 +89,19 @@ def table():
 
 
 def main(argv):
-    pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
-    only = [a.split("=", 1)[1] for a in own if a.startswith("--only=")]
-    names = only[0].split(",") if only else list(PERTURBATIONS)
+    import argparse
+    own, pytest_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description="Rerun the learning checks under numeric perturbations.")
+    parser.add_argument("--only", default=",".join(PERTURBATIONS), help="comma-separated perturbations to run")
+    parser.add_argument("--table", action="store_true", help="only print the table of what was recorded")
+    parser.add_argument("--reuse", action="store_true", help="keep each perturbation's quick start and its values")
+    args = parser.parse_args(own)
+    names = args.only.split(",")
     unknown = [n for n in names if n not in PERTURBATIONS]
     if unknown:
-        sys.exit(f"error: unknown perturbation {unknown}; choose from {', '.join(PERTURBATIONS)}")
+        parser.error(f"unknown perturbation {unknown}; choose from {', '.join(PERTURBATIONS)}")
     OUT.mkdir(parents=True, exist_ok=True)
-    failed = []
-    if "--table" not in own:
-        failed = [n for n in names if run(n, pytest_args, "--reuse" in own) != 0]
+    failed = [] if args.table else [n for n in names if run(n, pytest_args, args.reuse) != 0]
     md = table()
     (OUT / "table.md").write_text(md + "\n")
     print(md)
