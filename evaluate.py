@@ -153,6 +153,18 @@ def _one_image(cfg, net, meta, out_dir, dev):
     return {"classes": classes, "probs": probs.tolist(), "method": method, "heatmaps": paths}
 
 
+def _save_figure(fig, cfg, tb, out_dir, tag, kind):
+    """A figure as <tag>_<kind>.png (with --figures) and in TensorBoard as <tag>/<kind> (which closes it); returns
+    the files written."""
+    written = []
+    if cfg["figures"]:
+        written.append(os.path.join(out_dir, f"{tag}_{kind}.png"))
+        fig.savefig(written[0], dpi=100)
+    if tb is not None:
+        tb.add_figure(f"{tag}/{kind}", fig, 0)
+    return written
+
+
 def _predict_csv(cfg, net, meta, out_dir, dev):
     """The challenge's input: a CSV with a Path column, images decoded exactly as prepare stores them."""
     _image_only(net, "--predict_csv")
@@ -255,12 +267,7 @@ def _evaluate_split(cfg, net, meta_ck, out_dir, dev):
     if cfg["figures"] or tb is not None:
         figs = metrics.make_figures(probs, labels, classes, task, rep)
         for kind, fig in figs.items():
-            if cfg["figures"]:
-                p = os.path.join(out_dir, f"{tag}_{kind}.png")
-                fig.savefig(p, dpi=100)
-                written.append(p)
-            if tb is not None:
-                tb.add_figure(f"{tag}/{kind}", fig, 0)
+            written += _save_figure(fig, cfg, tb, out_dir, tag, kind)
     if tb is not None:
         onehot = metrics.as_multilabel(labels, len(classes), task)
         for c, cname in enumerate(classes):
@@ -321,12 +328,8 @@ def _subgroups(cfg, rep, probs, labels, patients, thresholds, index_rows, column
     if cfg["figures"] or tb is not None:
         title = f"{rep['model']} | {tag} | {rep['n_images']} images, {rep['n_patients']} patients"
         fig = subgroups_lib.forest_plot(sub, (rep["auc_macro"], *rep["auc_macro_ci"]), title)
-        if cfg["figures"]:
-            p = os.path.join(out_dir, f"{tag}_subgroups.png")
-            fig.savefig(p, dpi=100)
-            written.append(p)
+        written += _save_figure(fig, cfg, tb, out_dir, tag, "subgroups")
         if tb is not None:
-            tb.add_figure(f"{tag}/subgroups", fig, 0)
             for column, col in sub["columns"].items():
                 for name, g in col["groups"].items():
                     if g["auc_macro"] == g["auc_macro"]:
