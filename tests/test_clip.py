@@ -460,9 +460,11 @@ def test_clip_phantom_learns(clip_phantom_run, learning):
     # --query in the reports' own wording, ranked against "No <query>." (CheXzero's negation-aware score): the top 20
     # validation images hold effusions (by their labels, not by the word: "No pleural effusion." has it too). One
     # query's top 20 is a coin on another CPU (issue 30: "Small left pleural effusion." 0.90 here, 0.30 on an Intel
-    # Xeon): this small text tower keeps every sentence within cosine ~0.92-0.95 of every other and its temperature at
-    # its initial value, so a single ranking rests on differences of a few hundredths. The check is the mean P@20 over
-    # all nine wordings the reports use (severity x side), at >= 3x the base rate; its spread is in docs/tests.md.
+    # Xeon): this small text tower keeps every sentence within cosine ~0.87-0.97 of every other and its temperature at
+    # its initial value, so a single ranking rests on differences of a few hundredths. Even the mean P@20 over all
+    # nine wordings the reports use (severity x side) moves with the CPU: 2.0x to 4.0x the base rate over AVX-512,
+    # AVX2 and scalar kernels and 1 / 2 threads (2026-12-08, docs/tests.md). The bar, 1.5x, is below that minimum
+    # and above chance (1x); the claim that 3x holds is this machine's, not every CPU's.
     labels = np.asarray(data.PreparedSplit(clip_phantom_run["data_dir"], "val").labels)[:1000]
     eff = labels[:, phantom.CLASSES.index("Pleural Effusion")] == 1
     hits = {}
@@ -474,7 +476,7 @@ def test_clip_phantom_learns(clip_phantom_run, learning):
                                    "--top_k=20"])
             hits[query] = float(np.mean([eff[i] for i, _, _ in res["images"]]))
     print(f"effusions in the top 20 (base rate {eff.mean():.3f}): {hits}")
-    learning("mean P@20 / base rate, 9 effusion wordings", np.mean(list(hits.values())) / eff.mean(), 3)
+    learning("mean P@20 / base rate, 9 effusion wordings", np.mean(list(hits.values())) / eff.mean(), 1.5)
 
 
 @pytest.mark.slow
