@@ -30,34 +30,21 @@ def csv_text(header, rows):
     return "".join(",".join(r) + "\r\n" for r in [header, *rows])  # \r\n as Excel and the csv module write
 
 
-def chexpert(root, text, encoding="utf-8"):
-    (root / "CheXpert-v1.0-small").mkdir(parents=True, exist_ok=True)
-    (root / "CheXpert-v1.0-small" / "train.csv").write_bytes(text.encode(encoding))
-    return root / "CheXpert-v1.0-small" / "train.csv", lambda: readers.read_chexpert(root)
+def _dataset(name, reader):
+    """(root, text, encoding) -> (the CSV written where the reader looks for it, a call of the reader)."""
+    def make(root, text, encoding="utf-8"):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode(encoding))
+        return path, lambda: reader(root)
+    return make
 
 
-def nih(root, text, encoding="utf-8"):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "Data_Entry_2017_v2020.csv").write_bytes(text.encode(encoding))
-    return root / "Data_Entry_2017_v2020.csv", lambda: readers.read_nih(root)
-
-
-def vinbigdata(root, text, encoding="utf-8"):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "train.csv").write_bytes(text.encode(encoding))
-    return root / "train.csv", lambda: readers.read_vinbigdata(root)
-
-
-def rocov2(root, text, encoding="utf-8"):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "train_captions.csv").write_bytes(text.encode(encoding))
-    return root / "train_captions.csv", lambda: readers.read_rocov2(root)
-
-
-def covidx(root, text, encoding="utf-8"):
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "train.txt").write_bytes(text.encode(encoding))
-    return root / "train.txt", lambda: readers.read_covidx(root)
+chexpert = _dataset("CheXpert-v1.0-small/train.csv", readers.read_chexpert)
+nih = _dataset("Data_Entry_2017_v2020.csv", readers.read_nih)
+vinbigdata = _dataset("train.csv", readers.read_vinbigdata)
+rocov2 = _dataset("train_captions.csv", readers.read_rocov2)
+covidx = _dataset("train.txt", readers.read_covidx)
 
 
 CASES = {"chexpert": (chexpert, csv_text(CHEX_HEADER, CHEX_ROWS)), "nih": (nih, csv_text(NIH_HEADER, NIH_ROWS)),
